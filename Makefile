@@ -1,0 +1,40 @@
+# The README's two commands: `make demo` and `make test`. Each sets up everything it needs.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+ART ?= artifacts
+
+.PHONY: setup test demo assets lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[tests,eval]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+assets: setup
+	$(BIN)/python -m hilora_jax.assets
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check hilora_jax convert tests benchmarks
+
+demo: setup
+	$(BIN)/python -m hilora_jax.assets
+	$(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct
+	$(BIN)/hilora generate --model $(ART)/smollm2-135m-instruct \
+	  --prompt "What is the capital of France?" --max-new-tokens 24
+
+bench: setup
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) $(ART)

