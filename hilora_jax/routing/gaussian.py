@@ -1,0 +1,307 @@
+"""Sequence-level density model of HiLoRA: one Gaussian per LoRA (method §2.1-2.2).
+
+Each LoRA ``i`` of the pool comes with ``m_i`` example inputs; their embeddings (``[m_i, E]``) are
+fitted once per pool, host-side, in NumPy float64 (:func:`fit_gaussians`). The result is a
+:class:`GaussianBank`, a pytree of float32 arrays that is stored with the pool and scored inside jit
+(:func:`log_likelihood`, :func:`scores`).
+
+Shape legend: B batch (sequences), A adapters (pool size N), E embedding dim, D modelled dim
+(``D = E``, or ``d'`` after PCA), W width of the low-rank factor (``max_i min(m_i - 1, D)``, >= 1).
+
+Estimators ([choice], method §2.1; S is the sample covariance with 1/(m-1), mu = trace(S)/D):
+
+* ``ledoit_wolf`` (default): ``Sigma = (1 - delta) S + delta mu I``. The intensity ``delta`` is the
+  Ledoit-Wolf (2004) formula exactly as in ``sklearn.covariance.ledoit_wolf_shrinkage``: computed on
+  centred data with the paper's **1/m** normalisation (``b^2 = min(1/m^2 sum_k ||x_k x_k^T - S_m||^2,
+  d^2)``, ``d^2 = ||S_m - mu_m I||^2``, ``||.||^2 = trace(. .^T)/D``, ``S_m`` the 1/m covariance).
+  ``delta`` is scale-free, so it is then applied to the method's 1/(m-1) covariance: our ``Sigma``
+  equals sklearn's ``ledoit_wolf(X)[0]`` times ``m / (m - 1)``.
+* ``ridge``: ``Sigma = S + ridge_eps * mu I`` (``ridge_eps`` is relative to the mean variance mu,
+  so it is invariant to the embedding's scale).
+* ``diag``: ``Sigma = diag(S) + var_floor * mu`` (floor relative to the mean variance).
+* ``pca``: project every embedding onto the top ``d'`` principal directions of the pooled samples
+  of *all* adapters (centred on the pooled mean), then Ledoit-Wolf in ``d'`` dims; ``d~ = d'``.
+  Default ``d' = min(E, total_samples - 1, 64)``.
+  For LW and ridge the isotropic part ``c = delta mu`` (resp. ``ridge_eps mu``) is floored at
+  ``var_floor * mu`` so that a zero shrinkage intensity never yields a singular covariance.
+
+Storage: with ``m << E``, ``Sigma_i = c_i I + U_i U_i^T`` with ``rank(U_i) <= m_i - 1``. We store it
+whitened, which also covers the diagonal estimator with one code path::
+
+    Sigma_i = diag(scale_i)^2 (elementwise) conjugating  (I + Q_i diag(gain_i) Q_i^T),
+    i.e. Sigma_i = Dg_i^{1/2} (I + Q_i diag(gain_i) Q_i^T) Dg_i^{1/2},   Dg_i = diag(scale_i^2)
+
+with ``Q_i`` [D, W] orthonormal columns (zero columns as padding, ``gain = 0`` there). For LW/ridge
+``scale_i = sqrt(c_i)`` everywhere and ``U_i = sqrt(c_i) Q_i diag(sqrt(gain_i))``
+(:meth:`GaussianBank.low_rank_factor`). Mahalanobis distance and log-det then follow from Woodbury
+and the matrix determinant lemma without ever forming a D x D matrix::
+
+    w = (z - mu_i) / scale_i,   p = Q_i^T w
+    maha = ||w - Q_i p||^2 + sum_k p_k^2 / (1 + gain_k)      (the in-span / out-of-span split avoids
+    logdet = 2 sum log scale_i + sum_k log1p(gain_k)           the cancellation of |w|^2 - ...)
+
+Scoring cost is O(B A D W). Einsums use ``precision=HIGHEST`` (TPU default would be bf16 passes).
+
+Non-finite embeddings: :func:`check_embeddings` raises on host (callers outside jit must use it);
+inside jit, a row of ``z`` with any non-finite entry gets ``-inf`` for every adapter, which
+:func:`hilora_jax.routing.sequence.sequence_decisions` turns into "no candidates" (base model only),
+never into a silent route.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+ESTIMATORS = ("ledoit_wolf", "ridge", "diag", "pca")
+_HI = jax.lax.Precision.HIGHEST
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+@flax.struct.dataclass
+class GaussianBank:
+    """One Gaussian per adapter, in whitened low-rank form (see module docstring).
+
+    Fields (A adapters, D modelled dim, W low-rank width, E raw embedding dim):
+      mean:      [A, D] sample means (in the PCA space for ``pca``).
+      scale:     [A, D] square root of the diagonal part of Sigma (constant ``sqrt(c_i)`` for LW/ridge).
+      basis:     [A, D, W] orthonormal columns Q_i (whitened coordinates), zero-padded.
+      gain:      [A, W] eigenvalue gains >= 0 on those columns (0 on padding).
+      logdet:    [A] log det Sigma_i (float64 on host, stored float32).
+      shrinkage: [A] Ledoit-Wolf intensity delta_i (0 for ridge / diag).
+      proj:      [E, D] PCA projection (``pca`` only, else None).
+      proj_mean: [E] pooled mean subtracted before projecting (``pca`` only, else None).
+      estimator: static name of the estimator.
+    """
+
+    mean: Float[Array, "A D"]
+    scale: Float[Array, "A D"]
+    basis: Float[Array, "A D W"]
+    gain: Float[Array, "A W"]
+    logdet: Float[Array, " A"]
+    shrinkage: Float[Array, " A"]
+    proj: Float[Array, "E D"] | None = None
+    proj_mean: Float[Array, " E"] | None = None
+    estimator: str = flax.struct.field(pytree_node=False, default="ledoit_wolf")
+
+    @property
+    def num_adapters(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """d~: the dimension of z as modelled (E, or d' after PCA)."""
+        return self.mean.shape[1]
+
+    def low_rank_factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """(diag [A, D], U [A, D, W]) with ``Sigma_i = diag(diag_i) + U_i U_i^T`` (float64, host)."""
+        scale = np.asarray(self.scale, np.float64)
+        u = scale[:, :, None] * np.asarray(self.basis, np.float64)
+        u = u * np.sqrt(np.asarray(self.gain, np.float64))[:, None, :]
+        return scale**2, u
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain NumPy arrays + the estimator name (for orbax / npz storage with the pool)."""
+        out: dict[str, Any] = {"estimator": self.estimator}
+        for name in ("mean", "scale", "basis", "gain", "logdet", "shrinkage", "proj", "proj_mean"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = np.asarray(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GaussianBank:
+        estimator = d["estimator"]
+        if isinstance(estimator, np.ndarray):  # round-tripped through np.savez / orbax
+            estimator = str(estimator.item())
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+        arrays = {
+            name: np.asarray(d[name], np.float32)
+            for name in ("mean", "scale", "basis", "gain", "logdet", "shrinkage")
+        }
+        proj = d.get("proj")
+        proj_mean = d.get("proj_mean")
+        if (proj is None) != (estimator != "pca") or (proj is None) != (proj_mean is None):
+            raise ValueError("proj/proj_mean must be present exactly for the 'pca' estimator")
+        return cls(
+            **arrays,
+            proj=None if proj is None else np.asarray(proj, np.float32),
+            proj_mean=None if proj_mean is None else np.asarray(proj_mean, np.float32),
+            estimator=estimator,
+        )
+
+
+# ----------------------------------------------------------------------------- fitting (host)
+
+
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    """LW intensity of ``x`` [m, D] (centred here), sklearn's formula and 1/m convention."""
+    x = np.asarray(x, np.float64)
+    m, d = x.shape
+    if d == 1:
+        return 0.0
+    xc = x - x.mean(0)
+    sq_norms = np.einsum("me,me->m", xc, xc)  # |x_k|^2
+    gram = xc @ xc.T  # [m, m]; ||X^T X||_F = ||X X^T||_F
+    trace_m = sq_norms.sum() / m  # trace(S_m)
+    mu = trace_m / d
+    fro2 = np.sum(gram**2) / m**2  # ||S_m||_F^2
+    beta = (np.sum(sq_norms**2) / m - fro2) / (d * m)
+    delta = (fro2 - 2.0 * mu * trace_m + d * mu**2) / d
+    beta = min(beta, delta)
+    return 0.0 if beta == 0 else float(beta / delta)
+
+
+def _label(i: int, names: Sequence[str] | None) -> str:
+    return f"adapter {i}" + (f" ({names[i]!r})" if names is not None else "")
+
+
+def _fit_one(
+    x: np.ndarray, estimator: str, ridge_eps: float, var_floor: float, width: int, label: str
+) -> tuple[np.ndarray, ...]:
+    """Fit one adapter in float64. Returns mean, scale, basis [D, width], gain [width], logdet, delta."""
+    m, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    s_diag = np.einsum("me,me->e", xc, xc) / (m - 1)
+    mu = s_diag.sum() / d
+    if not mu > 0:
+        raise ValueError(f"{label}: all samples are identical (zero variance); cannot fit a Gaussian")
+    basis = np.zeros((d, width))
+    gain = np.zeros(width)
+    if estimator == "diag":
+        scale2 = s_diag + var_floor * mu
+        delta = 0.0
+    else:
+        delta = ledoit_wolf_shrinkage(xc) if estimator in ("ledoit_wolf", "pca") else 0.0
+        if estimator == "ridge":
+            c, lowrank_w = ridge_eps * mu, 1.0
+        else:
+            c, lowrank_w = delta * mu, 1.0 - delta
+        c = max(c, var_floor * mu)
+        # S = V diag(sigma^2 / (m-1)) V^T from the thin SVD of the centred data.
+        _, sigma, vt = np.linalg.svd(xc, full_matrices=False)
+        keep = min(m - 1, d)
+        basis[:, :keep] = vt[:keep].T
+        gain[:keep] = lowrank_w * sigma[:keep] ** 2 / ((m - 1) * c)
+        scale2 = np.full(d, c)
+    logdet = np.sum(np.log(scale2)) + np.sum(np.log1p(gain))
+    return mean, np.sqrt(scale2), basis, gain, logdet, delta
+
+
+def fit_gaussians(
+    samples: Sequence[np.ndarray],
+    estimator: str = "ledoit_wolf",
+    *,
+    ridge_eps: float = 1e-3,
+    var_floor: float = 1e-6,
+    pca_dim: int | None = None,
+    names: Sequence[str] | None = None,
+) -> GaussianBank:
+    """Fit one Gaussian per adapter from its sample embeddings (host-side, float64).
+
+    Args:
+      samples: per adapter an array ``[m_i, E]`` (``m_i >= 2``; ``m_i`` may differ).
+      estimator: ``ledoit_wolf`` | ``ridge`` | ``diag`` | ``pca`` (module docstring).
+      ridge_eps: ridge added to S, as a fraction of the adapter's mean variance ``trace(S)/E``.
+      var_floor: floor on the isotropic / diagonal variance, as a fraction of the mean variance.
+      pca_dim: ``d'`` for ``pca`` (default ``min(E, total_samples - 1, 64)``).
+      names: optional adapter names, used in error messages.
+
+    Raises:
+      ValueError: fewer than 2 samples, non-finite values, zero variance, or inconsistent E
+        (the message names the adapter index, and its name if given).
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if len(samples) == 0:
+        raise ValueError("fit_gaussians needs at least one adapter")
+    if names is not None and len(names) != len(samples):
+        raise ValueError(f"{len(names)} names for {len(samples)} adapters")
+    xs = []
+    for i, x in enumerate(samples):
+        x = np.asarray(x, np.float64)
+        if x.ndim != 2:
+            raise ValueError(f"{_label(i, names)}: samples must be [m, E], got shape {x.shape}")
+        if x.shape[0] < 2:
+            raise ValueError(
+                f"{_label(i, names)}: needs at least 2 samples to fit a Gaussian, got {x.shape[0]}"
+            )
+        if not np.all(np.isfinite(x)):
+            raise ValueError(f"{_label(i, names)}: samples contain NaN or inf")
+        if x.shape[1] != np.shape(samples[0])[1]:
+            raise ValueError(f"{_label(i, names)}: embedding dim {x.shape[1]} != {xs[0].shape[1]}")
+        xs.append(x)
+    e = xs[0].shape[1]
+
+    proj = proj_mean = None
+    if estimator == "pca":
+        pooled = np.concatenate(xs, 0)
+        max_dim = min(e, pooled.shape[0] - 1)
+        dim = min(max_dim, 64) if pca_dim is None else int(pca_dim)
+        if not 1 <= dim <= max_dim:
+            raise ValueError(f"pca_dim must be in [1, min(E, total_samples - 1) = {max_dim}]")
+        proj_mean = pooled.mean(0)
+        _, _, vt = np.linalg.svd(pooled - proj_mean, full_matrices=False)
+        proj = vt[:dim].T  # [E, d']
+        xs = [(x - proj_mean) @ proj for x in xs]
+    d = xs[0].shape[1]
+    width = 1 if estimator == "diag" else max(1, max(min(x.shape[0] - 1, d) for x in xs))
+
+    fits = [
+        _fit_one(x, estimator, ridge_eps, var_floor, width, _label(i, names))
+        for i, x in enumerate(xs)
+    ]
+    mean, scale, basis, gain, logdet, delta = (np.stack(f) for f in zip(*fits, strict=True))
+    f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+    return GaussianBank(
+        mean=f32(mean),
+        scale=f32(scale),
+        basis=f32(basis),
+        gain=f32(gain),
+        logdet=f32(logdet),
+        shrinkage=f32(delta),
+        proj=f32(proj),
+        proj_mean=f32(proj_mean),
+        estimator=estimator,
+    )
+
+
+# ----------------------------------------------------------------------------- scoring (jit)
+
+
+def check_embeddings(z: Any) -> None:
+    """Host-side guard: raise ValueError naming the rows of ``z`` [B, E] that are not finite."""
+    z = np.asarray(z)
+    bad = np.flatnonzero(~np.all(np.isfinite(z.reshape(z.shape[0], -1)), axis=-1))
+    if bad.size:
+        raise ValueError(f"non-finite sentence embeddings in rows {bad.tolist()}; refusing to route")
+
+
+def log_likelihood(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "B A"]:
+    """``log N(z_b; mu_i, Sigma_i)`` for every row and adapter (jittable; rows with non-finite
+    ``z`` give ``-inf`` for every adapter). For ``pca`` this is the density of the projection."""
+    z = jnp.asarray(z, jnp.float32)
+    finite = jnp.all(jnp.isfinite(z), axis=-1)  # [B]
+    y = jnp.where(finite[:, None], z, 0.0)
+    if bank.proj is not None:
+        y = jnp.einsum("BE,ED->BD", y - bank.proj_mean, bank.proj, precision=_HI)
+    w = (y[:, None, :] - bank.mean[None]) / bank.scale[None]  # [B, A, D] whitened residual
+    p = jnp.einsum("BAD,ADW->BAW", w, bank.basis, precision=_HI)  # in-span coordinates
+    perp = w - jnp.einsum("BAW,ADW->BAD", p, bank.basis, precision=_HI)  # [B, A, D]
+    maha = jnp.sum(perp**2, -1) + jnp.sum(p**2 / (1.0 + bank.gain[None]), -1)  # [B, A]
+    ll = -0.5 * (bank.dim * _LOG_2PI + bank.logdet[None] + maha)
+    return jnp.where(finite[:, None], ll, -jnp.inf)
+
+
+def scores(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "B A"]:
+    """HiLoRA sequence scores ``s_i(x) = log N(z; mu_i, Sigma_i) / d~`` (method §2.2)."""
+    return log_likelihood(bank, z) / bank.dim
