@@ -1,0 +1,133 @@
+"""orbax save/restore of converted models, restored straight into a given sharding.
+
+A converted model directory holds
+  * `hilora_model.json`: format version, `ModelConfig`, dtype, and where it came from;
+  * `params/`: an orbax checkpoint of the flat `{parameter path: array}` dict;
+  * `tokenizer/`: the tokenizer files (when one was given).
+
+Saving writes everything into a temporary sibling directory and renames it into place, so a failed
+or interrupted conversion leaves nothing half-written. Restoring builds the abstract tree with each
+leaf's `NamedSharding` and lets orbax read every shard directly onto its device, without a full
+host copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from hilora_jax import sharding as shd
+from hilora_jax.config import ModelConfig
+from hilora_jax.interop.hf import _path_str, abstract_model
+from hilora_jax.nn.model import CausalLM
+
+FORMAT_VERSION = 1
+
+
+def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False):
+    """Context manager yielding a temp dir that is renamed to `out` on success only."""
+    out = Path(out).absolute()
+
+    class _Ctx:
+        def __enter__(self_inner):
+            if out.exists() and not overwrite:
+                raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
+                                                   dir=out.parent))
+            return self_inner.tmp
+
+        def __exit__(self_inner, et, ev, tb):
+            if et is None:
+                if out.exists():
+                    shutil.rmtree(out)
+                os.replace(self_inner.tmp, out)
+            else:
+                shutil.rmtree(self_inner.tmp, ignore_errors=True)
+            return False
+
+    return _Ctx()
+
+
+def flat_params(model: CausalLM) -> dict[str, jax.Array]:
+    _, state = nnx.split(model)
+    return {_path_str(p): v.value for p, v in nnx.to_flat_state(state)}
+
+
+def save_arrays(path: Path, arrays: dict[str, jax.Array]) -> None:
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(Path(path).absolute(), arrays)
+    ckptr.wait_until_finished()
+
+
+def restore_arrays(path: Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    ckptr = ocp.StandardCheckpointer()
+    return ckptr.restore(Path(path).absolute(), abstract)
+
+
+def save_model(model: CausalLM, out: str | os.PathLike, *, tokenizer=None, source: str = "",
+               overwrite: bool = False) -> Path:
+    """Write a converted model directory atomically."""
+    out = Path(out).absolute()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_arrays(tmp / "params", flat_params(model))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": model.config.to_dict(),
+            "dtype": str(jnp.dtype(model.dtype)),
+            "source": source,
+        }
+        (tmp / "hilora_model.json").write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    return out
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    p = Path(path) / "hilora_model.json"
+    meta = json.loads(p.read_text())
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{p}: format_version {meta.get('format_version')} is not "
+                         f"{FORMAT_VERSION}")
+    return meta
+
+
+def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = None) -> CausalLM:
+    """Restore a converted model; with `mesh`, each array lands directly on its sharding."""
+    path = Path(path).absolute()
+    meta = read_meta(path)
+    cfg = ModelConfig.from_dict(meta["config"])
+    stored = jnp.dtype(meta["dtype"])
+    graphdef, state, flat = abstract_model(cfg, stored)
+    abstract = {}
+    for k, v in flat.items():
+        sharding = (shd.param_sharding(k, v.shape, mesh) if mesh is not None
+                    else jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        abstract[k] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    arrays = restore_arrays(path / "params", abstract)
+    missing = sorted(set(flat) - set(arrays))
+    if missing:
+        raise ValueError(f"{path}/params: missing parameters {missing}")
+    for p, var in nnx.to_flat_state(state):
+        a = arrays[_path_str(p)]
+        if dtype is not None and jnp.dtype(dtype) != stored:
+            a = a.astype(dtype)
+        var.value = a
+    model = nnx.merge(graphdef, state)
+    if dtype is not None and jnp.dtype(dtype) != stored:
+        model.dtype = jnp.dtype(dtype)
+    return model
+
+
+def to_numpy_tree(tree):
+    return jax.tree.map(np.asarray, tree)

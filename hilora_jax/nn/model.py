@@ -1,0 +1,258 @@
+"""Flax NNX Llama-family decoder with HF attribute names and a LoRA delta hook.
+
+Modules are thin shells holding parameters (kernels `[in, out]`, HF names: `model.layers[i].
+self_attn.q_proj.kernel`); the maths lives in `hilora_jax.nn.layers`. Hot paths split the model once
+and `jax.jit` a pure function (see `hilora_jax.inference`).
+
+LoRA hook: every adaptable projection calls `lora(layer, name, x)` when a hook is given; the hook
+returns the low-rank delta `[B, T, d_out]` to add to the base output, or None for a module it does
+not adapt. Pools and routing decisions are *arguments* of the hook, not module state, so swapping a
+pool or changing gates never rebuilds the model and new gate values never recompile.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+from jaxtyping import Array, Bool, Float, Int
+
+from hilora_jax.config import ModelConfig
+from hilora_jax.nn import layers
+
+
+class LoraHook(Protocol):
+    def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]) -> Array | None: ...
+
+
+@struct.dataclass
+class KVCache:
+    """Per-layer key/value cache. Left-padded batches keep all rows on the same write slot."""
+
+    k: list  # L x [B, S, K, H]
+    v: list  # L x [B, S, K, H]
+    pos: Int[Array, "B S"]  # RoPE position of each slot
+    valid: Bool[Array, "B S"]  # slot holds a real (non-padding) token
+    index: Int[Array, ""]  # next slot to write
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, size: int, dtype) -> KVCache:
+        shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)
+        return cls(
+            k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+            pos=jnp.zeros((batch, size), jnp.int32),
+            valid=jnp.zeros((batch, size), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+
+def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return jax.random.normal(rngs.params(), shape, dtype) * std
+
+
+class Linear(nnx.Module):
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_init(rngs, (d_in, d_out), dtype))  # [in, out]
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.einsum("...D,DF->...F", x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        return layers.rms_norm(x, self.weight[...], self.eps)
+
+
+def _project(mod: Linear, x: Array, lora: LoraHook | None, layer: int, name: str) -> Array:
+    y = mod(x)
+    if lora is not None:
+        delta = lora(layer, name, x)
+        if delta is not None:
+            y = y + delta.astype(y.dtype)
+    return y
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.layer = layer
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.sliding_window = cfg.sliding_window
+        self.q_proj = Linear(d, cfg.q_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, cfg.kv_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, cfg.kv_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(cfg.q_size, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, q_pos, q_slot, k_cache, v_cache, cache_pos, cache_valid,
+                 write_at, lora):
+        b, t, _ = x.shape
+        q = _project(self.q_proj, x, lora, self.layer, "q_proj").reshape(b, t, self.num_heads, -1)
+        k = _project(self.k_proj, x, lora, self.layer, "k_proj").reshape(b, t, self.num_kv_heads, -1)
+        v = _project(self.v_proj, x, lora, self.layer, "v_proj").reshape(b, t, self.num_kv_heads, -1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = layers.apply_rope(q, cos, sin)  # B T N H
+        k = layers.apply_rope(k, cos, sin)  # B T K H
+        if k_cache is None:  # no cache: keys are this call's tokens
+            k_all, v_all = k, v
+        else:
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
+        mask = layers.attention_mask(q_pos, q_slot, cache_pos, cache_valid, self.sliding_window)
+        out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        out = _project(self.o_proj, out.reshape(b, t, -1), lora, self.layer, "o_proj")
+        return out, k_all, v_all
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.layer = layer
+        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, lora):
+        g = _project(self.gate_proj, x, lora, self.layer, "gate_proj")  # B T F
+        u = _project(self.up_proj, x, lora, self.layer, "up_proj")  # B T F
+        return _project(self.down_proj, layers.swiglu(g, u), lora, self.layer, "down_proj")
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        self.self_attn = Attention(cfg, layer, dtype=dtype, rngs=rngs)
+        self.mlp = MLP(cfg, layer, dtype=dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+    def __call__(self, x, cos, sin, q_pos, q_slot, k_cache, v_cache, cache_pos, cache_valid,
+                 write_at, lora):
+        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, q_slot, k_cache,
+                                 v_cache, cache_pos, cache_valid, write_at, lora)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x), lora)
+        return x, k, v
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_init(rngs, (vocab, dim), dtype))  # [V, D]
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: Array) -> Array:
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding[...])
+
+
+class DecoderModel(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+
+
+class CausalLM(nnx.Module):
+    """A Llama-family causal LM. `model.config` is the `ModelConfig`."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
+        rngs = rngs or nnx.Rngs(0)
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.model = DecoderModel(cfg, dtype=dtype, rngs=rngs)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "B T"],
+        attention_mask: Bool[Array, "B T"] | None = None,
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        cache: KVCache | None = None,
+        lora: LoraHook | None = None,
+        logits_at: str = "all",
+        hidden_layer: int | None = None,
+        constrain=None,
+    ):
+        """Run the decoder.
+
+        Returns `(logits, cache, hidden)`: logits `[B, T, V]` (or `[B, 1, V]` with
+        `logits_at="last"`, or None with `"none"`), the updated cache (None without one), and the
+        hidden state after layer `hidden_layer` (0 = embeddings) when asked for.
+        Positions default to `cumsum(attention_mask) - 1` so left padding does not shift RoPE.
+        `constrain(x, kind)` (optional) applies sharding constraints at block boundaries.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+            if cache is not None:
+                prev = jnp.max(jnp.where(cache.valid, cache.pos + 1, 0), axis=1)  # B
+                positions = positions + prev[:, None]
+        x = self.model.embed_tokens(input_ids)  # B T D
+        if constrain is not None:
+            x = constrain(x, "act")
+        inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # static, derived from config
+        cos, sin = layers.rope_cos_sin(positions, inv_freq, x.dtype)
+        if cache is None:
+            write_at = jnp.zeros((), jnp.int32)
+            q_slot = jnp.arange(t)
+            cache_pos, cache_valid = positions, attention_mask
+        else:
+            write_at = cache.index
+            q_slot = write_at + jnp.arange(t)
+            cache_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, write_at))
+            cache_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_at))
+        hidden = x if hidden_layer == 0 else None
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.model.layers):
+            kc = None if cache is None else cache.k[i]
+            vc = None if cache is None else cache.v[i]
+            x, k, v = layer(x, cos, sin, positions, q_slot, kc, vc, cache_pos, cache_valid,
+                            write_at, lora)
+            if constrain is not None:
+                x = constrain(x, "act")
+            new_k.append(k)
+            new_v.append(v)
+            if hidden_layer == i + 1:
+                hidden = x
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(k=new_k, v=new_v, pos=cache_pos, valid=cache_valid,
+                                index=write_at + t)
+        if logits_at == "none":
+            return None, new_cache, hidden
+        x = self.model.norm(x)
+        if logits_at == "last":
+            x = x[:, -1:, :]
+        if self.lm_head is None:
+            logits = self.model.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        if constrain is not None:
+            logits = constrain(logits, "logits")
+        return logits.astype(jnp.float32), new_cache, hidden
