@@ -239,7 +239,11 @@ def _build_config(path: Path, meta: dict[str, Any], tensor_names: set[str]) -> d
 
     hidden = req_int("embedding_length")
     n_heads = req_int("attention.head_count")
-    n_kv = req_int("attention.head_count_kv") if prefix + "attention.head_count_kv" in meta else n_heads
+    n_kv = (
+        req_int("attention.head_count_kv")
+        if prefix + "attention.head_count_kv" in meta
+        else n_heads
+    )
     if n_heads % n_kv:
         raise GGUFError(f"{path}: head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
     key_len = meta.get(prefix + "attention.key_length")
@@ -249,7 +253,11 @@ def _build_config(path: Path, meta: dict[str, Any], tensor_names: set[str]) -> d
             f"{path}: attention.key_length={key_len} != attention.value_length={val_len} "
             "(not representable in LlamaConfig)"
         )
-    head_dim = key_len if key_len is not None else (val_len if val_len is not None else hidden // n_heads)
+    head_dim = (
+        key_len if key_len is not None else (val_len if val_len is not None else hidden // n_heads)
+    )
+    if head_dim % 2:
+        raise GGUFError(f"{path}: head_dim={head_dim} is odd; RoPE needs an even head_dim")
     rot = meta.get(prefix + "rope.dimension_count", head_dim)
     if rot != head_dim:
         raise GGUFError(
