@@ -287,13 +287,15 @@ def test_quantised_matches_roundtrip(tmp_path, qtype):
     assert out.config["head_dim"] == 8 and out.config["hidden_size"] == 64
 
 
-def test_dtype_argument(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_dtype_argument(tmp_path, dtype):
+    dtype = np.dtype(getattr(pytest.importorskip("ml_dtypes"), dtype, dtype))
     model, sd = _hf_model(DIMS_F, tied=True)
     path = _write_gguf(tmp_path / "tiny.gguf", model, sd)
-    out = read_gguf(path, dtype=np.float16)
+    out = read_gguf(path, dtype=dtype)
     for k, v in sd.items():
-        assert out.tensors[k].dtype == np.float16
-        np.testing.assert_array_equal(out.tensors[k], v.astype(np.float16), err_msg=k)
+        assert out.tensors[k].dtype == dtype
+        np.testing.assert_array_equal(out.tensors[k], v.astype(dtype), err_msg=k)
 
 
 def test_linear_rope_scaling(tmp_path):
@@ -336,7 +338,11 @@ def test_tokenizer_from_metadata(tmp_path):
     tok = load_gguf_tokenizer(path)
     ids = tok("the cat sat on the mat.", add_special_tokens=False).input_ids
     assert [TOKENS[i] for i in ids] == ["the", "Ġcat", "Ġsat", "Ġon", "Ġthe", "Ġmat", "."]
-    assert tok.eos_token == "<|im_end|>" or tok.eos_token_id == 2
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
     assert tok.chat_template == CHAT_TEMPLATE
     text = tok.apply_chat_template([{"role": "user", "content": "is the cat on"}], tokenize=False)
     assert text == "<|im_start|>user\nis the cat on<|im_end|>\n"
