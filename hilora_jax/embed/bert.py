@@ -445,7 +445,8 @@ def load_bert(model_dir: str | Path) -> BertModel:
     unknown: list[str] = []
     duplicated: list[str] = []
     bad_shape: list[str] = []
-    for file in _safetensors_files(model_dir):
+    files = _safetensors_files(model_dir)
+    for file in files:
         for key, tensor in load_file(str(file)).items():
             where = f"{key} ({file.name})"
             if any(re.fullmatch(pat, key) for pat, _ in _IGNORED):
@@ -486,7 +487,8 @@ def load_bert(model_dir: str | Path) -> BertModel:
             problems.append(f"{title} ({len(items)}):\n    " + "\n    ".join(items))
     if problems:
         raise ValueError(
-            f"checkpoint {model_dir} does not match BertModel{cfg}:\n  " + "\n  ".join(problems)
+            f"checkpoint {', '.join(str(f) for f in files)} does not match BertModel({cfg}):\n  "
+            + "\n  ".join(problems)
         )
 
     pure: dict[Any, Any] = {}
