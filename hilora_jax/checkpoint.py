@@ -61,7 +61,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False):
 
 def flat_params(model: CausalLM) -> dict[str, jax.Array]:
     _, state = nnx.split(model)
-    return {_path_str(p): v.value for p, v in nnx.to_flat_state(state)}
+    return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
 def save_arrays(path: Path, arrays: dict[str, jax.Array]) -> None:
@@ -122,7 +122,7 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
         a = arrays[_path_str(p)]
         if dtype is not None and jnp.dtype(dtype) != stored:
             a = a.astype(dtype)
-        var.value = a
+        var.set_value(a)
     model = nnx.merge(graphdef, state)
     if dtype is not None and jnp.dtype(dtype) != stored:
         model.dtype = jnp.dtype(dtype)

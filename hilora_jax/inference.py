@@ -201,7 +201,7 @@ class Engine:
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p), stop_ids,
             jnp.int32(max_new_tokens), lora, cache_size=t + new_bucket, max_new=new_bucket,
             greedy=greedy)
-        out = np.asarray(out)[:, :max_new_tokens]
+        out = np.array(out)[:, :max_new_tokens]
         lengths = np.minimum(np.asarray(lengths), max_new_tokens)
         for i, n in enumerate(lengths):
             out[i, n:] = pad_id

@@ -139,7 +139,7 @@ def build_model(
     if problems:
         raise CheckpointError(f"{len(problems)} problem(s) loading weights:\n  " + "\n  ".join(problems))
     for path, var in nnx.to_flat_state(state):
-        var.value = filled[_path_str(path)]
+        var.set_value(filled[_path_str(path)])
     return nnx.merge(graphdef, state)
 
 
@@ -189,7 +189,7 @@ def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
         inverse.append((re.compile(re.sub(r"\{\d\}", r"([a-z_0-9]+)", re.escape(tmpl).replace(r"\{", "{").replace(r"\}", "}")) + "$"), pat, fn))
     for path, var in nnx.to_flat_state(state):
         p = _path_str(path)
-        arr = np.asarray(var.value)
+        arr = np.asarray(var.get_value())
         for rx, pat, fn in inverse:
             m = rx.match(p)
             if m:

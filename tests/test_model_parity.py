@@ -1,0 +1,149 @@
+"""Logits and greedy generation equal transformers (fp32) for every supported family/layout."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_utils import hf_logits, make_hf_model, padded_batch
+
+from hilora_jax.inference import Engine
+from hilora_jax.loading import load_model
+
+TOL = 1e-4
+
+
+def _check_logits(tmp_path, family, *, lengths=(7, 12, 3), total=12, **cfg):
+    hf = make_hf_model(tmp_path, family, **cfg)
+    eng = Engine(load_model(tmp_path, progress=False))
+    rng = np.random.default_rng(0)
+    for side in ("left", "right"):
+        ids, mask = padded_batch(rng, lengths, total, side=side)
+        ref = hf_logits(hf, ids, mask)
+        out = np.asarray(eng.forward(ids, mask))
+        valid = mask.astype(bool)
+        err = np.abs(out - ref)[valid].max()
+        assert err <= TOL, f"{family} {side}-padded: max |diff| = {err}"
+    return eng
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kv_heads,tie", [(6, False), (2, True), (1, False)], ids=["mha", "gqa-tied", "mqa"])
+def test_logits_match_transformers(tmp_path, family, kv_heads, tie):
+    _check_logits(tmp_path, family, kv_heads=kv_heads, tie=tie)
+
+
+def test_llama_untied_vs_tied_differ(tmp_path):
+    """Guard: tying is actually honoured (a tied model has no lm_head parameter)."""
+    make_hf_model(tmp_path / "t", "llama", tie=True)
+    make_hf_model(tmp_path / "u", "llama", tie=False)
+    assert load_model(tmp_path / "t", progress=False).lm_head is None
+    assert load_model(tmp_path / "u", progress=False).lm_head is not None
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 16, "rope_theta": 500000.0},
+        {"rope_type": "linear", "factor": 2.5, "rope_theta": 10000.0},
+    ],
+    ids=["llama3", "linear"],
+)
+def test_rope_scaling(tmp_path, rope):
+    _check_logits(tmp_path, "llama", rope_parameters=rope, lengths=(30, 17), total=30)
+
+
+def test_rope_scaling_old_layout_is_read(tmp_path):
+    """transformers 4.x configs carry `rope_theta` + `rope_scaling` instead of `rope_parameters`."""
+    from hilora_jax.config import ModelConfig
+
+    cfg = ModelConfig.from_hf_config({
+        "model_type": "llama", "vocab_size": 61, "hidden_size": 48, "intermediate_size": 40,
+        "num_hidden_layers": 2, "num_attention_heads": 6, "num_key_value_heads": 2,
+        "rope_theta": 500000.0, "torch_dtype": "float32",
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    })
+    assert cfg.rope.rope_type == "llama3" and cfg.rope.theta == 500000.0 and cfg.rope.factor == 8.0
+
+
+def test_mistral_sliding_window(tmp_path):
+    """A window shorter than the sequence changes results; we implement it rather than refuse."""
+    _check_logits(tmp_path, "mistral", sliding_window=5, lengths=(14, 9), total=14)
+
+
+def test_bf16_close_to_transformers_bf16(tmp_path):
+    hf = make_hf_model(tmp_path, "llama")
+    eng = Engine(load_model(tmp_path, dtype=jnp.bfloat16, progress=False))
+    ids, mask = padded_batch(np.random.default_rng(1), (9, 5), 9, side="right")
+    with torch.no_grad():
+        ref = hf.to(torch.bfloat16)(input_ids=torch.as_tensor(ids),
+                                    attention_mask=torch.as_tensor(mask)).logits.float().numpy()
+    out = np.asarray(eng.forward(ids, mask))
+    valid = mask.astype(bool)
+    # bf16 keeps ~3 significant digits: compare relative to the logit scale, and the argmax.
+    assert np.abs(out - ref)[valid].max() <= 0.05 * np.abs(ref[valid]).max()
+    assert (out.argmax(-1) == ref.argmax(-1))[valid].mean() >= 0.9
+    assert eng.state["model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generation_matches_transformers(tmp_path, family):
+    hf = make_hf_model(tmp_path, family, kv_heads=2, eos_token_id=2)
+    eng = Engine(load_model(tmp_path, progress=False))
+    rng = np.random.default_rng(3)
+    prompts = [list(rng.integers(3, 61, size=n)) for n in (5, 11, 8)]
+    ids, mask = padded_batch(rng, [len(p) for p in prompts], 11, side="left")
+    for i, p in enumerate(prompts):
+        ids[i, 11 - len(p):] = p
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                          max_new_tokens=20, do_sample=False, pad_token_id=0,
+                          eos_token_id=[-1]).numpy()[:, 11:]
+    out = eng.generate(prompts, max_new_tokens=20, stop_tokens=[-1], pad_id=0)
+    np.testing.assert_array_equal(out.tokens, ref)
+    assert (out.lengths == 20).all()
+
+
+def test_generation_stops_and_buckets_do_not_change_results(tmp_path):
+    make_hf_model(tmp_path, "llama")
+    eng = Engine(load_model(tmp_path, progress=False))
+    prompts = [[5, 9, 13, 7], [22, 3]]
+    a = eng.generate(prompts, max_new_tokens=12, stop_tokens=[-1])
+    b = eng.generate(prompts, max_new_tokens=12, stop_tokens=[-1], prompt_bucket=40)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    # stop on the token generated third by row 0: its length becomes 3, row 1 unaffected unless
+    # it produces that token too.
+    stop = int(a.tokens[0, 2])
+    c = eng.generate(prompts, max_new_tokens=12, stop_tokens=[stop])
+    assert c.lengths[0] <= 3 and c.tokens[0, c.lengths[0] - 1] == stop
+    assert (c.tokens[0, c.lengths[0]:] == 0).all()
+
+
+def test_sampling_needs_key_and_is_reproducible(tmp_path):
+    import jax
+
+    make_hf_model(tmp_path, "llama")
+    eng = Engine(load_model(tmp_path, progress=False))
+    with pytest.raises(ValueError, match="PRNG"):
+        eng.generate([[4, 5]], temperature=0.8)
+    k = jax.random.key(7)
+    a = eng.generate([[4, 5], [6]], temperature=1.0, top_p=0.9, key=k, max_new_tokens=10, stop_tokens=[-1])
+    b = eng.generate([[4, 5], [6]], temperature=1.0, top_p=0.9, key=k, max_new_tokens=10, stop_tokens=[-1])
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    # top_p -> 0 keeps only the argmax: equals greedy
+    g = eng.generate([[4, 5], [6]], max_new_tokens=10, stop_tokens=[-1])
+    s = eng.generate([[4, 5], [6]], temperature=1.0, top_p=1e-6, key=k, max_new_tokens=10, stop_tokens=[-1])
+    np.testing.assert_array_equal(g.tokens, s.tokens)
+
+
+def test_score_equals_logsoftmax_of_transformers(tmp_path):
+    hf = make_hf_model(tmp_path, "qwen2")
+    eng = Engine(load_model(tmp_path, progress=False))
+    ids, mask = padded_batch(np.random.default_rng(5), (10, 6), 10, side="left")
+    target = np.zeros_like(mask)
+    target[:, -3:] = 1
+    total, per_tok = eng.score(ids, mask, target)
+    lp = torch.log_softmax(torch.as_tensor(hf_logits(hf, ids, mask)), -1).numpy()
+    ref = np.array([sum(lp[b, t - 1, ids[b, t]] for t in range(7, 10)) for b in range(2)])
+    np.testing.assert_allclose(np.asarray(total), ref, atol=1e-4)
