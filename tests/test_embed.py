@@ -151,8 +151,16 @@ def test_legacy_sentence_transformers_format(tiny_hf: Path, tmp_path: Path) -> N
             }
         )
     )
+    # A cased tokenizer, so upper-case words only match the vocab if do_lower_case is honoured.
+    tok_json = json.loads((path / "tokenizer.json").read_text())
+    tok_json["normalizer"]["lowercase"] = False
+    (path / "tokenizer.json").write_text(json.dumps(tok_json))
+    tok_cfg = json.loads((path / "tokenizer_config.json").read_text())
+    (path / "tokenizer_config.json").write_text(json.dumps({**tok_cfg, "do_lower_case": False}))
     emb = SentenceEmbedder.from_pretrained(path)
     assert emb.max_seq_length == 7 and emb.config.pooling_modes == ("cls", "max")
+    assert emb.tokenize(["Hello"]) == emb.tokenize(["hello"])
+    assert emb.tokenizer("Hello")["input_ids"] != emb.tokenizer("hello")["input_ids"]
     assert np.abs(emb.embed(TEXTS) - _reference(path, TEXTS)).max() <= 1e-5
 
 
