@@ -199,7 +199,9 @@ def test_expected_mode_matches_reference(cfg):
         active = rng.random((b, a)) > 0.15
         dec = fn(s, ranks, active)
         for row in range(b):
-            want = ref.sequence_decision(s[row], ranks[row], active[row], k, gamma, tau, max_c, min_b)
+            want = ref.sequence_decision(
+                s[row], ranks[row], active[row], k, gamma, tau, max_c, min_b
+            )
             _check_row(dec, row, want, ranks[row])
             counts["cap"] += want["cap_binds"]
             counts["neg"] += bool(want["cand"]) and s[row][want["cand"][0]] <= 0
@@ -341,7 +343,9 @@ def test_topn_gates_match_reference_with_ties(method):
         got = np.asarray(fn(u, n, valid))
         want = ref.topn_gates(u, n, valid)
         np.testing.assert_array_equal(got, want)
-        np.testing.assert_array_equal(got.sum(-1), np.minimum(n, valid.sum(-1))[:, None].repeat(t, 1))
+        np.testing.assert_array_equal(
+            got.sum(-1), np.minimum(n, valid.sum(-1))[:, None].repeat(t, 1)
+        )
     assert fn._cache_size() == 1  # n varies, no recompilation
 
 

@@ -28,8 +28,7 @@ Estimators ([choice], method §2.1; S is the sample covariance with 1/(m-1), mu 
 Storage: with ``m << E``, ``Sigma_i = c_i I + U_i U_i^T`` with ``rank(U_i) <= m_i - 1``. We store it
 whitened, which also covers the diagonal estimator with one code path::
 
-    Sigma_i = diag(scale_i)^2 (elementwise) conjugating  (I + Q_i diag(gain_i) Q_i^T),
-    i.e. Sigma_i = Dg_i^{1/2} (I + Q_i diag(gain_i) Q_i^T) Dg_i^{1/2},   Dg_i = diag(scale_i^2)
+    Sigma_i = diag(scale_i) (I + Q_i diag(gain_i) Q_i^T) diag(scale_i)
 
 with ``Q_i`` [D, W] orthonormal columns (zero columns as padding, ``gain = 0`` there). For LW/ridge
 ``scale_i = sqrt(c_i)`` everywhere and ``U_i = sqrt(c_i) Q_i diag(sqrt(gain_i))``
@@ -47,6 +46,9 @@ inside jit, a row of ``z`` with any non-finite entry gets ``-inf`` for every ada
 :func:`hilora_jax.routing.sequence.sequence_decisions` turns into "no candidates" (base model only),
 never into a silent route.
 """
+
+# jaxtyping shape strings are not Python expressions (ruff F722 false positive).
+# ruff: noqa: F722
 
 from __future__ import annotations
 
@@ -174,7 +176,9 @@ def _fit_one(
     s_diag = np.einsum("me,me->e", xc, xc) / (m - 1)
     mu = s_diag.sum() / d
     if not mu > 0:
-        raise ValueError(f"{label}: all samples are identical (zero variance); cannot fit a Gaussian")
+        raise ValueError(
+            f"{label}: all samples are identical (zero variance); cannot fit a Gaussian"
+        )
     basis = np.zeros((d, width))
     gain = np.zeros(width)
     if estimator == "diag":
@@ -283,7 +287,9 @@ def check_embeddings(z: Any) -> None:
     z = np.asarray(z)
     bad = np.flatnonzero(~np.all(np.isfinite(z.reshape(z.shape[0], -1)), axis=-1))
     if bad.size:
-        raise ValueError(f"non-finite sentence embeddings in rows {bad.tolist()}; refusing to route")
+        raise ValueError(
+            f"non-finite sentence embeddings in rows {bad.tolist()}; refusing to route"
+        )
 
 
 def log_likelihood(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "B A"]:

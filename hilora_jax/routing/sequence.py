@@ -33,6 +33,9 @@ that is folded with the row index (the result then depends on the row's position
 contents of its batch-mates).
 """
 
+# jaxtyping shape strings are not Python expressions (ruff F722 false positive).
+# ruff: noqa: F722
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -79,7 +82,7 @@ def _gamma_fraction(gamma: float) -> Fraction:
     return frac
 
 
-def round_half_up_ratio(num: Int[Array, "..."], den: Int[Array, "..."]) -> Int[Array, "..."]:
+def round_half_up_ratio(num: Int[Array, ...], den: Int[Array, ...]) -> Int[Array, ...]:
     """``floor(num / den + 1/2)`` exactly, for non-negative int ``num`` and positive int ``den``."""
     return (2 * num + den) // (2 * den)
 
@@ -136,8 +139,8 @@ def _row_keys(key, batch: int):
 
 def sequence_decisions(
     scores: Float[Array, "B A"],
-    ranks: Int[Array, "A"] | Int[Array, "B A"],
-    active: Bool[Array, "A"] | Bool[Array, "B A"],
+    ranks: Int[Array, " A"] | Int[Array, "B A"],
+    active: Bool[Array, " A"] | Bool[Array, "B A"],
     *,
     k: int = 3,
     gamma: float = 0.4,
@@ -219,7 +222,7 @@ def sequence_decisions(
 
 def per_module_counts(
     n_rocs: Int[Array, "B C"],
-    adapter_rank: Int[Array, "C"] | Int[Array, "B C"],
+    adapter_rank: Int[Array, " C"] | Int[Array, "B C"],
     module_rank: Int[Array, "B C"],
 ) -> Int[Array, "B C"]:
     """ROCs to keep in one module where its rank differs from the adapter's nominal rank [choice].

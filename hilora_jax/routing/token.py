@@ -21,6 +21,9 @@ implementations, equal on every input:
 all valid ROCs of the whole pool (``lax.top_k``: equal values, lower flat ``a * R + j`` index first).
 """
 
+# jaxtyping shape strings are not Python expressions (ruff F722 false positive).
+# ruff: noqa: F722
+
 from __future__ import annotations
 
 import jax
