@@ -22,6 +22,7 @@ assets: setup
 	$(BIN)/python -m hilora_jax.assets
 
 test: setup
+	$(BIN)/python -m hilora_jax.assets
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
@@ -29,7 +30,7 @@ lint: setup
 
 demo: setup
 	$(BIN)/python -m hilora_jax.assets
-	$(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct
+	$(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct --overwrite
 	$(BIN)/hilora generate --model $(ART)/smollm2-135m-instruct \
 	  --prompt "What is the capital of France?" --max-new-tokens 24
 

@@ -109,3 +109,20 @@ def minilm_dir() -> Path:
 def bigbench_tasks_dir() -> Path:
     """Directory holding BIG-bench ``*/task.json`` files (only those are extracted)."""
     return _extract(_download(BIGBENCH_DIST, sdist=True), ["*/task.json"], cache_root() / "bigbench")
+
+
+def main() -> None:
+    """Fetch every real asset (model, embedder, BIG-bench tasks) into the cache."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--only", choices=["smollm2", "minilm", "bigbench"], action="append")
+    which = p.parse_args().only or ["smollm2", "minilm"]
+    for name, fn in [("smollm2", smollm2_gguf), ("minilm", minilm_dir),
+                     ("bigbench", bigbench_tasks_dir)]:
+        if name in which:
+            print(f"{name}: {fn()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,7 @@ def build_model(
     filled: dict[str, jax.Array] = {}
     seen_from: dict[str, str] = {}
     problems: list[str] = []
+    bad_targets: set[str] = set()  # reported already; not "missing" as well
     tied_lm_head = None
     for i, (key, load, src) in enumerate(tensors):
         if progress is not None:
@@ -113,11 +114,13 @@ def build_model(
         arr = fn(load())
         want = tuple(flat[target].shape)
         if tuple(arr.shape) != want:
+            bad_targets.add(target)
             problems.append(f"tensor {key!r} in {src} has shape {tuple(arr.shape)}, expected "
                             f"{want[::-1] if fn is _T else want} for {target}")
             continue
         arr = np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else np.asarray(arr)
         if not np.all(np.isfinite(arr)):
+            bad_targets.add(target)
             problems.append(f"tensor {key!r} in {src} contains NaN or inf")
             continue
         host = arr.astype(jnp.dtype(dtype))
@@ -126,7 +129,7 @@ def build_model(
         else:
             filled[target] = jnp.asarray(host)
         seen_from[target] = src
-    missing = sorted(set(flat) - set(filled))
+    missing = sorted(set(flat) - set(filled) - bad_targets)
     for t in missing:
         problems.append(f"missing tensor for parameter {t}")
     if tied_lm_head is not None and "model.embed_tokens.embedding" in filled:

@@ -1,0 +1,34 @@
+"""hilora-jax: training-free routing over pools of LoRA adapters (HiLoRA) in pure JAX/Flax.
+
+Front doors:
+  load_model(src, dtype=..., mesh=...)    HF dir, hub id, .gguf, converted dir, or "smollm2"
+  load_tokenizer(src)
+  load_pool(manifest_or_dir, model=...)   PEFT adapters -> stacked LoRA pool
+  Engine(model, mesh=None)                jitted forward / score / generate
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["load_model", "load_tokenizer", "load_pool", "Engine", "ModelConfig", "__version__"]
+
+
+def __getattr__(name):  # lazy: importing the package stays cheap
+    if name in ("load_model", "load_tokenizer"):
+        from hilora_jax import loading
+
+        return getattr(loading, name)
+    if name == "load_pool":
+        from hilora_jax.lora.io import load_pool
+
+        return load_pool
+    if name == "Engine":
+        from hilora_jax.inference import Engine
+
+        return Engine
+    if name == "ModelConfig":
+        from hilora_jax.config import ModelConfig
+
+        return ModelConfig
+    raise AttributeError(f"module 'hilora_jax' has no attribute {name!r}")

