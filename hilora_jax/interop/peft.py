@@ -1,0 +1,319 @@
+"""Torch-free reading of PEFT LoRA adapters, with PEFT's own config semantics and strict checks.
+
+An adapter is a directory holding `adapter_config.json` and `adapter_model.safetensors` (read
+memory-mapped with `SafetensorsFile`; no torch). Older adapters with only `adapter_model.bin` are read
+through `torch.load(weights_only=True)`, which needs torch. A hub id (`org/name`) is fetched with
+`huggingface_hub.snapshot_download` when online.
+
+Config handling follows peft 0.21 exactly (`peft/tuners/tuners_utils.py::check_target_module_exists`,
+`peft/utils/other.py::get_pattern_key`, `peft/tuners/lora/layer.py::update_layer`):
+
+* module keys are the base model's module names, `model.layers.{l}.self_attn.q_proj` etc.;
+* `target_modules`: a string is `re.fullmatch`ed against the key (`"all-linear"` = every adaptable
+  projection; `lm_head` is excluded by PEFT); a list matches a key equal to an entry or ending in
+  `.entry`. `layers_to_transform` / `layers_pattern` only apply in the list form (as in PEFT);
+* `exclude_modules`: string = fullmatch, list = equal or `.entry` suffix;
+* per-module rank / alpha: first key `k` of `rank_pattern` / `alpha_pattern` (in insertion order) with
+  `re.match(rf"(.*\\.)?({k})$", module_key)`, else `r` / `lora_alpha`;
+* scale `s = alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, with that module's r and alpha.
+
+The tensor keys are the truth about which modules and layers are adapted; the set the config predicts
+is cross-checked against them and any difference is an error. Config fields go through an allowlist:
+fields that cannot change the maths are ignored explicitly, a few are allowed at harmless values only,
+and anything else raises `AdapterError` naming the adapter and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hilora_jax.config import ModelConfig
+from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile
+
+
+class AdapterError(CheckpointError):
+    """A PEFT adapter is malformed, unsupported, or does not fit the base model."""
+
+
+# The adaptable projections, in the order pools store them, and the block holding each.
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
+         "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+# Config fields that do not change inference maths.
+_IGNORED = {
+    "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "lora_dropout",
+    "base_model_name_or_path", "eva_config", "runtime_config", "qalora_group_size",
+    "ensure_weight_tying", "megatron_core",
+    # read below
+    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+}
+# Fields allowed only at values that keep plain LoRA maths: field -> predicate on the value.
+_MUST_BE_OFF = {
+    "use_dora": lambda v: not v,
+    "lora_bias": lambda v: not v,
+    "bias": lambda v: v in (None, "none"),
+    "modules_to_save": lambda v: not v,
+    "layer_replication": lambda v: not v,
+    "target_parameters": lambda v: not v,
+    "fan_in_fan_out": lambda v: not v,  # Llama-family projections are nn.Linear ([out, in])
+    "trainable_token_indices": lambda v: not v,
+    "megatron_config": lambda v: not v,
+    "loftq_config": lambda v: not v,  # LoftQ pairs the adapter with a quantized base
+    "corda_config": lambda v: not v,
+    "lora_ga_config": lambda v: not v,
+    "velora_config": lambda v: not v,
+    "alora_invocation_tokens": lambda v: not v,  # aLoRA only acts after invocation tokens
+    "use_qalora": lambda v: not v,
+    "monteclora_config": lambda v: not v,
+    "use_bdlora": lambda v: not v,
+    "arrow_config": lambda v: not v,  # Arrow routing replaces the plain sum
+    "kasa_config": lambda v: not v,
+    # PiSSA/OLoRA/CorDA/LoftQ/LoRA-GA inits rewrite the base weights; such adapters only fit that
+    # residual base unless converted at save time (which resets the field to True).
+    "init_lora_weights": lambda v: v in (True, False, None, "gaussian", "eva")
+    or (isinstance(v, str) and v.lower() in ("true", "false", "gaussian", "eva")),
+}
+
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
+
+
+def module_key(layer: int, name: str) -> str:
+    """PEFT's module key of projection `name` in layer `layer`."""
+    return f"model.layers.{layer}.{BLOCK[name]}.{name}"
+
+
+def tensor_key(layer: int, name: str, side: str) -> str:
+    """Key of a LoRA tensor in `adapter_model.safetensors` (side 'A' or 'B')."""
+    return f"base_model.model.{module_key(layer, name)}.lora_{side}.weight"
+
+
+def pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
+    """PEFT's `get_pattern_key`: the first pattern `p` with `(.*\\.)?(p)$` matching `key`."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return None
+
+
+def is_targeted(cfg: Mapping[str, Any], key: str) -> bool:
+    """PEFT's `check_target_module_exists` for one module key (after 'all-linear' expansion)."""
+    excl = cfg.get("exclude_modules")
+    if excl:
+        if isinstance(excl, str):
+            if re.fullmatch(excl, key):
+                return False
+        elif key in excl or any(key.endswith(f".{e}") for e in excl):
+            return False
+    tm = cfg.get("target_modules")
+    if tm is None:
+        return False
+    if isinstance(tm, str):
+        if tm.lower() == "all-linear":
+            return True  # every adaptable projection is a Linear; lm_head is excluded by PEFT
+        return re.fullmatch(tm, key) is not None
+    if key in tm:
+        return True
+    found = any(key.endswith(f".{t}") for t in tm)
+    idx = cfg.get("layers_to_transform")
+    using = idx is not None and (len(idx) != 0 if isinstance(idx, list) else True)
+    if using and found:
+        pat = cfg.get("layers_pattern")
+        m = None
+        if not pat:
+            m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            for p in [pat] if isinstance(pat, str) else pat:
+                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+                if m is not None:
+                    break
+        if m is None:
+            return False
+        layer = int(m.group("idx"))
+        return layer == idx if isinstance(idx, int) else layer in idx
+    return found
+
+
+def module_rank_alpha(cfg: Mapping[str, Any], key: str) -> tuple[int, float, float]:
+    """`(r, alpha, scale)` PEFT uses for module `key`."""
+    rp, ap = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    rk, ak = pattern_key(rp, key), pattern_key(ap, key)
+    r = int(rp[rk]) if rk is not None else int(cfg.get("r", 8))
+    alpha = float(ap[ak]) if ak is not None else float(cfg.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+    return r, alpha, scale
+
+
+def check_config(cfg: Mapping[str, Any], name: str) -> dict:
+    """Validate an `adapter_config.json` dict; returns it as a plain dict.
+
+    Raises `AdapterError` naming the adapter and the first offending field (unknown fields too).
+    """
+    cfg = dict(cfg)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise AdapterError(f"adapter {name!r}: field 'peft_type' = {cfg['peft_type']!r}; only LORA "
+                           "adapters are supported")
+    for f in sorted(cfg):
+        if f in _IGNORED:
+            continue
+        if f in _MUST_BE_OFF:
+            if not _MUST_BE_OFF[f](cfg[f]):
+                raise AdapterError(f"adapter {name!r}: field {f!r} = {cfg[f]!r} changes the LoRA maths "
+                                   "and is not supported")
+            continue
+        raise AdapterError(f"adapter {name!r}: field {f!r} is not handled by hilora-jax (it may "
+                           "change the maths); refusing to convert")
+    for f in ("r", "lora_alpha"):
+        v = cfg.get(f, 8)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+            raise AdapterError(f"adapter {name!r}: field {f!r} = {v!r} must be a positive number")
+    if cfg.get("target_modules") is None:
+        raise AdapterError(f"adapter {name!r}: field 'target_modules' is missing")
+    return cfg
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter read into host memory.
+
+    `modules[(layer, name)] = (A [r, d_in], B [d_out, r], scale)` in PEFT's layout, float32.
+    """
+
+    name: str
+    source: str
+    config: dict
+    r: int
+    modules: dict[tuple[int, str], tuple[np.ndarray, np.ndarray, float]] = field(default_factory=dict)
+
+
+def resolve_adapter_dir(src: str | os.PathLike, name: str) -> Path:
+    """An adapter directory from a path or a hub id (downloaded when online)."""
+    p = Path(src).expanduser()
+    if p.is_dir():
+        return p
+    s = str(src)
+    if p.exists():
+        raise AdapterError(f"adapter {name!r}: {p} is not a directory")
+    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        from hilora_jax.loading import _hub_download
+
+        try:
+            return _hub_download(s, allow_patterns=("adapter_config.json", "adapter_model.safetensors",
+                                                    "adapter_model.bin"))
+        except (OSError, ImportError) as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from e
+    raise AdapterError(f"adapter {name!r}: {s!r} is not a directory or a hub id")
+
+
+def _read_tensors(d: Path, name: str) -> tuple[Mapping[str, np.ndarray], str]:
+    st, bn = d / "adapter_model.safetensors", d / "adapter_model.bin"
+    if st.exists():
+        try:
+            return SafetensorsFile(st), str(st)
+        except CheckpointError as e:
+            raise AdapterError(f"adapter {name!r}: {e}") from e
+    if bn.exists():
+        try:
+            import torch
+        except ImportError as e:
+            raise AdapterError(f"adapter {name!r}: {bn} is a pickled torch file; reading it needs "
+                               "torch (pip install torch), or re-save the adapter as safetensors") from e
+        try:
+            sd = torch.load(bn, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise AdapterError(f"adapter {name!r}: {bn}: unreadable ({type(e).__name__}: {e})") from e
+        return {k: v.detach().float().numpy() for k, v in sd.items()}, str(bn)
+    raise AdapterError(f"adapter {name!r}: {d} has neither adapter_model.safetensors nor "
+                       "adapter_model.bin")
+
+
+def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | None = None,
+                 base: str | None = None) -> LoraAdapter:
+    """Read and check one PEFT adapter against the base model's config.
+
+    `base` (the pool's base model path or id) is compared with the adapter's
+    `base_model_name_or_path`; a mismatch is a `warnings.warn`, not an error.
+    """
+    d = resolve_adapter_dir(src, name or str(src))
+    name = name or d.name
+    cpath = d / "adapter_config.json"
+    try:
+        raw = json.loads(cpath.read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(f"adapter {name!r}: {cpath} does not exist") from e
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: {cpath}: unreadable ({e})") from e
+    cfg = check_config(raw, name)
+    declared = cfg.get("base_model_name_or_path")
+    if base and declared and _short(declared) != _short(base):
+        warnings.warn(f"adapter {name!r} was trained on {declared!r}, the pool's base is {base!r}",
+                      stacklevel=2)
+    tensors, tpath = _read_tensors(d, name)
+
+    shapes = model_cfg.module_shapes()
+    found: dict[tuple[int, str], dict[str, str]] = {}
+    bad = []
+    for k in tensors:
+        m = _KEY.match(k)
+        if m is None or m.group(3) not in BLOCK or BLOCK[m.group(3)] != m.group(2):
+            bad.append(k)
+            continue
+        layer = int(m.group(1))
+        if layer >= model_cfg.num_layers:
+            raise AdapterError(f"adapter {name!r}: {tpath}: key {k!r} is for layer {layer}, the base "
+                               f"model has {model_cfg.num_layers} layers")
+        found.setdefault((layer, m.group(3)), {})[m.group(4)] = k
+    if bad:
+        raise AdapterError(f"adapter {name!r}: {tpath}: unexpected tensor keys (not LoRA A/B of an "
+                           f"adaptable projection): {sorted(bad)[:8]}")
+    if not found:
+        raise AdapterError(f"adapter {name!r}: {tpath} holds no LoRA tensors")
+
+    want = {(li, n) for li in range(model_cfg.num_layers) for n in MODULES
+            if is_targeted(cfg, module_key(li, n))}
+    have = set(found)
+    if want != have:
+        extra = sorted(module_key(*x) for x in have - want)
+        missing = sorted(module_key(*x) for x in want - have)
+        raise AdapterError(f"adapter {name!r}: tensors and config disagree on the adapted modules: "
+                           f"config targets but no tensors: {missing[:8]}; tensors but not "
+                           f"targeted: {extra[:8]}")
+
+    ad = LoraAdapter(name=name, source=str(d), config=cfg, r=int(cfg.get("r", 8)))
+    for (layer, mod), sides in sorted(found.items()):
+        mk = module_key(layer, mod)
+        for side in "AB":
+            if side not in sides:
+                raise AdapterError(f"adapter {name!r}: {tpath}: missing "
+                                   f"{tensor_key(layer, mod, side)!r}")
+        a = np.asarray(tensors[sides["A"]], np.float32)
+        b = np.asarray(tensors[sides["B"]], np.float32)
+        r, _, scale = module_rank_alpha(cfg, mk)
+        d_in, d_out = shapes[mod]
+        for k, arr, exp in ((sides["A"], a, (r, d_in)), (sides["B"], b, (d_out, r))):
+            if arr.shape != exp:
+                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} has shape {arr.shape}, expected "
+                                   f"{exp} (rank {r} from the config, module shape (d_in={d_in}, "
+                                   f"d_out={d_out}) from the base model)")
+            if not np.all(np.isfinite(arr)):
+                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} contains NaN or inf")
+        ad.modules[(layer, mod)] = (a, b, scale)
+    return ad
+
+
+def _short(s: str) -> str:
+    s = str(s).rstrip("/").lower()
+    s = s.rsplit("/", 1)[-1]
+    return {"smollm2": "smollm2-135m-instruct"}.get(s, s)

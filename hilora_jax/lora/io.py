@@ -1,0 +1,274 @@
+"""Pool front door, orbax save/restore of pools, and export of pool members back to PEFT.
+
+* `load_pool(src, model=...)`: `src` is a manifest file (JSON/YAML), a manifest dict, a folder of
+  adapter directories, or a saved pool directory. Every adapter is read torch-free and checked
+  against the base model's config (`interop.peft.read_adapter`), then stacked (`LoraPool`).
+* `save_pool(pool, out)` writes `out/arrays` (orbax, flat `{"A.q_proj": ..., "ranks": ...}`) and
+  `out/pool.json` (format version, names, clusters, samples, sources, configs, array shapes) into a
+  temp dir renamed into place (`checkpoint.atomic_dir`): a failure leaves nothing behind.
+  `load_pool_dir(path, mesh)` restores every array straight onto its sharding.
+* `export_peft(pool, name_or_weights, out)` writes one adapter, or a weighted combination of
+  adapters as one concatenated-rank LoRA, as a PEFT adapter directory: for every adapted
+  (layer, module), `lora_A = [A_i rows]`, `lora_B = [w_i s_i b_ij columns]`, so
+  `lora_B @ lora_A = sum_i w_i s_i B_i A_i`. The config sets `lora_alpha = r` and, per module whose
+  rank differs, `rank_pattern[k] = alpha_pattern[k] = rank`, so PEFT's scale is exactly 1;
+  `target_modules` is a regex naming exactly the adapted module keys.
+* `convert_pool` / `export_adapter`: the functions behind `hilora convert-pool` / `export-adapter`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from hilora_jax.checkpoint import atomic_dir, restore_arrays, save_arrays
+from hilora_jax.config import ModelConfig
+from hilora_jax.interop.peft import AdapterError, module_key, read_adapter, tensor_key
+from hilora_jax.interop.safetensors_io import save_file
+from hilora_jax.lora.manifest import PoolManifest, read_manifest
+from hilora_jax.lora.pool import LoraPool, PoolArrays, pool_shardings
+
+POOL_FORMAT_VERSION = 1
+POOL_META = "pool.json"
+
+
+def model_config_of(model: Any) -> ModelConfig:
+    """`ModelConfig` of a `CausalLM`, a `ModelConfig`, or any model source `load_model` accepts
+    (only the config is read for HF and converted directories)."""
+    if isinstance(model, ModelConfig):
+        return model
+    if hasattr(model, "config") and isinstance(model.config, ModelConfig):
+        return model.config
+    from hilora_jax.loading import resolve_source
+
+    kind, path = resolve_source(model)
+    if kind == "converted":
+        from hilora_jax.checkpoint import read_meta
+
+        return ModelConfig.from_dict(read_meta(path)["config"])
+    if kind == "hf":
+        return ModelConfig.from_hf_config(path / "config.json")
+    from hilora_jax.interop.gguf import read_gguf
+
+    return ModelConfig.from_hf_config(read_gguf(path).config, source=str(path))
+
+
+def _bar(items, desc: str, progress: bool):
+    if not progress or os.environ.get("HILORA_QUIET") == "1":
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="adapter", file=sys.stderr)
+
+
+def is_pool_dir(p: Any) -> bool:
+    return isinstance(p, (str, os.PathLike)) and (Path(p) / POOL_META).exists()
+
+
+def load_pool(src: str | os.PathLike | Mapping | PoolManifest, *, model: Any = None,
+              mesh: Mesh | None = None, dtype=jnp.float32, progress: bool = True) -> LoraPool:
+    """Build a `LoraPool` from a manifest (file, dict, `PoolManifest`), a folder of adapter dirs,
+    or a saved pool dir.
+
+    `model`: the base `CausalLM`, its `ModelConfig`, or a model source; defaults to the manifest's
+    `base`. With `mesh`, arrays are placed on their shardings. Raises `AdapterError` /
+    `ManifestError` naming the adapter and field or tensor key on any problem.
+    """
+    if is_pool_dir(src):
+        pool = load_pool_dir(src, mesh=mesh)
+        if model is not None:
+            _check_pool_fits(pool, model_config_of(model), str(src))
+        return pool
+    man = src if isinstance(src, PoolManifest) else read_manifest(src)
+    if model is None:
+        if man.base is None:
+            raise ValueError(f"{man.source}: no base model given (pass model= or set 'base')")
+        model = man.base
+    cfg = model_config_of(model)
+    adapters = [read_adapter(e.path, cfg, name=e.name, base=man.base)
+                for e in _bar(man.adapters, "reading adapters", progress)]
+    return LoraPool.from_adapters(
+        adapters, cfg, clusters={e.name: e.cluster for e in man.adapters},
+        samples={e.name: e.samples for e in man.adapters}, dtype=dtype, mesh=mesh)
+
+
+def _check_pool_fits(pool: LoraPool, cfg: ModelConfig, where: str) -> None:
+    shapes = cfg.module_shapes()
+    for m in pool.arrays.modules:
+        L, _, _, d_in = pool.arrays.A[m].shape
+        d_out = pool.arrays.B[m].shape[-1]
+        if L != cfg.num_layers or (d_in, d_out) != shapes[m]:
+            raise AdapterError(f"{where}: pool module {m} has L={L}, (d_in, d_out)={(d_in, d_out)}; "
+                               f"the model has L={cfg.num_layers}, {shapes[m]}")
+
+
+def _flat(arrays: PoolArrays) -> dict[str, jax.Array]:
+    out = {"ranks": arrays.ranks, "active": arrays.active}
+    for field in ("A", "B", "scale", "mask"):
+        for m, v in getattr(arrays, field).items():
+            out[f"{field}.{m}"] = v
+    return out
+
+
+def save_pool(pool: LoraPool, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a pool directory atomically (see module docstring)."""
+    out = Path(out).absolute()
+    flat = _flat(pool.arrays)
+    meta = {
+        "format_version": POOL_FORMAT_VERSION,
+        "names": list(pool.names),
+        "clusters": pool.clusters,
+        "samples": {n: None if s is None else list(s) for n, s in pool.samples.items()},
+        "sources": pool.sources,
+        "configs": pool.configs,
+        "arrays": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in flat.items()},
+    }
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_arrays(tmp / "arrays", flat)
+        (tmp / POOL_META).write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def load_pool_dir(path: str | os.PathLike, *, mesh: Mesh | None = None) -> LoraPool:
+    """Restore a saved pool; with `mesh` every array is read directly onto its sharding."""
+    path = Path(path).absolute()
+    try:
+        meta = json.loads((path / POOL_META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path / POOL_META}: unreadable pool metadata ({e})") from e
+    if meta.get("format_version") != POOL_FORMAT_VERSION:
+        raise AdapterError(f"{path / POOL_META}: format_version {meta.get('format_version')} is not "
+                           f"{POOL_FORMAT_VERSION}")
+    shapes = {k: jax.ShapeDtypeStruct(tuple(v["shape"]), jnp.dtype(v["dtype"]))
+              for k, v in meta["arrays"].items()}
+    abstract = _unflat(shapes)
+    if mesh is not None:
+        sh = pool_shardings(abstract, mesh)
+    else:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        sh = jax.tree.map(lambda _: dev, abstract)
+    abs_sharded = jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=h),
+                               abstract, sh)
+    flat = restore_arrays(path / "arrays", _flat(abs_sharded))
+    missing = sorted(set(shapes) - set(flat))
+    if missing:
+        raise AdapterError(f"{path}/arrays: missing arrays {missing}")
+    return LoraPool(_unflat(flat), meta["names"], clusters=meta["clusters"],
+                    samples={n: None if s is None else tuple(s) for n, s in meta["samples"].items()},
+                    sources=meta["sources"], configs=meta["configs"], mesh=mesh)
+
+
+def _unflat(flat: Mapping[str, Any]) -> PoolArrays:
+    parts: dict[str, dict] = {"A": {}, "B": {}, "scale": {}, "mask": {}}
+    for k, v in flat.items():
+        if "." in k:
+            field, m = k.split(".", 1)
+            parts[field][m] = v
+    return PoolArrays(A=parts["A"], B=parts["B"], scale=parts["scale"], mask=parts["mask"],
+                      ranks=flat["ranks"], active=flat["active"])
+
+
+# -- export --------------------------------------------------------------------------------
+def combination_weights(pool: LoraPool, name_or_weights: str | Sequence[float] | Mapping[str, float]
+                        ) -> np.ndarray:
+    """Weights `[A]` from an adapter name (one-hot), a `{name: weight}` dict, or a full vector."""
+    n = len(pool)
+    if isinstance(name_or_weights, str):
+        w = np.zeros(n)
+        w[pool.index(name_or_weights)] = 1.0
+    elif isinstance(name_or_weights, Mapping):
+        w = np.zeros(n)
+        for k, v in name_or_weights.items():
+            w[pool.index(k)] = float(v)
+    else:
+        w = np.asarray(name_or_weights, np.float64)
+        if w.shape != (n,):
+            raise ValueError(f"weights must have shape ({n},), got {w.shape}")
+    return w * np.asarray(pool.arrays.active)
+
+
+def peft_state_dict(pool: LoraPool, weights: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
+    """Concatenated-rank PEFT tensors and `{module key: rank}` for `sum_i w_i s_i B_i A_i`."""
+    a = jax.tree.map(np.asarray, pool.arrays)
+    tensors, ranks = {}, {}
+    used = np.flatnonzero(weights != 0)
+    for m in a.modules:
+        L = a.A[m].shape[0]
+        for li in range(L):
+            rows_a, cols_b = [], []
+            for i in used:
+                valid = a.mask[m][li, i]  # R
+                if not valid.any():
+                    continue
+                rows_a.append(a.A[m][li, i, valid].astype(np.float32))  # r D
+                coef = (weights[i] * a.scale[m][li, i, valid]).astype(np.float32)  # r
+                cols_b.append(a.B[m][li, i, valid].astype(np.float32) * coef[:, None])  # r E
+            if not rows_a:
+                continue
+            A_cat, B_cat = np.concatenate(rows_a), np.concatenate(cols_b)
+            tensors[tensor_key(li, m, "A")] = np.ascontiguousarray(A_cat)  # [r, D]
+            tensors[tensor_key(li, m, "B")] = np.ascontiguousarray(B_cat.T)  # [E, r]
+            ranks[module_key(li, m)] = int(A_cat.shape[0])
+    return tensors, ranks
+
+
+def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
+                overwrite: bool = False) -> Path:
+    """Write adapter `name`, or the combination `sum_i w_i dW_i`, as a PEFT adapter dir (atomic)."""
+    w = combination_weights(pool, name_or_weights)
+    if not np.any(w):
+        raise ValueError("nothing to export: every weight is zero (or the adapters are inactive)")
+    tensors, ranks = peft_state_dict(pool, w)
+    if not tensors:
+        raise ValueError("nothing to export: the selected adapters adapt no module")
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
+    used = [pool.names[i] for i in np.flatnonzero(w)]
+    bases = {pool.configs[n].get("base_model_name_or_path") for n in used} - {None}
+    cfg = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
+        "r": int(r), "lora_alpha": int(r), "use_rslora": False,
+        "rank_pattern": pattern, "alpha_pattern": dict(pattern),
+        "target_modules": "(" + "|".join(re.escape(k) for k in sorted(ranks)) + ")",
+        "bias": "none", "lora_dropout": 0.0, "fan_in_fan_out": False,
+        "init_lora_weights": True, "inference_mode": True,
+    }
+    meta = {"hilora_export": json.dumps({n: float(w[pool.index(n)]) for n in used})}
+    out = Path(out).absolute()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **meta})
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+# -- CLI entry points ----------------------------------------------------------------------
+def convert_pool(manifest, model_dir=None, out=None, *, progress: bool = True,
+                 overwrite: bool = False) -> Path:
+    """`hilora convert-pool MANIFEST --model MODEL_DIR --out POOL_DIR`: read, check, save.
+
+    Nothing is written unless every adapter reads and checks cleanly (atomic output dir).
+    """
+    if out is None:
+        raise ValueError("convert_pool needs an output directory")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
+    pool = load_pool(manifest, model=model_dir, progress=progress)
+    return save_pool(pool, out, overwrite=overwrite)
+
+
+def export_adapter(pool_dir, name_or_weights, out, *, overwrite: bool = False) -> Path:
+    """`hilora export-adapter POOL_DIR NAME --out DIR`: one adapter or a weighted combination."""
+    return export_peft(load_pool_dir(pool_dir), name_or_weights, out, overwrite=overwrite)
