@@ -57,6 +57,11 @@ class PoolArrays:
         return tuple(m for m in MODULES if m in self.A)
 
     @property
+    def max_rank(self) -> int:
+        """R_max over modules: the ROC axis length of pool-wide gates."""
+        return max(v.shape[2] for v in self.A.values())
+
+    @property
     def num_adapters(self) -> int:
         return int(self.ranks.shape[0])
 
@@ -90,7 +95,9 @@ class GatedHook:
     """Model hook `lora(layer, name, x) -> delta` applying the pool with given gates.
 
     `gates`: per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter `[B, A]`
-    (broadcast to that adapter's ROCs). Inactive adapters (`arrays.active`) contribute nothing.
+    (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide
+    `arrays.max_rank` (each module then reads the first R_m entries: ROC j is the same index in
+    every module). Inactive adapters (`arrays.active`) contribute nothing.
     """
 
     arrays: PoolArrays
@@ -100,10 +107,12 @@ class GatedHook:
         if name not in self.arrays.A:
             return None
         g = self.gates
-        if g.ndim == 2:
-            g = g[:, :, None]  # B A 1 -> broadcast over R
         mask = self.arrays.mask[name][layer] & self.arrays.active[:, None]
         r = mask.shape[-1]
+        if g.ndim == 2:
+            g = g[:, :, None]  # B A 1 -> broadcast over R
+        else:
+            g = g[..., :r]  # pool-wide R_max -> this module's R (valid ROCs are a prefix)
         g = jnp.broadcast_to(g, g.shape[:-1] + (r,))
         return lora_delta(self.arrays.A[name][layer], self.arrays.B[name][layer],
                           self.arrays.scale[name][layer], mask, x, g)
