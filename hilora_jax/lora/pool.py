@@ -310,8 +310,8 @@ class LoraPool:
 
 def _to_device(a: PoolArrays, dtype, mesh: Mesh | None) -> PoolArrays:
     host = PoolArrays(
-        A={m: np.asarray(v).astype(dtype) for m, v in a.A.items()},
-        B={m: np.asarray(v).astype(dtype) for m, v in a.B.items()},
+        A={m: np.asarray(v).astype(dtype, copy=False) for m, v in a.A.items()},
+        B={m: np.asarray(v).astype(dtype, copy=False) for m, v in a.B.items()},
         scale={m: np.asarray(v, np.float32) for m, v in a.scale.items()},
         mask={m: np.asarray(v, bool) for m, v in a.mask.items()},
         ranks=np.asarray(a.ranks, np.int32), active=np.asarray(a.active, bool))
