@@ -1,0 +1,328 @@
+"""LoRA training in JAX/optax, and export as a standard PEFT adapter.
+
+Design
+------
+* The adapter is a pytree hook (`LoraAdapter`, a `flax.struct.dataclass`): per target module a
+  stacked A `[L, D_in, R]` and B `[L, R, D_out]` (kernel convention `[in, out]`, like the base
+  model), and the static scale `alpha / r`. `CausalLM` calls it at every adaptable projection,
+  so the base model is never rebuilt or mutated.
+* Initialisation matches PEFT's default (`init_lora_weights=True`): A is kaiming-uniform with
+  `a = sqrt(5)` on the `[r, d_in]` weight, i.e. `U(-1/sqrt(d_in), 1/sqrt(d_in))`; B is zero, so
+  the adapted model starts exactly at the base model.
+* The base model is split once (`nnx.split`); the jitted train step is a pure function of
+  `(adapter, opt_state, base_state, batch)` and differentiates only the adapter (the base state is
+  a non-differentiated argument, so base parameters are frozen by construction).
+* Loss: mean cross-entropy over the answer tokens only (for multiple choice: the correct choice
+  after the prompt; for generation examples: the target followed by EOS). Sequences are left-padded
+  to one length bucket, so the answer is always in the last `K` positions and only those go through
+  the LM head (`eval.tasks.tail_logprobs`).
+* `save_peft` writes `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
+  (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` `[r, d_in]`,
+  `...lora_B.weight` `[d_out, r]`) atomically, loadable by `peft.PeftModel.from_pretrained`.
+"""
+
+# ruff: noqa: F722  (jaxtyping shape strings)
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+from jaxtyping import Array, Float
+
+from hilora_jax.eval.tasks import (
+    Example,
+    GenExample,
+    MCExample,
+    Tokenizer,
+    choice_text,
+    encode,
+    pad_id_of,
+    tail_logprobs,
+)
+from hilora_jax.inference import bucket_length, pad_batch
+from hilora_jax.nn.model import CausalLM
+
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@struct.dataclass
+class LoraAdapter:
+    """One LoRA as a model hook: `delta = (x @ A[layer]) @ B[layer] * scale`.
+
+    `a[name]`: `[L, D_in, R]`, `b[name]`: `[L, R, D_out]` for each target module name.
+    """
+
+    a: dict
+    b: dict
+    scale: float = struct.field(pytree_node=False)
+
+    def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]):
+        if name not in self.a:
+            return None
+        h = jnp.einsum("BTD,DR->BTR", x, self.a[name][layer].astype(x.dtype))
+        return jnp.einsum("BTR,RF->BTF", h, self.b[name][layer].astype(x.dtype)) * self.scale
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(self.a)
+
+
+def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
+              seed: int = 0) -> LoraAdapter:
+    """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32."""
+    shapes = model.config.module_shapes()
+    bad = [t for t in targets if t not in shapes]
+    if bad:
+        raise ValueError(f"unknown target module(s) {bad}; adaptable modules: {sorted(shapes)}")
+    n_layers = model.config.num_layers
+    key = jax.random.key(seed)
+    a, b = {}, {}
+    for i, name in enumerate(targets):
+        d_in, d_out = shapes[name]
+        bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
+        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, r), jnp.float32,
+                                     -bound, bound)
+        b[name] = jnp.zeros((n_layers, r, d_out), jnp.float32)
+    return LoraAdapter(a=a, b=b, scale=float(alpha) / r)
+
+
+@dataclasses.dataclass
+class TrainedLora:
+    """A trained adapter with its hyper-parameters and the loss curve (one value per step)."""
+
+    adapter: LoraAdapter
+    r: int
+    alpha: float
+    targets: tuple[str, ...]
+    losses: list[float]
+    seconds: float
+    task: str | None = None
+
+
+# -- data --------------------------------------------------------------------------------------
+def training_pairs(examples: Sequence[Example], tokenizer: Tokenizer) -> list[tuple[list[int], list[int]]]:
+    """`(prompt_ids, answer_ids)` per example: MC -> correct choice; generation -> target + EOS."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for i, ex in enumerate(examples):
+        p = encode(tokenizer, ex.prompt, special=True)
+        if isinstance(ex, MCExample):
+            a = encode(tokenizer, choice_text(ex.target), special=False)
+        elif isinstance(ex, GenExample):
+            a = encode(tokenizer, choice_text(ex.target), special=False)
+            if eos is not None:
+                a = a + [int(eos)]
+        else:
+            raise TypeError(f"example {i}: not an MCExample/GenExample")
+        if not a:
+            raise ValueError(f"task {ex.task!r} example {i}: the answer tokenizes to nothing")
+        out.append((p, a))
+    return out
+
+
+def _pow2(n: int, lo: int = 4) -> int:
+    b = lo
+    while b < n:
+        b *= 2
+    return b
+
+
+def make_batch(pairs, idx, length: int, pad_id: int):
+    """Left-padded `[B, length]` ids/mask and the answer mask, all numpy."""
+    seqs = [pairs[i][0] + pairs[i][1] for i in idx]
+    ids, mask = pad_batch(seqs, length, pad_id, side="left")
+    tmask = np.zeros_like(mask)
+    for r, i in enumerate(idx):
+        tmask[r, length - len(pairs[i][1]):] = True
+    return ids, mask, tmask
+
+
+# -- training ----------------------------------------------------------------------------------
+def _loss(adapter, graphdef, state, ids, mask, tmask, tail):
+    model = nnx.merge(graphdef, state)
+    lp = tail_logprobs(model, ids, mask, tail, adapter)  # B K
+    tm = tmask[:, -tail:].astype(jnp.float32)
+    return -jnp.sum(lp * tm) / jnp.maximum(jnp.sum(tm), 1.0)
+
+
+def train_lora(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    examples: Sequence[Example],
+    *,
+    r: int = 8,
+    alpha: float = 16,
+    targets: Sequence[str] = ("q_proj", "v_proj"),
+    steps: int = 100,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    seed: int = 0,
+    max_len: int = 256,
+    warmup: int = 10,
+    progress: bool = True,
+) -> TrainedLora:
+    """Train one LoRA on `examples` with AdamW (cosine decay after `warmup` linear steps).
+
+    Batches are drawn by reshuffling the examples every epoch (seeded). Every batch is padded to
+    the same `[batch_size, bucket(longest pair)]` shape, so the step compiles once. Examples longer
+    than `max_len` tokens raise `ValueError` naming the task and index.
+    Returns a `TrainedLora` (float32 adapter, per-step losses, wall time).
+    """
+    if not examples:
+        raise ValueError("train_lora needs at least one example")
+    targets = tuple(targets)
+    pairs = training_pairs(examples, tokenizer)
+    for i, (p, a) in enumerate(pairs):
+        if len(p) + len(a) > max_len:
+            raise ValueError(f"task {examples[i].task!r} example {i}: {len(p) + len(a)} tokens "
+                             f"> max_len={max_len}")
+    length = min(bucket_length(max(len(p) + len(a) for p, a in pairs)), max_len)
+    length = max(length, max(len(p) + len(a) for p, a in pairs))
+    tail = min(_pow2(max(len(a) for _, a in pairs)), length - 1)
+    pad = pad_id_of(tokenizer)
+
+    adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed)
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)),
+                                               max(steps, 2), end_value=lr * 0.1)
+    opt = optax.adamw(sched, weight_decay=0.0)
+    opt_state = opt.init(adapter)
+    graphdef, state = nnx.split(model)  # once; `state` is never differentiated
+
+    @jax.jit
+    def step(adapter, opt_state, state, ids, mask, tmask):
+        loss, grads = jax.value_and_grad(_loss)(adapter, graphdef, state, ids, mask, tmask, tail)
+        updates, opt_state = opt.update(grads, opt_state, adapter)
+        return optax.apply_updates(adapter, updates), opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"train-lora {examples[0].task}", unit="step", file=sys.stderr,
+                   disable=os.environ.get("HILORA_QUIET") == "1")
+    t0 = time.time()
+    for _ in range(steps):
+        while len(order) < batch_size:
+            order.extend(rng.permutation(len(pairs)).tolist())
+        idx, order = order[:batch_size], order[batch_size:]
+        ids, mask, tmask = make_batch(pairs, idx, length, pad)
+        adapter, opt_state, loss = step(adapter, opt_state, state, ids, mask, tmask)
+        losses.append(float(loss))
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    if bar is not None:
+        bar.close()
+    task = examples[0].task if len({e.task for e in examples}) == 1 else None
+    return TrainedLora(adapter=adapter, r=r, alpha=float(alpha), targets=targets, losses=losses,
+                       seconds=time.time() - t0, task=task)
+
+
+# -- PEFT export -------------------------------------------------------------------------------
+def _module_path(name: str) -> str:
+    if name in ATTN_MODULES:
+        return f"self_attn.{name}"
+    if name in MLP_MODULES:
+        return f"mlp.{name}"
+    raise ValueError(f"unknown module {name!r}")
+
+
+def peft_state_dict(trained: TrainedLora) -> dict[str, np.ndarray]:
+    """PEFT-named float32 tensors: `lora_A.weight` `[r, d_in]`, `lora_B.weight` `[d_out, r]`."""
+    out = {}
+    for name in trained.targets:
+        a = np.asarray(trained.adapter.a[name], np.float32)  # L Din R
+        b = np.asarray(trained.adapter.b[name], np.float32)  # L R Dout
+        for i in range(a.shape[0]):
+            pre = f"base_model.model.model.layers.{i}.{_module_path(name)}"
+            out[f"{pre}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
+            out[f"{pre}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+    return out
+
+
+def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name: str, *,
+              overwrite: bool = False) -> Path:
+    """Write a standard PEFT LoRA adapter directory atomically; returns its path."""
+    from hilora_jax.checkpoint import atomic_dir
+    from hilora_jax.interop.safetensors_io import save_file
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base_model_name),
+        "r": int(trained.r),
+        "lora_alpha": trained.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(trained.targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(peft_state_dict(trained), tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt"})
+        meta = {"task": trained.task, "steps": len(trained.losses),
+                "final_loss": trained.losses[-1] if trained.losses else None,
+                "seconds": round(trained.seconds, 2)}
+        (tmp / "hilora_train.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return Path(out_dir)
+
+
+# -- command line ------------------------------------------------------------------------------
+def add_train_lora_args(p) -> None:
+    """Add the `hilora train-lora` flags to an `argparse` parser."""
+    p.add_argument("--model", required=True, help="model source (HF dir, .gguf, smollm2, ...)")
+    p.add_argument("--tasks", required=True, action="append", help="JSONL task file(s)")
+    p.add_argument("--task", default=None, help="train only on examples of this task")
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=16)
+    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--overwrite", action="store_true")
+
+
+def train_lora_cli(args) -> int:
+    """Entry point for `hilora train-lora` (args from `add_train_lora_args`)."""
+    from hilora_jax.eval.tasks import load_tasks
+    from hilora_jax.loading import load_model, load_tokenizer
+
+    examples = load_tasks(args.tasks)
+    if args.task is not None:
+        examples = [e for e in examples if e.task == args.task]
+        if not examples:
+            raise SystemExit(f"no examples of task {args.task!r} in {args.tasks}")
+    model = load_model(args.model)
+    tok = load_tokenizer(args.model)
+    trained = train_lora(model, tok, examples, r=args.r, alpha=args.alpha,
+                         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+                         steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                         seed=args.seed, max_len=args.max_len)
+    out = save_peft(trained, args.out, args.model, overwrite=args.overwrite)
+    print(f"trained {len(examples)} examples, {args.steps} steps in {trained.seconds:.1f}s; "
+          f"loss {trained.losses[0]:.3f} -> {np.mean(trained.losses[-10:]):.3f}; saved {out}")
+    return 0

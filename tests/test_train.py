@@ -1,0 +1,132 @@
+"""LoRA training on a tiny random HF Llama: loss goes down, base frozen, PEFT export parity,
+and the tail-logit MC scorer equals `Engine.score`."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from hf_utils import make_hf_model
+from test_eval_metrics import CharTok
+
+from hilora_jax.eval.tasks import ChoiceScorer, MCExample, mc_batches
+from hilora_jax.inference import Engine
+from hilora_jax.loading import load_model
+from hilora_jax.train import LoraAdapter, init_lora, peft_state_dict, save_peft, train_lora
+
+WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "rock", "leaf"]
+
+
+def toy_examples():
+    """Answer = the word's first letter, among 3 choices: learnable from the prompt."""
+    exs = []
+    for w in WORDS:
+        letters = sorted({w[0], "q", "z"})  # the answer's position varies with the word
+        exs.append(MCExample(f"Q: first letter of {w}?\nA:", tuple(letters), letters.index(w[0]),
+                             "letters", "toy"))
+    return exs
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    hf = make_hf_model(path, "llama", kv_heads=2)
+    return path, hf, load_model(path, progress=False)
+
+
+def test_init_matches_peft_default(tiny):
+    _, _, model = tiny
+    ad = init_lora(model, r=4, alpha=8, targets=("q_proj", "down_proj"), seed=1)
+    d_in = model.config.module_shapes()["down_proj"][0]
+    a = np.asarray(ad.a["down_proj"])
+    assert a.shape == (model.config.num_layers, d_in, 4)
+    assert np.abs(a).max() <= 1 / np.sqrt(d_in) and np.abs(a).max() > 0.5 / np.sqrt(d_in)
+    assert not np.asarray(ad.b["q_proj"]).any() and ad.scale == 2.0
+    with pytest.raises(ValueError, match="unknown target"):
+        init_lora(model, targets=("qproj",))
+
+
+def test_training_reduces_loss_and_freezes_base(tiny):
+    _, _, model = tiny
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    tr = train_lora(model, CharTok(), toy_examples(), r=4, alpha=8, steps=40, lr=3e-2,
+                    batch_size=4, seed=0, progress=False)
+    assert len(tr.losses) == 40 and all(np.isfinite(tr.losses))
+    first, last = np.mean(tr.losses[:3]), np.mean(tr.losses[-5:])
+    assert last < 0.5 * first, (first, last)
+    after = jax.tree.map(np.asarray, nnx.state(model))
+    jax.tree.map(np.testing.assert_array_equal, before, after)  # base model untouched
+    assert np.abs(np.asarray(tr.adapter.b["v_proj"])).max() > 0  # B actually trained
+
+
+def test_trained_adapter_improves_mc_accuracy(tiny):
+    _, _, model = tiny
+    exs, tok = toy_examples(), CharTok()
+    scorer = ChoiceScorer(Engine(model))
+    tr = train_lora(model, tok, exs, r=4, alpha=8, steps=40, lr=3e-2, batch_size=4,
+                    progress=False)
+    base = np.mean([s.pred == e.answer for s, e in zip(scorer(exs, tok), exs, strict=True)])
+    tuned = np.mean([s.pred == e.answer
+                     for s, e in zip(scorer(exs, tok, lora=tr.adapter), exs, strict=True)])
+    assert tuned == 1.0 and tuned > base
+
+
+def test_choice_scorer_equals_engine_score(tiny):
+    _, _, model = tiny
+    eng = Engine(model)
+    exs, tok = toy_examples(), CharTok()
+    ad = init_lora(model, r=4, targets=("q_proj", "up_proj"), seed=2)
+    ad = ad.replace(b={k: jax.random.normal(jax.random.key(i), v.shape) * 0.1
+                       for i, (k, v) in enumerate(ad.b.items())})
+    scorer = ChoiceScorer(eng)
+    for lora in (None, ad):
+        for b in mc_batches(exs, tok, batch_size=8):
+            ref, _ = eng.score(b.input_ids, b.attention_mask, b.target_mask, lora=lora)
+            np.testing.assert_allclose(scorer.batch(b, lora), np.asarray(ref), rtol=1e-5, atol=1e-4)
+
+
+def test_save_peft_loads_in_peft_with_equal_logits(tiny, tmp_path):
+    peft = pytest.importorskip("peft")
+    path, hf, model = tiny
+    targets = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+    tr = train_lora(model, CharTok(), toy_examples(), r=4, alpha=8, targets=targets, steps=8,
+                    lr=5e-2, batch_size=4, progress=False)
+    out = save_peft(tr, tmp_path / "adapter", str(path))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (4, 8.0, "LORA", "CAUSAL_LM")
+    assert sorted(cfg["target_modules"]) == sorted(targets)
+    sd = peft_state_dict(tr)
+    assert sd["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 48)
+    assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (48, 4)
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 61, size=(3, 10))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # one left-padded row
+    with torch.no_grad():  # before PEFT injects its layers into `hf`
+        base = hf(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    pm = peft.PeftModel.from_pretrained(hf, str(out)).eval()
+    loaded = {k: v for k, v in pm.state_dict().items() if "lora_B" in k}
+    assert len(loaded) == 2 * len(targets) and all(v.abs().max() > 0 for v in loaded.values())
+    with torch.no_grad():
+        ref = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    got = np.asarray(Engine(model).forward(ids, mask, lora=tr.adapter))
+    valid = mask.astype(bool)
+    assert np.abs(ref - base)[valid].max() > 1e-2  # the adapter changes the logits
+    err = np.abs(got - ref)[valid].max()
+    assert err <= 1e-4, err
+
+
+def test_save_peft_is_atomic_and_refuses_overwrite(tiny, tmp_path):
+    _, _, model = tiny
+    ad = init_lora(model, r=2)
+    from hilora_jax.train import TrainedLora
+
+    tr = TrainedLora(ad, 2, 4.0, ("q_proj", "v_proj"), [1.0], 0.0, "t")
+    save_peft(tr, tmp_path / "a", "m")
+    with pytest.raises(FileExistsError):
+        save_peft(tr, tmp_path / "a", "m")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
+    assert isinstance(ad, LoraAdapter)
