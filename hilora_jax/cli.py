@@ -42,6 +42,16 @@ def _chat_prompt(tok, text: str, use_chat: bool) -> list[int]:
     return tok(text)["input_ids"]
 
 
+def _parse_options(items: list[str]) -> dict[str, str]:
+    out = {}
+    for kv in items:
+        if "=" not in kv:
+            raise SystemExit(f"--router-option expects K=V, got {kv!r}")
+        k, v = kv.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
 def cmd_generate(args) -> int:
     import jax
 
@@ -61,10 +71,11 @@ def cmd_generate(args) -> int:
     if args.pool:
         from hilora_jax.routing import build_router
 
-        router = build_router(args.router, model=model, engine=eng, pool=args.pool,
-                              options=dict(kv.split("=", 1) for kv in args.router_option),
-                              tokenizer=tok)
-        lora, routing_report = router.prepare(prompts, ids)
+        router = build_router(args.router, args.pool, model=model, engine=eng, tokenizer=tok,
+                              options=_parse_options(args.router_option))
+        routing = router.route(prompts)
+        lora = routing.hook
+        routing_report = [routing.describe(i) for i in range(len(prompts))]
     key = jax.random.key(args.seed) if args.temperature > 0 else None
     t0 = time.time()
     out = eng.generate(ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -75,6 +75,24 @@ def _sample(logits, key, temperature, top_p, greedy: bool):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+class _Recorder:
+    """Wraps a hook during tracing and collects its per-module aux outputs (returned by jit)."""
+
+    def __init__(self, hook):
+        self.hook = hook
+        self.aux: dict = {}
+
+    def __call__(self, layer, name, x):
+        if not hasattr(self.hook, "with_aux"):
+            return self.hook(layer, name, x)
+        out = self.hook.with_aux(layer, name, x)
+        if out is None:
+            return None
+        delta, aux = out
+        self.aux[f"{layer}.{name}"] = aux
+        return delta
+
+
 class Engine:
     """Split-once, jit-compiled inference over a `CausalLM` (optionally sharded over `mesh`)."""
 
@@ -83,7 +101,8 @@ class Engine:
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self._constrain = shd.make_constrain(mesh)
-        self._forward = jax.jit(self._forward_impl, static_argnames=("logits_at", "hidden_layer"))
+        self._forward = jax.jit(self._forward_impl,
+                                static_argnames=("logits_at", "hidden_layer", "trace"))
         self._score = jax.jit(self._score_impl)
         self._generate = jax.jit(
             self._generate_impl, static_argnames=("cache_size", "max_new", "greedy")
@@ -93,11 +112,13 @@ class Engine:
     def _model(self, state) -> CausalLM:
         return nnx.merge(self.graphdef, state)
 
-    def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None):
+    def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,
+                      trace=False):
+        rec = _Recorder(lora) if trace and lora is not None else None
         logits, _, hidden = self._model(state)(
-            ids, mask, lora=lora, logits_at=logits_at, hidden_layer=hidden_layer,
+            ids, mask, lora=rec or lora, logits_at=logits_at, hidden_layer=hidden_layer,
             constrain=self._constrain)
-        return logits, hidden
+        return logits, hidden, (rec.aux if rec is not None else {})
 
     def _score_impl(self, state, ids, mask, target_mask, lora):
         logits, _, _ = self._model(state)(ids, mask, lora=lora, constrain=self._constrain)
@@ -150,16 +171,19 @@ class Engine:
         return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
 
     def forward(self, input_ids, attention_mask=None, *, lora=None, logits_at: str = "all",
-                hidden_layer: int | None = None):
-        """Logits `[B, T, V]` (float32); with `hidden_layer`, also that layer's hidden states."""
+                hidden_layer: int | None = None, trace: bool = False):
+        """Logits `[B, T, V]` (float32); with `hidden_layer`, also that layer's hidden states;
+        with `trace=True` (and a hook that has `with_aux`), also the hook's per-module routing
+        trace `{"<layer>.<module>": {...}}` (e.g. ROCs fired per token and candidate)."""
         input_ids = np.asarray(input_ids, np.int32)
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, bool)
         self._check_length(input_ids.shape[1])
         ids, mask = self._place(input_ids, np.asarray(attention_mask, bool))
-        logits, hidden = self._forward(self.state, ids, mask, lora, logits_at=logits_at,
-                                       hidden_layer=hidden_layer)
-        return (logits, hidden) if hidden_layer is not None else logits
+        logits, hidden, aux = self._forward(self.state, ids, mask, lora, logits_at=logits_at,
+                                            hidden_layer=hidden_layer, trace=trace)
+        out = (logits,) + ((hidden,) if hidden_layer is not None else ()) + ((aux,) if trace else ())
+        return out if len(out) > 1 else logits
 
     def score(self, input_ids, attention_mask, target_mask, *, lora=None):
         """Summed log-prob `[B]` of the tokens where `target_mask` is set (continuations), and

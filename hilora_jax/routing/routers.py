@@ -1,0 +1,350 @@
+"""Routers: HiLoRA and its baselines behind one interface.
+
+`router.route(texts, ...) -> Routing` makes the *sequence-level* decisions for a batch of prompts
+(host side: embed, score, select) and returns a hook pytree for the model plus an inspectable
+`info` dict. The hook is passed to `Engine.forward/score/generate(lora=...)`; its token-level maths
+runs inside the jitted model, in every adapted projection. Generation reuses the prompt's
+sequence-level decisions for every decoded token; token-level choices are re-made per token.
+
+Routers: `base`, `oracle` (named adapter per row), `uniform` (mixture or fusion), `retrieval`
+(top-k by cosine to each LoRA's mean sample embedding; mixture or fusion), `arrow` (PEFT's Arrow),
+`roc-fixed` (global top-24 ROCs per token), `hilora` (the method). Only the pool's *active*
+adapters are ever used (`LoraPool.subset` for evaluation protocols, no recompilation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hilora_jax.lora.pool import GatedHook, LoraPool
+from hilora_jax.routing import gaussian as gs
+from hilora_jax.routing.hooks import (
+    STRATEGIES, ArrowHook, FusionHook, HiLoRAHook, RocFixedHook, arrow_prototypes, genknowsub)
+from hilora_jax.routing.sequence import sequence_decisions
+from hilora_jax.routing.token import KAPPA_MODES, kappa
+
+
+@dataclasses.dataclass
+class Routing:
+    """A batch's routing: the model hook (None = base model) and host-side info arrays."""
+
+    hook: Any
+    info: dict[str, np.ndarray]
+    names: tuple[str, ...]
+
+    def describe(self, i: int) -> str:
+        """One line per row: which LoRAs (and how many ROCs) were used."""
+        inf = self.info
+        if "cand_idx" in inf:
+            parts = [f"{self.names[a]}:{n}" for a, v, n in
+                     zip(inf["cand_idx"][i], inf["cand_valid"][i], inf["n_rocs"][i]) if v and n > 0]
+            cap = " (max_candidates cap bound)" if inf["cap_binds"][i] else ""
+            return (f"[hilora] budget {int(inf['budget'][i])} ROCs over {len(parts)} LoRAs: "
+                    f"{', '.join(parts) or 'none (base model)'}{cap}")
+        if "weights" in inf:
+            w = inf["weights"][i]
+            parts = [f"{self.names[a]}:{w[a]:.2f}" for a in np.argsort(-w) if w[a] > 0]
+            return f"[{inf.get('router', 'mixture')}] {', '.join(parts) or 'none (base model)'}"
+        return f"[{inf.get('router', '?')}] token-level routing over {len(self.names)} LoRAs"
+
+
+class Router:
+    name = "base"
+    needs_samples = False
+
+    def __init__(self, pool: LoraPool | None, **options):
+        self.pool = pool
+        if options:
+            raise TypeError(f"router {self.name!r} got unknown options {sorted(options)}")
+        if pool is not None and not np.asarray(pool.arrays.active).any():
+            raise ValueError(f"router {self.name!r}: the pool has no active adapters (empty pool)")
+        if self.needs_samples:
+            pool.require_samples(self.name)
+
+    def route(self, texts: Sequence[str], **kw) -> Routing:
+        return Routing(None, {"router": self.name}, self.pool.names if self.pool else ())
+
+    @property
+    def _active(self) -> np.ndarray:
+        return np.asarray(self.pool.arrays.active)
+
+
+class BaseRouter(Router):
+    name = "base"
+
+    def __init__(self, pool: LoraPool | None = None, **options):
+        super().__init__(None, **options)
+        self.pool = pool
+
+
+class _WeightsRouter(Router):
+    """Routers that weight whole adapters per sequence (`[B, A]`); mixture or fusion."""
+
+    def __init__(self, pool, *, combine: str = "mixture", **options):
+        super().__init__(pool, **options)
+        if combine not in ("mixture", "fusion"):
+            raise ValueError(f"combine must be 'mixture' or 'fusion', got {combine!r}")
+        self.combine = combine
+
+    def _hook(self, w: np.ndarray, info: dict) -> Routing:
+        info = {"router": self.name, "weights": w, **info}
+        arr = self.pool.arrays
+        hook = (GatedHook(arr, jnp.asarray(w, jnp.float32)) if self.combine == "mixture"
+                else FusionHook(arr, jnp.asarray(w, jnp.float32)))
+        return Routing(hook, info, self.pool.names)
+
+
+class OracleRouter(_WeightsRouter):
+    """Each row uses the adapter named for it (`adapter_names=[...]`; None = base model)."""
+
+    name = "oracle"
+
+    def route(self, texts, *, adapter_names: Sequence[str | None] | None = None, **kw):
+        if adapter_names is None or len(adapter_names) != len(texts):
+            raise ValueError("router 'oracle' needs adapter_names, one per prompt")
+        w = np.zeros((len(texts), len(self.pool)), np.float32)
+        for i, n in enumerate(adapter_names):
+            if n is not None:
+                j = self.pool.index(n)
+                if not self._active[j]:
+                    raise ValueError(f"adapter {n!r} is not active in this pool view")
+                w[i, j] = 1.0
+        return self._hook(w, {})
+
+
+class UniformRouter(_WeightsRouter):
+    name = "uniform"
+
+    def route(self, texts, **kw):
+        act = self._active.astype(np.float32)
+        w = np.broadcast_to(act / act.sum(), (len(texts), len(act))).copy()
+        return self._hook(w, {})
+
+
+def _embedder_key(embedder) -> str:
+    return getattr(embedder, "name", None) or f"{type(embedder).__name__}@{id(embedder)}"
+
+
+class _EmbeddingRouter(Router):
+    needs_samples = True
+
+    def __init__(self, pool, *, embedder=None, **options):
+        super().__init__(pool, **options)
+        if embedder is None or isinstance(embedder, str):
+            from hilora_jax.embed import load_embedder
+
+            embedder = load_embedder(embedder or "minilm")
+        self.embedder = embedder
+        cache = pool.__dict__.setdefault("_route_cache", {})
+        key = ("sample_embeddings", _embedder_key(embedder))
+        if key not in cache:
+            cache[key] = {n: _embed_checked(embedder, list(pool.samples[n]), f"samples of {n!r}")
+                          for n in pool.names if pool.samples.get(n)}
+        self.sample_embeddings = cache[key]
+
+    def embed(self, texts) -> np.ndarray:
+        z = _embed_checked(self.embedder, list(texts), "input texts")
+        return z
+
+
+def _embed_checked(embedder, texts, what) -> np.ndarray:
+    z = np.asarray(embedder(texts), np.float32)
+    try:
+        gs.check_embeddings(z)
+    except ValueError as e:
+        raise ValueError(f"embeddings of {what}: {e}") from None
+    return z
+
+
+class RetrievalRouter(_EmbeddingRouter, _WeightsRouter):
+    """LoraRetriever (training-free form): top-k LoRAs by cosine(E(x), mean sample embedding)."""
+
+    name = "retrieval"
+
+    def __init__(self, pool, *, k: int = 3, combine: str = "mixture", embedder=None, **options):
+        _EmbeddingRouter.__init__(self, pool, embedder=embedder, **options)
+        if combine not in ("mixture", "fusion"):
+            raise ValueError(f"combine must be 'mixture' or 'fusion', got {combine!r}")
+        self.combine, self.k = combine, int(k)
+        cents = np.stack([self.sample_embeddings[n].mean(0) for n in pool.names])
+        self.centroids = cents / np.linalg.norm(cents, axis=1, keepdims=True).clip(1e-12)
+
+    def route(self, texts, **kw):
+        z = self.embed(texts)
+        z = z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
+        sim = z @ self.centroids.T  # B A
+        sim = np.where(self._active[None], sim, -np.inf)
+        k = min(self.k, int(self._active.sum()))
+        top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        w = np.zeros_like(sim, dtype=np.float32)
+        np.put_along_axis(w, top, 1.0 / k, axis=1)
+        return self._hook(w, {"similarity": sim})
+
+
+class ArrowRouter(Router):
+    """PEFT's Arrow: per-token top-k over |x . prototype|; optional GenKnowSub."""
+
+    name = "arrow"
+
+    def __init__(self, pool, *, top_k: int = 3, temperature: float = 1.0,
+                 general: Sequence[str] = (), **options):
+        super().__init__(pool, **options)
+        self.top_k, self.temperature = int(top_k), float(temperature)
+        arrays = pool.arrays
+        self._general = np.zeros(len(pool), bool)
+        if general:
+            self._general[[pool.index(n) for n in general]] = True
+            arrays = genknowsub(arrays, self._general)
+        cache = pool.__dict__.setdefault("_route_cache", {})
+        key = ("arrow_protos", tuple(general))
+        if key not in cache:
+            cache[key] = {m: jnp.asarray(v) for m, v in arrow_prototypes(arrays).items()}
+        self.hook = ArrowHook(arrays, cache[key], top_k=self.top_k, temperature=self.temperature)
+
+    def route(self, texts, **kw):
+        # follow the pool's current active set (protocol views); general adapters never route
+        active = jnp.asarray(self._active & ~self._general)
+        hook = self.hook.replace(arrays=self.hook.arrays.replace(active=active))
+        return Routing(hook, {"router": self.name}, self.pool.names)
+
+
+class RocFixedRouter(Router):
+    name = "roc-fixed"
+
+    def __init__(self, pool, *, budget: int = 24, **options):
+        super().__init__(pool, **options)
+        self.budget = int(budget)
+
+    def route(self, texts, **kw):
+        return Routing(RocFixedHook(self.pool.arrays, budget=self.budget),
+                       {"router": self.name}, self.pool.names)
+
+
+PRESETS = {
+    "default": dict(k=3, gamma=0.4, tau=1.0, mode="expected", kappa="sqrt", max_candidates=8),
+    "paper": dict(k=3, gamma=0.4, tau=1.0, mode="sample", kappa="sqrt", max_candidates=8),
+}
+
+
+class HiLoRARouter(_EmbeddingRouter):
+    """HiLoRA (method doc §2-3): Gaussian sequence stage + token-level top-n ROCs."""
+
+    name = "hilora"
+
+    def __init__(self, pool, *, preset: str = "default", k: int | None = None,
+                 gamma: float | None = None, tau: float | None = None,
+                 max_candidates: int | None = None, mode: str | None = None,
+                 kappa: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
+                 strategy: str = "gathered", min_budget: int = 1, pca_dim: int | None = None,
+                 embedder=None, **options):
+        super().__init__(pool, embedder=embedder, **options)
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        p = dict(PRESETS[preset])
+        for name, v in dict(k=k, gamma=gamma, tau=tau, max_candidates=max_candidates, mode=mode,
+                            kappa=kappa).items():
+            if v is not None:
+                p[name] = v
+        if p["kappa"] not in KAPPA_MODES:
+            raise ValueError(f"kappa must be one of {KAPPA_MODES}, got {p['kappa']!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not 0 < float(p["gamma"]) <= 1:
+            raise ValueError(f"gamma must be in (0, 1], got {p['gamma']}")
+        if int(min_budget) < 0:
+            raise ValueError("min_budget must be >= 0")
+        self.params = {**p, "k": int(p["k"]), "gamma": float(p["gamma"]), "tau": float(p["tau"]),
+                       "max_candidates": int(p["max_candidates"])}
+        self.seed, self.strategy, self.min_budget = int(seed), strategy, int(min_budget)
+        cache = pool.__dict__.setdefault("_route_cache", {})
+        key = ("gaussians", _embedder_key(self.embedder), estimator, pca_dim)
+        if key not in cache:
+            cache[key] = gs.fit_gaussians([self.sample_embeddings[n] for n in pool.names],
+                                          estimator, pca_dim=pca_dim, names=pool.names)
+        self.bank = cache[key]
+        self._decide = jax.jit(functools.partial(
+            _decide, k=self.params["k"], gamma=self.params["gamma"],
+            max_candidates=self.params["max_candidates"], mode=self.params["mode"],
+            kappa_mode=self.params["kappa"], min_budget=self.min_budget))
+
+    def route(self, texts, *, embeddings: np.ndarray | None = None, **kw) -> Routing:
+        z = self.embed(texts) if embeddings is None else np.asarray(embeddings, np.float32)
+        gs.check_embeddings(z)
+        keys = jnp.stack([jax.random.fold_in(jax.random.key(self.seed),
+                                             zlib.crc32(t.encode()) & 0x7FFFFFFF) for t in texts])
+        arr = self.pool.arrays
+        dec, scores, kap = self._decide(self.bank, jnp.asarray(z), arr.ranks, arr.active,
+                                        jnp.float32(self.params["tau"]), keys)
+        hook = HiLoRAHook(arr, dec.cand_idx, dec.cand_valid, dec.n_rocs, kap,
+                          strategy=self.strategy)
+        info = {k: np.asarray(v) for k, v in dataclasses.asdict(dec).items()}
+        info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap))
+        return Routing(hook, info, self.pool.names)
+
+
+def _decide(bank, z, ranks, active, tau, keys, *, k, gamma, max_candidates, mode, kappa_mode,
+            min_budget):
+    s = gs.scores(bank, z)  # B A
+    dec = sequence_decisions(s, ranks, active, k=k, gamma=gamma, tau=tau,
+                             max_candidates=max_candidates, mode=mode, key=keys,
+                             min_budget=min_budget)
+    return dec, s, kappa(dec.n_rocs, kappa_mode)
+
+
+ROUTERS = {r.name: r for r in (BaseRouter, OracleRouter, UniformRouter, RetrievalRouter,
+                               ArrowRouter, RocFixedRouter, HiLoRARouter)}
+
+
+def _coerce(v: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    return v  # note: "none" stays a string (it is a valid kappa mode)
+
+
+def build_router(name: str, pool: LoraPool | str | None, *, options: dict | None = None,
+                 model=None, engine=None, tokenizer=None) -> Router:
+    """Make a router by name. `options` values may be strings (from `--router-option k=v`).
+
+    `embedder=llm` or `embedder=llm:<layer>` uses the base LLM's mean-pooled hidden states
+    (needs `engine` and `tokenizer`).
+    """
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
+    opts = {k: (_coerce(v) if isinstance(v, str) else v) for k, v in (options or {}).items()}
+    if isinstance(pool, (str, bytes)) or hasattr(pool, "__fspath__"):
+        from hilora_jax.lora.io import load_pool
+
+        pool = load_pool(pool, model=model)
+    if isinstance(opts.get("general"), str):
+        opts["general"] = tuple(s for s in opts["general"].split(",") if s)
+    emb = opts.get("embedder")
+    if isinstance(emb, str) and emb.startswith("llm"):
+        if engine is None or tokenizer is None:
+            raise ValueError("embedder=llm needs the base model's engine and tokenizer")
+        from hilora_jax.embed.llm import LLMEmbedder
+
+        layer = int(emb.split(":", 1)[1]) if ":" in emb else None
+        opts["embedder"] = LLMEmbedder(engine, tokenizer, layer)
+    return ROUTERS[name](pool, **opts)
+
+
+def pool_fingerprint(pool: LoraPool) -> str:
+    """Short content hash of a pool's names and arrays (for caches and result files)."""
+    h = hashlib.sha1(",".join(pool.names).encode())
+    for leaf in jax.tree.leaves(pool.arrays):
+        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes()[:4096])
+    return h.hexdigest()[:12]

@@ -1,0 +1,68 @@
+"""Synthetic pools and embeddings for router tests (shaped for the tiny HF models)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hilora_jax.config import ModelConfig
+from hilora_jax.embed import PrecomputedEmbedder
+from hilora_jax.lora.pool import LoraPool, PoolArrays
+
+
+def random_pool(cfg: ModelConfig, ranks=(4, 8, 6, 8, 2), *, modules=("q_proj", "v_proj", "down_proj"),
+                seed: int = 0, emb_dim: int = 12, m: int = 20, spread: float = 6.0,
+                skip_layer_for=(2, 1)) -> tuple[LoraPool, PrecomputedEmbedder, np.ndarray]:
+    """A heterogeneous pool with random ROCs, per-adapter samples and a matching embedder.
+
+    Adapter `skip_layer_for[0]` has no ROCs at layer `skip_layer_for[1]` of the first module (an
+    untransformed layer); ranks differ. Samples of adapter i are `"task{i} s{j}"`, embedded near a
+    cluster mean `means[i]`; any text `"task{i} q{j}"` embeds near the same mean (fresh noise).
+    Returns `(pool, embedder, means)`.
+    """
+    rng = np.random.default_rng(seed)
+    L, N = cfg.num_layers, len(ranks)
+    shapes = cfg.module_shapes()
+    R = max(ranks)
+    A, B, S, M = {}, {}, {}, {}
+    for mi, name in enumerate(modules):
+        d_in, d_out = shapes[name]
+        A[name] = (rng.standard_normal((L, N, R, d_in)) * 0.3).astype(np.float32)
+        B[name] = (rng.standard_normal((L, N, R, d_out)) * 0.3).astype(np.float32)
+        mask = np.zeros((L, N, R), bool)
+        for i, r in enumerate(ranks):
+            mask[:, i, :r] = True
+        if mi == 0 and skip_layer_for is not None:
+            mask[skip_layer_for[1], skip_layer_for[0]] = False
+        A[name] *= mask[..., None]
+        B[name] *= mask[..., None]
+        scale = np.broadcast_to((2.0 * 8 / np.asarray(ranks, np.float32))[None, :, None],
+                                (L, N, R)) * mask
+        S[name], M[name] = scale.astype(np.float32), mask
+    arrays = PoolArrays(A=A, B=B, scale=S, mask=M, ranks=np.asarray(ranks, np.int32),
+                        active=np.ones(N, bool))
+    from hilora_jax.lora.pool import _to_device
+
+    means = rng.standard_normal((N, emb_dim)) * spread
+    table = {}
+    samples = {}
+    for i in range(N):
+        names = [f"task{i} s{j}" for j in range(m)]
+        for t in names:
+            table[t] = means[i] + rng.standard_normal(emb_dim)
+        samples[f"lora{i}"] = tuple(names)
+    emb_rng = np.random.default_rng(seed + 1)
+
+    def embed(text: str):
+        if text in table:
+            return table[text]
+        if text.startswith("task"):
+            i = int(text.split()[0][4:])
+            v = means[i] + emb_rng.standard_normal(emb_dim)
+        else:  # out-of-distribution text: far from every cluster
+            v = emb_rng.standard_normal(emb_dim) * 3 + 40.0
+        table[text] = v
+        return v
+
+    pool = LoraPool(_to_device(arrays, np.float32, None), [f"lora{i}" for i in range(N)],
+                    clusters={f"lora{i}": f"c{i % 2}" for i in range(N)}, samples=samples)
+    return pool, PrecomputedEmbedder(embed, dim=emb_dim), means
