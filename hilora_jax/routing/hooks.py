@@ -162,20 +162,31 @@ class FusionHook:
         return delta, {}
 
 
-def arrow_prototypes(arrays: PoolArrays) -> dict[str, np.ndarray]:
+def arrow_prototypes(arrays: PoolArrays, method: str = "svd", *, iters: int = 15,
+                     init: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Top right singular vector of `dW = B A` per module, layer and adapter: `{m: [L, A, D]}`.
 
-    Computed exactly (float64) from the small `r x r` problem: with `A^T = Q R_a`,
-    `dW^T dW = Q (R_a^T (B^T B) R_a) Q^T`, so the top eigenvector e of the `r x r` matrix gives
-    `v = Q e`. PEFT reaches the same vector (up to sign) by 15 power iterations; Arrow's logits use
-    `|x . v|`, so the sign never matters. Adapters absent from a module/layer get a zero prototype.
+    `method="svd"` (default) computes it exactly in float64 from the small `r x r` problem: with
+    `A^T = Q R_a`, `dW^T dW = Q (R_a^T (B^T B) R_a) Q^T`, so the top eigenvector e of the `r x r`
+    matrix gives `v = Q e`. `method="power"` reproduces PEFT's `top_right_singular_vec_from_BA`:
+    `iters` float32 power iterations of `v -> A^T (B^T B) (A v)` from the start vector `init [D]`
+    (PEFT draws it with `torch.randn(D)` from a generator seeded with `rng_seed`; without `init` a
+    NumPy normal vector from `seed` is used). Arrow's logits use `|x . v|`, so signs never matter.
+    Adapters absent from a module/layer get a zero prototype.
     """
+    if method not in ("svd", "power"):
+        raise ValueError(f"prototype method must be 'svd' or 'power', got {method!r}")
     out = {}
     for m in arrays.modules:
         A = np.asarray(arrays.A[m], np.float64)  # L A R D
         B = np.asarray(arrays.B[m], np.float64)  # L A R E
         mask = np.asarray(arrays.mask[m])
         L, N, _, D = A.shape
+        if method == "power":
+            v0 = (np.asarray(init, np.float32) if init is not None
+                  else np.random.default_rng(seed).standard_normal(D).astype(np.float32))
+            if v0.shape != (D,):
+                raise ValueError(f"power-iteration init must have shape ({D},) for {m}")
         protos = np.zeros((L, N, D), np.float32)
         for l in range(L):
             for i in range(N):
@@ -183,12 +194,19 @@ def arrow_prototypes(arrays: PoolArrays) -> dict[str, np.ndarray]:
                 if r == 0:
                     continue
                 a, b = A[l, i, :r], B[l, i, :r]  # [r, D], [r, E] (rows b_ij)
-                q, ra = np.linalg.qr(a.T)  # D r, r r
-                btb = b @ b.T  # r r  (= B^T B in PEFT layout)
-                small = ra @ btb @ ra.T
-                evals, evecs = np.linalg.eigh((small + small.T) / 2)
-                v = q @ evecs[:, -1]
-                protos[l, i] = v / (np.linalg.norm(v) + 1e-12)
+                if method == "svd":
+                    q, ra = np.linalg.qr(a.T)  # D r, r r
+                    small = ra @ (b @ b.T) @ ra.T  # b @ b.T = B^T B in PEFT's layout
+                    _, evecs = np.linalg.eigh((small + small.T) / 2)
+                    v = q @ evecs[:, -1]
+                    protos[l, i] = v / (np.linalg.norm(v) + 1e-12)
+                else:
+                    a32, c32 = a.astype(np.float32), (b @ b.T).astype(np.float32)
+                    v = v0 / (np.linalg.norm(v0) + np.float32(1e-8))
+                    for _ in range(iters):
+                        w = a32.T @ (c32 @ (a32 @ v))
+                        v = w / (np.linalg.norm(w) + np.float32(1e-8))
+                    protos[l, i] = v
         out[m] = protos
     return out
 

@@ -196,7 +196,8 @@ class ArrowRouter(Router):
     name = "arrow"
 
     def __init__(self, pool, *, top_k: int = 3, temperature: float = 1.0,
-                 general: Sequence[str] = (), **options):
+                 general: Sequence[str] = (), prototypes: str = "svd", power_iters: int = 15,
+                 power_init: np.ndarray | None = None, seed: int = 0, **options):
         super().__init__(pool, **options)
         self.top_k, self.temperature = int(top_k), float(temperature)
         arrays = pool.arrays
@@ -205,9 +206,13 @@ class ArrowRouter(Router):
             self._general[[pool.index(n) for n in general]] = True
             arrays = genknowsub(arrays, self._general)
         cache = pool.__dict__.setdefault("_route_cache", {})
-        key = ("arrow_protos", tuple(general))
+        init_key = None if power_init is None else hashlib.sha1(
+            np.asarray(power_init, np.float32).tobytes()).hexdigest()
+        key = ("arrow_protos", tuple(general), prototypes, power_iters, init_key, seed)
         if key not in cache:
-            cache[key] = {m: jnp.asarray(v) for m, v in arrow_prototypes(arrays).items()}
+            protos = arrow_prototypes(arrays, prototypes, iters=power_iters, init=power_init,
+                                      seed=seed)
+            cache[key] = {m: jnp.asarray(v) for m, v in protos.items()}
         self.hook = ArrowHook(arrays, cache[key], top_k=self.top_k, temperature=self.temperature)
 
     def route(self, texts, **kw):
