@@ -130,3 +130,28 @@ def test_save_peft_is_atomic_and_refuses_overwrite(tiny, tmp_path):
         save_peft(tr, tmp_path / "a", "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     assert isinstance(ad, LoraAdapter)
+
+
+def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
+    import argparse
+
+    import hilora_jax.loading as loading
+    from hilora_jax.eval.tasks import write_jsonl
+    from hilora_jax.train import add_train_lora_args, train_lora_cli
+
+    path, _, _ = tiny
+    monkeypatch.setattr(loading, "load_tokenizer", lambda src: CharTok())
+    other = MCExample("Q: other\nA:", ("x", "y"), 0, "other", "toy")
+    write_jsonl(toy_examples() + [other], tmp_path / "t.jsonl")
+    p = argparse.ArgumentParser()
+    add_train_lora_args(p)
+    args = p.parse_args(["--model", str(path), "--tasks", str(tmp_path / "t.jsonl"), "--task",
+                         "letters", "--r", "2", "--alpha", "4", "--targets", "q_proj,k_proj",
+                         "--steps", "3", "--batch-size", "2", "--out", str(tmp_path / "ad")])
+    assert train_lora_cli(args) == 0
+    assert "trained 8 examples, 3 steps" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "q_proj"]
+    args.task = "missing"
+    with pytest.raises(SystemExit, match="no examples of task 'missing'"):
+        train_lora_cli(args)
