@@ -106,6 +106,52 @@ def cmd_export_adapter(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from hilora_jax import distributed as dist
+
+    dist.initialize()
+    from hilora_jax import sharding as shd
+    from hilora_jax.eval.runner import evaluate
+    from hilora_jax.eval.tasks import load_tasks
+    from hilora_jax.inference import Engine
+    from hilora_jax.lora import load_pool
+    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.routing import build_router
+
+    import jax
+
+    mesh = None
+    if args.mesh:
+        d, m = (int(v) for v in args.mesh.lower().split("x"))
+        mesh = shd.make_mesh(d, m, devices=jax.local_devices())
+    model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+    tok = load_tokenizer(args.model)
+    eng = Engine(model, mesh=mesh)
+    pool = load_pool(args.pool, model=model, mesh=mesh)
+    examples = load_tasks(args.tasks)
+    options = _parse_options(args.router_option)
+    router = build_router(args.router, pool, options=options, engine=eng, tokenizer=tok)
+    config = {"model": str(args.model), "pool_src": str(args.pool), "router_options": options,
+              "tasks_files": [str(t) for t in args.tasks], "dtype": args.dtype,
+              "mesh": args.mesh or "none"}
+    res = evaluate(eng, tok, pool, router, examples, protocol=args.protocol, out=args.out,
+                   batch_size=args.batch_size, max_len=args.max_len, config=config,
+                   resume=not args.no_resume)
+    if dist.process_index() == 0:
+        m = res["mean"]
+        print(f"{args.router} / {args.protocol}: acc {m['acc']:.4f}  acc_norm {m['acc_norm']:.4f} "
+              f"over {m['tasks']} tasks, {m['examples']} examples -> {args.out}")
+        for c, v in res["clusters"].items():
+            print(f"  {c:<24} acc {v['acc']:.4f}  acc_norm {v['acc_norm']:.4f}  ({v['tasks']} tasks)")
+    return 0
+
+
+def cmd_train_lora(args) -> int:
+    from hilora_jax.train import train_lora_cli
+
+    return train_lora_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hilora", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -142,6 +188,27 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("name")
     ex.add_argument("--out", required=True)
     ex.set_defaults(fn=cmd_export_adapter)
+
+    ev = sub.add_parser("eval", help="evaluate a router on JSONL tasks under a protocol")
+    ev.add_argument("--model", required=True)
+    ev.add_argument("--pool", required=True)
+    ev.add_argument("--router", default="hilora")
+    ev.add_argument("--router-option", action="append", default=[], metavar="K=V")
+    ev.add_argument("--tasks", nargs="+", required=True)
+    ev.add_argument("--protocol", default="seen", choices=["seen", "unseen-within", "unseen-cross"])
+    ev.add_argument("--out", required=True)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-len", type=int, default=256)
+    ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--mesh", default=None, help="DATAxMODEL over this process's devices, e.g. 2x4")
+    ev.add_argument("--no-resume", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
+
+    from hilora_jax.train import add_train_lora_args
+
+    tr = sub.add_parser("train-lora", help="train one LoRA on a task with optax; writes PEFT")
+    add_train_lora_args(tr)
+    tr.set_defaults(fn=cmd_train_lora)
     return p
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 
 from hilora_jax.config import ModelConfig
@@ -50,11 +52,11 @@ def random_pool(cfg: ModelConfig, ranks=(4, 8, 6, 8, 2), *, modules=("q_proj", "
         for t in names:
             table[t] = means[i] + rng.standard_normal(emb_dim)
         samples[f"lora{i}"] = tuple(names)
-    emb_rng = np.random.default_rng(seed + 1)
-
     def embed(text: str):
         if text in table:
             return table[text]
+        # fresh noise, but a deterministic function of the text (independent of call order)
+        emb_rng = np.random.default_rng([seed + 1, zlib.crc32(text.encode())])
         if text.startswith("task"):
             i = int(text.split()[0][4:])
             v = means[i] + emb_rng.standard_normal(emb_dim)

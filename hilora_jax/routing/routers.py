@@ -71,11 +71,24 @@ class Router:
             pool.require_samples(self.name)
 
     def route(self, texts: Sequence[str], **kw) -> Routing:
+        """Sequence-level routing for `texts`. Common keywords: `active` (bool `[A]`, overrides
+        the pool's active set, e.g. per evaluation protocol; no recompilation) and, for routers
+        that embed, `embeddings` (`[B, E]`, precomputed `E(texts)`)."""
         return Routing(None, {"router": self.name}, self.pool.names if self.pool else ())
 
     @property
     def _active(self) -> np.ndarray:
         return np.asarray(self.pool.arrays.active)
+
+    def _active_for(self, active) -> np.ndarray:
+        if active is None:
+            return self._active
+        a = np.asarray(active, bool)
+        if a.shape != (len(self.pool),):
+            raise ValueError(f"active must have shape ({len(self.pool)},), got {a.shape}")
+        if not a.any():
+            raise ValueError(f"router {self.name!r}: no active adapters left for this input")
+        return a
 
 
 class BaseRouter(Router):
@@ -108,14 +121,16 @@ class OracleRouter(_WeightsRouter):
 
     name = "oracle"
 
-    def route(self, texts, *, adapter_names: Sequence[str | None] | None = None, **kw):
+    def route(self, texts, *, adapter_names: Sequence[str | None] | None = None, active=None,
+              **kw):
         if adapter_names is None or len(adapter_names) != len(texts):
             raise ValueError("router 'oracle' needs adapter_names, one per prompt")
+        act = self._active if active is None else np.asarray(active, bool)
         w = np.zeros((len(texts), len(self.pool)), np.float32)
         for i, n in enumerate(adapter_names):
             if n is not None:
                 j = self.pool.index(n)
-                if not self._active[j]:
+                if not act[j]:
                     raise ValueError(f"adapter {n!r} is not active in this pool view")
                 w[i, j] = 1.0
         return self._hook(w, {})
@@ -124,8 +139,8 @@ class OracleRouter(_WeightsRouter):
 class UniformRouter(_WeightsRouter):
     name = "uniform"
 
-    def route(self, texts, **kw):
-        act = self._active.astype(np.float32)
+    def route(self, texts, *, active=None, **kw):
+        act = self._active_for(active).astype(np.float32)
         w = np.broadcast_to(act / act.sum(), (len(texts), len(act))).copy()
         return self._hook(w, {})
 
@@ -151,9 +166,14 @@ class _EmbeddingRouter(Router):
                           for n in pool.names if pool.samples.get(n)}
         self.sample_embeddings = cache[key]
 
-    def embed(self, texts) -> np.ndarray:
-        z = _embed_checked(self.embedder, list(texts), "input texts")
-        return z
+    def embed(self, texts, embeddings=None) -> np.ndarray:
+        if embeddings is not None:
+            z = np.asarray(embeddings, np.float32)
+            if z.shape[0] != len(texts):
+                raise ValueError(f"{z.shape[0]} embeddings for {len(texts)} texts")
+            gs.check_embeddings(z)
+            return z
+        return _embed_checked(self.embedder, list(texts), "input texts")
 
 
 def _embed_checked(embedder, texts, what) -> np.ndarray:
@@ -178,12 +198,13 @@ class RetrievalRouter(_EmbeddingRouter, _WeightsRouter):
         cents = np.stack([self.sample_embeddings[n].mean(0) for n in pool.names])
         self.centroids = cents / np.linalg.norm(cents, axis=1, keepdims=True).clip(1e-12)
 
-    def route(self, texts, **kw):
-        z = self.embed(texts)
+    def route(self, texts, *, embeddings=None, active=None, **kw):
+        act = self._active_for(active)
+        z = self.embed(texts, embeddings)
         z = z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)
         sim = z @ self.centroids.T  # B A
-        sim = np.where(self._active[None], sim, -np.inf)
-        k = min(self.k, int(self._active.sum()))
+        sim = np.where(act[None], sim, -np.inf)
+        k = min(self.k, int(act.sum()))
         top = np.argsort(-sim, axis=1, kind="stable")[:, :k]
         w = np.zeros_like(sim, dtype=np.float32)
         np.put_along_axis(w, top, 1.0 / k, axis=1)
@@ -215,9 +236,9 @@ class ArrowRouter(Router):
             cache[key] = {m: jnp.asarray(v) for m, v in protos.items()}
         self.hook = ArrowHook(arrays, cache[key], top_k=self.top_k, temperature=self.temperature)
 
-    def route(self, texts, **kw):
-        # follow the pool's current active set (protocol views); general adapters never route
-        active = jnp.asarray(self._active & ~self._general)
+    def route(self, texts, *, active=None, **kw):
+        # follow the active set (protocol views); general adapters never route
+        active = jnp.asarray(self._active_for(active) & ~self._general)
         hook = self.hook.replace(arrays=self.hook.arrays.replace(active=active))
         return Routing(hook, {"router": self.name}, self.pool.names)
 
@@ -229,8 +250,9 @@ class RocFixedRouter(Router):
         super().__init__(pool, **options)
         self.budget = int(budget)
 
-    def route(self, texts, **kw):
-        return Routing(RocFixedHook(self.pool.arrays, budget=self.budget),
+    def route(self, texts, *, active=None, **kw):
+        arrays = self.pool.arrays.replace(active=jnp.asarray(self._active_for(active)))
+        return Routing(RocFixedHook(arrays, budget=self.budget),
                        {"router": self.name}, self.pool.names)
 
 
@@ -281,12 +303,14 @@ class HiLoRARouter(_EmbeddingRouter):
             max_candidates=self.params["max_candidates"], mode=self.params["mode"],
             kappa_mode=self.params["kappa"], min_budget=self.min_budget))
 
-    def route(self, texts, *, embeddings: np.ndarray | None = None, **kw) -> Routing:
-        z = self.embed(texts) if embeddings is None else np.asarray(embeddings, np.float32)
-        gs.check_embeddings(z)
+    def route(self, texts, *, embeddings: np.ndarray | None = None, active=None,
+              **kw) -> Routing:
+        z = self.embed(texts, embeddings)
         keys = jnp.stack([jax.random.fold_in(jax.random.key(self.seed),
                                              zlib.crc32(t.encode()) & 0x7FFFFFFF) for t in texts])
         arr = self.pool.arrays
+        if active is not None:
+            arr = arr.replace(active=jnp.asarray(self._active_for(active)))
         dec, scores, kap = self._decide(self.bank, jnp.asarray(z), arr.ranks, arr.active,
                                         jnp.float32(self.params["tau"]), keys)
         hook = HiLoRAHook(arr, dec.cand_idx, dec.cand_valid, dec.n_rocs, kap,

@@ -1,0 +1,265 @@
+"""Evaluation of routers on mixed-task test sets under the method doc's protocols (§7).
+
+`evaluate(engine, tokenizer, pool, router, examples, protocol=...)` scores every multiple-choice
+example (summed and length-normalised log-prob of each choice) with the router's decisions made
+from the example's prompt alone: no task label reaches the router. Protocols only change which
+adapters are *active* for a test task (an array argument: nothing is retraced per task):
+
+* `seen`: every adapter;
+* `unseen-within`: all but the task's own adapter (the adapter named like the task);
+* `unseen-cross`: all but the adapters of the task's cluster (the pool's cluster labels).
+
+Output: per-task, per-cluster and mean accuracy (`acc` by summed log-prob, `acc_norm` by per-token
+log-prob), routing statistics (how often the task's own adapter is among the candidates / ranked
+first, for routers that select per sequence), the exact configuration, and timing.
+
+Resumable: finished examples are appended to `<out>.partial.jsonl` (one record per example, keyed
+by task and index, tagged with the configuration fingerprint) and skipped on restart. Multi-host:
+each process scores its round-robin share of every task on its local mesh and the records are
+gathered in a fixed order (`hilora_jax.distributed`), so results do not depend on the process count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from hilora_jax import distributed as dist
+from hilora_jax.eval.tasks import ChoiceScorer, MCExample, mc_batches
+from hilora_jax.lora.pool import LoraPool
+from hilora_jax.routing.routers import Router
+
+PROTOCOLS = ("seen", "unseen-within", "unseen-cross")
+
+
+def protocol_active(pool: LoraPool, task: str, cluster: str | None, protocol: str) -> np.ndarray:
+    """Active adapters `[A]` for test task `task` under `protocol`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+    active = np.asarray(pool.arrays.active).copy()
+    if protocol == "unseen-within" and task in pool.names:
+        active[pool.index(task)] = False
+    elif protocol == "unseen-cross":
+        if cluster is None:
+            raise ValueError(f"protocol 'unseen-cross' needs a cluster for task {task!r}")
+        for i, n in enumerate(pool.names):
+            if pool.clusters.get(n) == cluster:
+                active[i] = False
+        if task in pool.names:
+            active[pool.index(task)] = False
+    if not active.any():
+        raise ValueError(f"protocol {protocol!r} leaves no active adapter for task {task!r}")
+    return active
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_partial(path: Path, fp: str) -> dict[str, dict]:
+    done = {}
+    if path.exists():
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by an interruption: recompute that example
+                if rec.get("fp") == fp:
+                    done[rec["key"]] = rec
+    return done
+
+
+def _append_partial(path: Path, records: Sequence[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _routing_rows(info: dict, rows: np.ndarray, own: int | None) -> list[dict]:
+    """Per-row routing statistics (own adapter among candidates / ranked first)."""
+    out = []
+    for r in rows:
+        d = {}
+        if own is not None and "cand_idx" in info:
+            cands = info["cand_idx"][r][info["cand_valid"][r] & (info["n_rocs"][r] > 0)]
+            d = {"own_in_candidates": bool(own in cands.tolist()),
+                 "own_first": bool(len(cands) and cands[0] == own),
+                 "n_candidates": int(len(cands)), "budget": int(info["budget"][r])}
+        elif own is not None and "weights" in info:
+            w = info["weights"][r]
+            d = {"own_in_candidates": bool(w[own] > 0), "own_first": bool(np.argmax(w) == own),
+                 "n_candidates": int((w > 0).sum())}
+        out.append(d)
+    return out
+
+
+def evaluate(
+    engine,
+    tokenizer,
+    pool: LoraPool,
+    router: Router,
+    examples: Sequence[MCExample],
+    *,
+    protocol: str = "seen",
+    out: str | os.PathLike | None = None,
+    batch_size: int = 16,
+    max_len: int = 256,
+    config: dict | None = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict:
+    """Evaluate `router` on `examples` under `protocol`; see the module docstring."""
+    t0 = time.time()
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    cfg = {"router": router.name, "protocol": protocol, "batch_size": batch_size,
+           "max_len": max_len, "pool": list(pool.names), **(config or {})}
+    fp = fingerprint(cfg)
+    partial = Path(str(out) + ".partial.jsonl") if out else None
+    done = _read_partial(partial, fp) if (partial and resume and dist.process_index() == 0) else {}
+    if partial and not resume and partial.exists() and dist.process_index() == 0:
+        partial.unlink()
+    # every process must skip the same examples: process 0's view of the partial file decides
+    done_keys = set(dist.allgather_json(sorted(done))[0])
+    scorer = ChoiceScorer(engine)
+    by_task: dict[str, list[tuple[int, MCExample]]] = defaultdict(list)
+    counters: dict[str, int] = defaultdict(int)
+    for ex in examples:
+        by_task[ex.task].append((counters[ex.task], ex))
+        counters[ex.task] += 1
+    tasks = sorted(by_task)
+    records: dict[str, dict] = dict(done)
+    embeds = hasattr(router, "embed")
+    bar = None
+    if progress and dist.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(examples), initial=len(done_keys), desc=f"{router.name}/{protocol}",
+                   unit="ex", file=sys.stderr)
+    for task in tasks:
+        items = [(i, ex) for i, ex in by_task[task] if f"{task}:{i}" not in done_keys]
+        mine = dist.share(items)
+        new: list[dict] = []
+        if mine:
+            cluster = mine[0][1].cluster
+            active = protocol_active(pool, task, cluster, protocol)
+            own = pool.index(task) if task in pool.names else None
+            exs = [ex for _, ex in mine]
+            emb = router.embed([ex.prompt for ex in exs]) if embeds else None
+            lp = [np.full(len(ex.choices), np.nan) for ex in exs]
+            nt = [np.zeros(len(ex.choices)) for ex in exs]
+            route_stats: list[dict | None] = [None] * len(exs)
+            for b in mc_batches(exs, tokenizer, batch_size=batch_size, max_len=max_len):
+                rows = np.where(b.example_index >= 0, b.example_index, b.example_index[0])
+                kw = {"active": active}
+                if emb is not None:
+                    kw["embeddings"] = emb[rows]
+                if router.name == "oracle":
+                    if own is None:
+                        raise ValueError(f"router 'oracle' needs an adapter named {task!r}")
+                    kw["adapter_names"] = [task] * len(rows) if active[own] else [None] * len(rows)
+                routing = router.route([exs[r].prompt for r in rows], **kw)
+                s = scorer.batch(b, lora=routing.hook)
+                ntok = b.target_mask.sum(1)
+                stats = _routing_rows(routing.info, np.arange(len(rows)), own)
+                for r in range(len(rows)):
+                    e = b.example_index[r]
+                    if e >= 0:
+                        lp[e][b.choice_index[r]] = s[r]
+                        nt[e][b.choice_index[r]] = ntok[r]
+                        if route_stats[e] is None:
+                            route_stats[e] = stats[r]
+            for (i, ex), a, n, rs in zip(mine, lp, nt, route_stats, strict=True):
+                new.append({"key": f"{task}:{i}", "fp": fp, "task": task, "cluster": ex.cluster,
+                            "answer": ex.answer, "logprob": a.tolist(), "n_tokens": n.tolist(),
+                            "routing": rs or {}})
+        gathered = [r for part in dist.allgather_json(new) for r in part]
+        gathered.sort(key=lambda r: int(r["key"].rsplit(":", 1)[1]))
+        for r in gathered:
+            records[r["key"]] = r
+        if partial and dist.process_index() == 0 and gathered:
+            _append_partial(partial, gathered)
+        if bar is not None:
+            bar.update(len(gathered))
+    if bar is not None:
+        bar.close()
+    result = summarize(records.values(), cfg)
+    result["timing"] = {"seconds": round(time.time() - t0, 2), "resumed_examples": len(done_keys),
+                        "processes": dist.process_count()}
+    if out and dist.process_index() == 0:
+        write_json_atomic(out, result)
+    return result
+
+
+def summarize(records, config: dict) -> dict:
+    """Per-task / per-cluster / mean accuracies and routing statistics from per-example records."""
+    per_task: dict[str, dict] = defaultdict(lambda: {"acc": [], "acc_norm": [], "routing": []})
+    clusters = {}
+    for r in records:
+        lp = np.asarray(r["logprob"], np.float64)
+        nt = np.asarray(r["n_tokens"], np.float64)
+        t = per_task[r["task"]]
+        t["acc"].append(float(np.argmax(lp) == r["answer"]))
+        t["acc_norm"].append(float(np.argmax(lp / np.maximum(nt, 1)) == r["answer"]))
+        t["routing"].append(r.get("routing") or {})
+        clusters[r["task"]] = r["cluster"]
+    tasks = {}
+    for name in sorted(per_task):
+        t = per_task[name]
+        entry = {"acc": float(np.mean(t["acc"])), "acc_norm": float(np.mean(t["acc_norm"])),
+                 "n": len(t["acc"]), "cluster": clusters[name]}
+        rs = [x for x in t["routing"] if "own_in_candidates" in x]
+        if rs:
+            entry["own_in_candidates"] = float(np.mean([x["own_in_candidates"] for x in rs]))
+            entry["own_first"] = float(np.mean([x["own_first"] for x in rs]))
+            entry["mean_candidates"] = float(np.mean([x["n_candidates"] for x in rs]))
+        tasks[name] = entry
+    by_cluster: dict[str, list] = defaultdict(list)
+    for name, e in tasks.items():
+        by_cluster[e["cluster"]].append(e)
+    cl = {c: {"acc": float(np.mean([e["acc"] for e in es])),
+              "acc_norm": float(np.mean([e["acc_norm"] for e in es])), "tasks": len(es)}
+          for c, es in sorted(by_cluster.items())}
+    mean = {"acc": float(np.mean([e["acc"] for e in tasks.values()])),
+            "acc_norm": float(np.mean([e["acc_norm"] for e in tasks.values()])),
+            "tasks": len(tasks), "examples": sum(e["n"] for e in tasks.values())}
+    routing = {}
+    with_stats = [e for e in tasks.values() if "own_in_candidates" in e]
+    if with_stats:
+        routing = {k: float(np.mean([e[k] for e in with_stats]))
+                   for k in ("own_in_candidates", "own_first", "mean_candidates")}
+    return {"config": config, "mean": mean, "clusters": cl, "tasks": tasks, "routing": routing}
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_np_default))
+    os.replace(tmp, path)
+    return path
+
+
+def _np_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if dataclasses.is_dataclass(o):
+        return dataclasses.asdict(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
