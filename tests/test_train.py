@@ -155,3 +155,19 @@ def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
     args.task = "missing"
     with pytest.raises(SystemExit, match="no examples of task 'missing'"):
         train_lora_cli(args)
+
+
+def test_choice_scorer_sharded_equals_unsharded(tiny):
+    from hilora_jax.sharding import make_mesh
+
+    path, _, model = tiny
+    exs, tok = toy_examples(), CharTok()
+    ad = init_lora(model, r=4, seed=5)
+    ad = ad.replace(b={k: jax.random.normal(jax.random.key(1), v.shape) * 0.1 for k, v in ad.b.items()})
+    ref = ChoiceScorer(Engine(model))(exs, tok, lora=ad, batch_size=8)
+    mesh = make_mesh(data=4, model=2)
+    sharded = ChoiceScorer(Engine(load_model(path, mesh=mesh, progress=False), mesh=mesh))
+    got = sharded(exs, tok, lora=ad, batch_size=8)
+    for a, b in zip(ref, got, strict=True):
+        np.testing.assert_allclose(a.logprob, b.logprob, rtol=1e-5, atol=1e-4)
+        np.testing.assert_array_equal(a.n_tokens, b.n_tokens)

@@ -355,6 +355,10 @@ class ChoiceScorer:
 
     def batch(self, b: MCBatch, lora=None) -> np.ndarray:
         """Summed continuation log-probs `[B]` for one batch."""
+        limit = self.engine.config.max_position_embeddings
+        if b.input_ids.shape[1] > limit:
+            raise ValueError(f"batch of {b.input_ids.shape[1]} tokens exceeds the model's "
+                             f"max_position_embeddings={limit}")
         arrays = (b.input_ids, b.attention_mask, b.target_mask)
         mesh = self.engine.mesh
         if mesh is None:
