@@ -135,3 +135,27 @@ def test_two_processes_equal_one(setup, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["timing"]["processes"] == 2 and one["timing"]["processes"] == 1
     assert _strip(one) == _strip(two)
+
+
+def test_shared_prefix_equals_full_forward(setup):
+    """A pool that only adapts layer 1: scores resumed from the cached layer-1 hidden states equal
+    the full forward, and the cache is reused across runs."""
+    _, model, eng, _, _, tok, exs = setup
+    pool, emb, _ = random_pool(model.config, seed=22)
+    arr = pool.arrays
+    pool.arrays = arr.replace(mask={m: v.at[0].set(False) for m, v in arr.mask.items()})
+    assert runner.first_adapted_layer(pool) == 1
+    router = build_router("hilora", pool, options=dict(embedder=emb))
+    shared = runner.PrefixScorer(eng, 1)
+    a = evaluate(eng, tok, pool, router, exs, batch_size=8, progress=False, scorer=shared)
+    n_cached = len(shared._cache)
+    assert n_cached > 0
+    b = evaluate(eng, tok, pool, router, exs, batch_size=8, progress=False,
+                 scorer=runner.PrefixScorer(eng, 0))
+    evaluate(eng, tok, pool, router, exs, protocol="unseen-cross", batch_size=8, progress=False,
+             scorer=shared)
+    assert len(shared._cache) == n_cached  # reused, not recomputed
+    assert _strip(a)["tasks"] == _strip(b)["tasks"]
+    with pytest.raises(ValueError, match="adapts layer"):
+        full, emb2, _ = random_pool(model.config, seed=23)
+        evaluate(eng, tok, full, build_router("uniform", full), exs, scorer=shared, progress=False)

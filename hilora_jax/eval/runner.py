@@ -34,11 +34,82 @@ from pathlib import Path
 import numpy as np
 
 from hilora_jax import distributed as dist
-from hilora_jax.eval.tasks import ChoiceScorer, MCExample, mc_batches
+from hilora_jax import sharding as shd
+from hilora_jax.eval.tasks import MCExample, mc_batches
 from hilora_jax.lora.pool import LoraPool
 from hilora_jax.routing.routers import Router
 
 PROTOCOLS = ("seen", "unseen-within", "unseen-cross")
+
+
+def first_adapted_layer(pool: LoraPool) -> int:
+    """Lowest layer holding any ROC of the pool: the model below it is the same for every router."""
+    firsts = [int(np.argmax(np.asarray(m).any(axis=(1, 2)))) for m in pool.arrays.mask.values()
+              if np.asarray(m).any()]
+    if not firsts:
+        raise ValueError("the pool has no ROCs")
+    return min(firsts)
+
+
+class PrefixScorer:
+    """Choice scoring that shares the un-adapted prefix of the model between runs.
+
+    Every adapted module of the pool lies at or above `layer`, so the hidden states below it do not
+    depend on the router or protocol: they are computed once per batch (base model only), kept on
+    the host, and each run resumes from them (`CausalLM(start_layer=, hidden_in=)`). Results equal
+    the full forward up to float summation order. `layer=0` disables sharing.
+    """
+
+    def __init__(self, engine, layer: int):
+        import jax
+
+        self.engine, self.layer = engine, int(layer)
+        self._cache: dict[str, np.ndarray] = {}
+        self._constrain = shd.make_constrain(engine.mesh)
+        self._prefix = jax.jit(self._prefix_impl)
+        self._tail = jax.jit(self._tail_impl, static_argnames=("tail",))
+
+    def _prefix_impl(self, state, ids, mask):
+        from flax import nnx
+
+        model = nnx.merge(self.engine.graphdef, state)
+        _, _, h = model(ids, mask, logits_at="none", hidden_layer=self.layer,
+                        constrain=self._constrain)
+        return h
+
+    def _tail_impl(self, state, hidden, ids, mask, tmask, lora, *, tail):
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from hilora_jax.nn.layers import log_softmax_gather
+
+        model = nnx.merge(self.engine.graphdef, state)
+        cfg = model.config
+        kw = dict(start_layer=self.layer, hidden_in=hidden) if self.layer > 0 else {}
+        _, _, h = model(ids, mask, lora=lora, logits_at="none", hidden_layer=cfg.num_layers,
+                        constrain=self._constrain, **kw)
+        h = model.model.norm(h[:, -tail - 1:-1])  # B K D
+        logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
+                  else model.lm_head(h))
+        lp = log_softmax_gather(logits, ids[:, -tail:])
+        return jnp.sum(jnp.where(tmask[:, -tail:], lp, 0.0), axis=1)
+
+    def _put(self, a):
+        import jax
+
+        mesh = self.engine.mesh
+        return jax.numpy.asarray(a) if mesh is None else jax.device_put(
+            a, shd.batch_sharding(mesh, a.shape))
+
+    def batch(self, b, lora=None) -> np.ndarray:
+        ids, mask, tm = (self._put(a) for a in (b.input_ids, b.attention_mask, b.target_mask))
+        hidden = None
+        if self.layer > 0:
+            key = hashlib.sha1(b.input_ids.tobytes() + b.attention_mask.tobytes()).hexdigest()
+            if key not in self._cache:
+                self._cache[key] = np.asarray(self._prefix(self.engine.state, ids, mask))
+            hidden = self._put(self._cache[key])
+        return np.asarray(self._tail(self.engine.state, hidden, ids, mask, tm, lora, tail=b.tail))
 
 
 def protocol_active(pool: LoraPool, task: str, cluster: str | None, protocol: str) -> np.ndarray:
@@ -122,8 +193,13 @@ def evaluate(
     config: dict | None = None,
     resume: bool = True,
     progress: bool = True,
+    scorer: PrefixScorer | None = None,
 ) -> dict:
-    """Evaluate `router` on `examples` under `protocol`; see the module docstring."""
+    """Evaluate `router` on `examples` under `protocol`; see the module docstring.
+
+    `scorer`: reuse a `PrefixScorer` across calls (routers, protocols) so the un-adapted prefix of
+    the model is computed once per batch; by default one is made for this call.
+    """
     t0 = time.time()
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -136,7 +212,11 @@ def evaluate(
         partial.unlink()
     # every process must skip the same examples: process 0's view of the partial file decides
     done_keys = set(dist.allgather_json(sorted(done))[0])
-    scorer = ChoiceScorer(engine)
+    if scorer is None:
+        scorer = PrefixScorer(engine, first_adapted_layer(pool))
+    elif scorer.layer > first_adapted_layer(pool):
+        raise ValueError(f"scorer shares layers below {scorer.layer}, but the pool adapts layer "
+                         f"{first_adapted_layer(pool)}")
     by_task: dict[str, list[tuple[int, MCExample]]] = defaultdict(list)
     counters: dict[str, int] = defaultdict(int)
     for ex in examples:

@@ -194,6 +194,8 @@ class CausalLM(nnx.Module):
         logits_at: str = "all",
         hidden_layer: int | None = None,
         constrain=None,
+        start_layer: int = 0,
+        hidden_in: Float[Array, "B T D"] | None = None,
     ):
         """Run the decoder.
 
@@ -202,9 +204,17 @@ class CausalLM(nnx.Module):
         hidden state after layer `hidden_layer` (0 = embeddings) when asked for.
         Positions default to `cumsum(attention_mask) - 1` so left padding does not shift RoPE.
         `constrain(x, kind)` (optional) applies sharding constraints at block boundaries.
+
+        Prefix reuse: with `logits_at="none"` and `hidden_layer=k` the layers above k are skipped;
+        `start_layer=k, hidden_in=h` resumes from that hidden state (e.g. when every adapted module
+        lies at or above layer k, the prefix below it is shared by all routers). Not with a cache.
         """
         cfg = self.config
         b, t = input_ids.shape
+        if (start_layer > 0) != (hidden_in is not None):
+            raise ValueError("start_layer > 0 and hidden_in go together")
+        if start_layer > 0 and cache is not None:
+            raise ValueError("resuming from a hidden state is not supported with a KV cache")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         attention_mask = attention_mask.astype(bool)
@@ -213,7 +223,7 @@ class CausalLM(nnx.Module):
             if cache is not None:
                 prev = jnp.max(jnp.where(cache.valid, cache.pos + 1, 0), axis=1)  # B
                 positions = positions + prev[:, None]
-        x = self.model.embed_tokens(input_ids)  # B T D
+        x = self.model.embed_tokens(input_ids) if hidden_in is None else hidden_in  # B T D
         if constrain is not None:
             x = constrain(x, "act")
         inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # static, derived from config
@@ -227,9 +237,12 @@ class CausalLM(nnx.Module):
             q_slot = write_at + jnp.arange(t)
             cache_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, write_at))
             cache_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_at))
-        hidden = x if hidden_layer == 0 else None
+        hidden = x if hidden_layer == start_layer else None
+        stop = hidden_layer if (logits_at == "none" and hidden_layer is not None) else cfg.num_layers
         new_k, new_v = [], []
         for i, layer in enumerate(self.model.layers):
+            if i < start_layer or i >= stop:
+                continue
             kc = None if cache is None else cache.k[i]
             vc = None if cache is None else cache.v[i]
             x, k, v = layer(x, cos, sin, positions, q_slot, kc, vc, cache_pos, cache_valid,
