@@ -1,0 +1,334 @@
+"""Plots of routing decisions and evaluation results (matplotlib, headless-safe).
+
+Every function builds a standalone `matplotlib.figure.Figure` (never `pyplot`: no global figure
+state, no GUI backend, nothing shown twice in notebooks) and returns it. Pass `save="x.png"` to
+also write a PNG atomically (temp file in the same folder, then `os.replace`), so a crashed run
+never leaves a truncated image behind. In Jupyter a returned figure renders inline under
+`%matplotlib inline`; `IPython.display.display(fig)` shows it explicitly.
+
+* `plot_routing(routing, trace=None, mask=None)`: which LoRAs each prompt used and how much
+  (ROCs allotted for `hilora`, adapter weights for mixture routers), and with a routing trace from
+  `Engine.forward(..., trace=True)` the token-level usage per layer x module and per layer x LoRA.
+* `plot_results(results)`: accuracy by method and protocol (grouped bars) from `evaluate` results.
+* `plot_routing_heatmap(matrix, row_labels, col_labels)`: a task x LoRA routing heatmap; build the
+  matrix with `routing_fractions(routing, tasks)`.
+* `plot_training_curves({name: losses})`: loss curves of `train.train_lora` runs.
+* `trace_usage(routing, trace, mask=None)` / `sequence_usage(routing)`: the numbers behind the
+  routing panels, as arrays.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = ["plot_results", "plot_routing", "plot_routing_heatmap", "plot_training_curves",
+           "routing_fractions", "save_png", "sequence_usage", "trace_usage"]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
+    """Write `fig` as PNG to `path` atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _finish(fig: Figure, save) -> Figure:
+    if save is not None:
+        save_png(fig, save)
+    return fig
+
+
+def _heatmap(ax, m: np.ndarray, rows: Sequence[str], cols: Sequence[str], *, cmap="viridis",
+             vmin=None, vmax=None, annotate: bool = True, fmt: str = "{:.2f}", cbar_label=""):
+    m = np.asarray(m, np.float64)
+    im = ax.imshow(m, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols], rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    if annotate and m.size <= 400:
+        lo, hi = np.nanmin(m) if m.size else 0, np.nanmax(m) if m.size else 1
+        mid = (lo + hi) / 2
+        for (i, j), v in np.ndenumerate(m):
+            if np.isfinite(v):
+                ax.text(j, i, fmt.format(v), ha="center", va="center", fontsize=7,
+                        color="white" if v < mid else "black")
+    cb = ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    if cbar_label:
+        cb.set_label(cbar_label)
+    return im
+
+
+def _short(s: str, n: int = 40) -> str:
+    s = " ".join(str(s).split())
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+# -- sequence-level routing ----------------------------------------------------------------------
+def sequence_usage(routing) -> tuple[np.ndarray, str]:
+    """Per-prompt, per-LoRA usage `[B, A]` of a `Routing` and what it measures.
+
+    `hilora`: ROCs allotted to each candidate LoRA (`n_rocs` scattered onto the pool axis);
+    mixture/fusion routers (`uniform`, `retrieval`, `oracle`): adapter weights. Token-level routers
+    (`arrow`, `roc-fixed`) and `base` have no sequence-level usage: an all-zero `[0, A]` array.
+    """
+    info, n = routing.info, len(routing.names)
+    if "cand_idx" in info:
+        idx = np.asarray(info["cand_idx"])
+        keep = np.asarray(info["cand_valid"]) & (np.asarray(info["n_rocs"]) > 0)
+        out = np.zeros((idx.shape[0], n))
+        for b in range(idx.shape[0]):
+            for c in np.flatnonzero(keep[b]):
+                out[b, idx[b, c]] += info["n_rocs"][b, c]
+        return out, "ROCs allotted (sequence stage)"
+    if "weights" in info:
+        return np.asarray(info["weights"], np.float64), "adapter weight"
+    return np.zeros((0, n)), ""
+
+
+def _parse_trace(trace: Mapping[str, Any]):
+    """`{"<layer>.<module>": aux}` -> sorted layers, modules (model order), `{(l, m): aux}`."""
+    from hilora_jax.interop.peft import MODULES
+
+    cells = {}
+    for key, aux in trace.items():
+        layer, module = key.split(".", 1)
+        cells[(int(layer), module)] = aux
+    layers = sorted({k[0] for k in cells})
+    mods = sorted({k[1] for k in cells}, key=lambda m: (MODULES.index(m) if m in MODULES else 99, m))
+    return layers, mods, cells
+
+
+def trace_usage(routing, trace: Mapping[str, Any], mask=None, *, row: int | None = None):
+    """Token-level usage from a routing trace (`Engine.forward(..., trace=True)`).
+
+    Returns `(layers, modules, per_module [L, M], per_lora [L, A], unit)`: the mean number of
+    ROCs fired per token (`hilora`, `roc-fixed`; `unit="ROCs fired per token"`) or of LoRAs mixed
+    per token (`arrow`; `unit="LoRAs mixed per token"`) at each (layer, module), and per layer the
+    same split by LoRA (summed over modules). Averages run over real tokens (`mask [B, T]`, all
+    tokens when omitted) of every prompt, or of prompt `row` only. Cells a module/layer never
+    adapts are NaN.
+    """
+    layers, mods, cells = _parse_trace(trace)
+    n = len(routing.names)
+    info = routing.info
+    per_mod = np.full((len(layers), len(mods)), np.nan)
+    per_lora = np.zeros((len(layers), n))
+    unit = "ROCs fired per token"
+    for (layer, mod), aux in cells.items():
+        if "fired" in aux:
+            f = np.asarray(aux["fired"], np.float64)  # B T C (hilora) or B T A (roc-fixed)
+        elif "coeff" in aux:
+            f = (np.asarray(aux["coeff"], np.float64) > 0).astype(np.float64)  # B T A
+            unit = "LoRAs mixed per token"
+        else:
+            continue
+        b_, t_ = f.shape[:2]
+        w = np.ones((b_, t_)) if mask is None else np.asarray(mask, np.float64).reshape(b_, t_)
+        if row is not None:
+            sel = np.zeros(b_)
+            sel[row] = 1
+            w = w * sel[:, None]
+        w = w / max(w.sum(), 1.0)
+        per_slot = np.einsum("btc,bt->bc", f, w)  # B C/A: batch-weighted mean per token
+        if "cand_idx" in info and f.shape[2] == np.asarray(info["cand_idx"]).shape[1]:
+            idx = np.asarray(info["cand_idx"])
+            onto = np.zeros((b_, n))
+            for b in range(b_):
+                np.add.at(onto[b], idx[b], per_slot[b] * np.asarray(info["cand_valid"])[b])
+        else:
+            onto = per_slot
+        li, mi = layers.index(layer), mods.index(mod)
+        per_mod[li, mi] = onto.sum()
+        per_lora[li] += onto.sum(0)
+    return layers, mods, per_mod, per_lora, unit
+
+
+def plot_routing(routing, trace: Mapping[str, Any] | None = None, *, mask=None,
+                 prompts: Sequence[str] | None = None, row: int | None = None,
+                 title: str | None = None, save: str | os.PathLike | None = None) -> Figure:
+    """Which LoRAs each prompt used and how much, plus token-level usage when `trace` is given.
+
+    Panel 1 (sequence level): one stacked horizontal bar per prompt, one colour per LoRA: ROCs
+    allotted (`hilora`) or adapter weights (mixture routers). For token-level routers (`arrow`,
+    `roc-fixed`) the bars show each LoRA's mean token-level usage from `trace` instead.
+    Panels 2-3 (with `trace`): heatmaps of mean token-level usage per layer x module and per
+    layer x LoRA (`trace_usage`; `mask [B, T]` excludes padding, `row` selects one prompt).
+    """
+    names = list(routing.names)
+    usage, unit = sequence_usage(routing)
+    tu = trace_usage(routing, trace, mask) if trace else None
+    if usage.shape[0] == 0 and tu is not None:  # token-level router: per-prompt trace usage
+        rows = [trace_usage(routing, trace, mask, row=b)[3].mean(0)
+                for b in range(_batch_of(trace))]
+        usage, unit = np.stack(rows), tu[4] + " (mean over layers, summed over modules)"
+    n_panels = 1 + (2 if tu is not None else 0)
+    fig = Figure(figsize=(5.2 * n_panels, max(2.6, 0.45 * max(len(usage), 1) + 1.8)),
+                 layout="constrained")
+    axes = fig.subplots(1, n_panels, squeeze=False)[0]
+    ax = axes[0]
+    router = routing.info.get("router", "?")
+    if usage.shape[0]:
+        labels = ([_short(p) for p in prompts] if prompts is not None
+                  else [f"prompt {i}" for i in range(len(usage))])
+        left = np.zeros(len(usage))
+        cmap = matplotlib.colormaps["tab20"]
+        for a, name in enumerate(names):
+            if not usage[:, a].any():
+                continue
+            ax.barh(range(len(usage)), usage[:, a], left=left, label=name, color=cmap(a % 20),
+                    edgecolor="white")
+            left += usage[:, a]
+        ax.set_yticks(range(len(usage)), labels)
+        ax.invert_yaxis()
+        ax.set_xlabel(unit)
+        if "budget" in routing.info:
+            for i, b in enumerate(np.asarray(routing.info["budget"])):
+                ax.text(left[i], i, f" {int(b)}", va="center", fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="LoRA", fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, f"{router}: no sequence-level choice\n(pass trace= for token-level use)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    ax.set_title(title or f"{router}: LoRAs per prompt")
+    if tu is not None:
+        layers, mods, per_mod, per_lora, tunit = tu
+        if row is not None:
+            layers, mods, per_mod, per_lora, tunit = trace_usage(routing, trace, mask, row=row)
+        who = "all prompts" if row is None else f"prompt {row}"
+        _heatmap(axes[1], per_mod, [f"layer {li}" for li in layers], mods, cbar_label=tunit,
+                 annotate=True, fmt="{:.1f}")
+        axes[1].set_title(f"token-level usage per layer x module ({who})")
+        _heatmap(axes[2], per_lora, [f"layer {li}" for li in layers], names, cbar_label=tunit,
+                 annotate=True, fmt="{:.1f}")
+        axes[2].set_title(f"token-level usage per layer x LoRA ({who})")
+    return _finish(fig, save)
+
+
+def _batch_of(trace: Mapping[str, Any]) -> int:
+    aux = next(iter(trace.values()))
+    return int(np.shape(aux.get("fired", aux.get("coeff")))[0])
+
+
+# -- evaluation results --------------------------------------------------------------------------
+def _results_table(results) -> tuple[list[str], list[str], dict]:
+    """Normalise `{method: {protocol: res}}` or `{(method, protocol): res}` to a value table."""
+    table: dict[tuple[str, str], Any] = {}
+    for k, v in results.items():
+        if isinstance(k, tuple):
+            table[(str(k[0]), str(k[1]))] = v
+        elif isinstance(v, Mapping) and not ("mean" in v and "config" in v):
+            for p, r in v.items():
+                table[(str(k), str(p))] = r
+        else:
+            proto = v.get("config", {}).get("protocol", "seen") if isinstance(v, Mapping) else "seen"
+            table[(str(k), str(proto))] = v
+    methods = list(dict.fromkeys(m for m, _ in table))
+    protocols = list(dict.fromkeys(p for _, p in table))
+    return methods, protocols, table
+
+
+def _value(r, metric: str) -> float:
+    if isinstance(r, Mapping):
+        return float(r["mean"][metric] if "mean" in r else r[metric])
+    return float(r)
+
+
+def plot_results(results: Mapping, *, metric: str = "acc", title: str | None = None,
+                 save: str | os.PathLike | None = None) -> Figure:
+    """Grouped bars of `metric` (`result["mean"][metric]`) per method (x) and protocol (colour).
+
+    `results`: `{method: {protocol: evaluate_result}}`, `{(method, protocol): result}`, or
+    `{method: result}` (protocol read from `result["config"]`); a result may also be a number.
+    """
+    methods, protocols, table = _results_table(results)
+    fig = Figure(figsize=(max(4.5, 1.3 * len(methods) * max(1, len(protocols)) ** 0.5 + 2), 3.6),
+                 layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(protocols), 1)
+    x = np.arange(len(methods))
+    for j, p in enumerate(protocols):
+        vals = [(_value(table[(m, p)], metric) if (m, p) in table else np.nan) for m in methods]
+        bars = ax.bar(x + (j - (len(protocols) - 1) / 2) * width, vals, width, label=p)
+        ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.2f}" for v in vals], fontsize=7,
+                     padding=1)
+    ax.set_xticks(x, methods)
+    ax.set_ylabel(metric)
+    ax.set_ylim(0, 1.05 if metric.startswith("acc") else None)
+    ax.legend(title="protocol", fontsize=8)
+    ax.set_title(title or f"{metric} by method and protocol")
+    return _finish(fig, save)
+
+
+# -- task x LoRA ---------------------------------------------------------------------------------
+def routing_fractions(routing, tasks: Sequence[str], *, task_order: Sequence[str] | None = None
+                      ) -> tuple[np.ndarray, list[str], list[str]]:
+    """Fraction of each task's examples routed to each LoRA: `(matrix [tasks, A], tasks, names)`.
+
+    A row of `routing` counts as routed to a LoRA when the LoRA got ROCs (`hilora`) or a
+    positive weight (mixture routers). `tasks[i]` is the task of row `i`.
+    """
+    usage, _ = sequence_usage(routing)
+    if usage.shape[0] != len(tasks):
+        raise ValueError(f"{len(tasks)} task labels for {usage.shape[0]} routed rows (token-level "
+                         "routers have no sequence-level choice to count)")
+    order = list(task_order) if task_order is not None else list(dict.fromkeys(tasks))
+    tasks_a = np.asarray(tasks)
+    m = np.zeros((len(order), usage.shape[1]))
+    for i, t in enumerate(order):
+        rows = usage[tasks_a == t]
+        if len(rows):
+            m[i] = (rows > 0).mean(0)
+    return m, order, list(routing.names)
+
+
+def plot_routing_heatmap(matrix, row_labels: Sequence[str], col_labels: Sequence[str], *,
+                         title: str = "fraction of each task's examples routed to each LoRA",
+                         xlabel: str = "LoRA", ylabel: str = "task", annotate: bool = True,
+                         save: str | os.PathLike | None = None) -> Figure:
+    """A task x LoRA heatmap (values in [0, 1]); see `routing_fractions`."""
+    m = np.asarray(matrix, np.float64)
+    if m.shape != (len(row_labels), len(col_labels)):
+        raise ValueError(f"matrix shape {m.shape} does not match {len(row_labels)} row labels x "
+                         f"{len(col_labels)} column labels")
+    fig = Figure(figsize=(max(4.0, 0.55 * len(col_labels) + 2.5),
+                          max(2.5, 0.4 * len(row_labels) + 1.6)), layout="constrained")
+    ax = fig.subplots()
+    _heatmap(ax, m, row_labels, col_labels, vmin=0.0, vmax=1.0, annotate=annotate,
+             cbar_label="fraction")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return _finish(fig, save)
+
+
+# -- training ------------------------------------------------------------------------------------
+def plot_training_curves(curves: Mapping[str, Sequence[float]], *, title: str = "LoRA training loss",
+                         save: str | os.PathLike | None = None) -> Figure:
+    """One loss curve per trained adapter (`{name: TrainedLora.losses}`), loss vs step."""
+    fig = Figure(figsize=(5.5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    for name, losses in curves.items():
+        ax.plot(np.arange(1, len(losses) + 1), np.asarray(losses, np.float64), label=str(name))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (answer tokens)")
+    ax.set_title(title)
+    if curves:
+        ax.legend(fontsize=8)
+    return _finish(fig, save)
