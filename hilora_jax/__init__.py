@@ -4,6 +4,7 @@ Front doors:
   load_model(src, dtype=..., mesh=...)    HF dir, hub id, .gguf, converted dir, or "smollm2"
   load_tokenizer(src)
   load_pool(manifest_or_dir, model=...)   PEFT adapters -> stacked LoRA pool
+  save_model(model, out, tokenizer=...)   converted (orbax) model dir; save_pool(pool, out)
   Engine(model, mesh=None)                jitted forward / score / generate
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "load_tokenizer", "load_pool", "Engine", "ModelConfig", "__version__"]
+__all__ = ["load_model", "load_tokenizer", "load_pool", "save_model", "save_pool", "Engine",
+           "ModelConfig", "__version__"]
 
 
 def __getattr__(name):  # lazy: importing the package stays cheap
@@ -19,10 +21,14 @@ def __getattr__(name):  # lazy: importing the package stays cheap
         from hilora_jax import loading
 
         return getattr(loading, name)
-    if name == "load_pool":
-        from hilora_jax.lora.io import load_pool
+    if name in ("load_pool", "save_pool"):
+        from hilora_jax.lora import io
 
-        return load_pool
+        return getattr(io, name)
+    if name == "save_model":
+        from hilora_jax.checkpoint import save_model
+
+        return save_model
     if name == "Engine":
         from hilora_jax.inference import Engine
 

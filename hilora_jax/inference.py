@@ -58,7 +58,6 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, side: 
 class GenerationOutput:
     tokens: np.ndarray  # [B, max_new_tokens] generated ids, `pad_id` after a stop token
     lengths: np.ndarray  # [B] number of generated tokens (including the stop token)
-    trace: object = None  # routing trace of the prefill, when the hook records one
 
 
 def _sample(logits, key, temperature, top_p, greedy: bool):
@@ -174,7 +173,8 @@ class Engine:
                 hidden_layer: int | None = None, trace: bool = False):
         """Logits `[B, T, V]` (float32); with `hidden_layer`, also that layer's hidden states;
         with `trace=True` (and a hook that has `with_aux`), also the hook's per-module routing
-        trace `{"<layer>.<module>": {...}}` (e.g. ROCs fired per token and candidate)."""
+        trace `{"<layer>.<module>": {...}, "attention_mask": [B, T]}` (e.g. ROCs fired per token
+        and candidate; padding positions are included, mask them with `attention_mask`)."""
         input_ids = np.asarray(input_ids, np.int32)
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, bool)
@@ -182,6 +182,8 @@ class Engine:
         ids, mask = self._place(input_ids, np.asarray(attention_mask, bool))
         logits, hidden, aux = self._forward(self.state, ids, mask, lora, logits_at=logits_at,
                                             hidden_layer=hidden_layer, trace=trace)
+        if trace:
+            aux = {**aux, "attention_mask": np.asarray(attention_mask, bool)}
         out = (logits,) + ((hidden,) if hidden_layer is not None else ()) + ((aux,) if trace else ())
         return out if len(out) > 1 else logits
 

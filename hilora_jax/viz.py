@@ -107,6 +107,8 @@ def _parse_trace(trace: Mapping[str, Any]):
 
     cells = {}
     for key, aux in trace.items():
+        if key == "attention_mask":  # the forward's mask travels with the trace
+            continue
         layer, module = key.split(".", 1)
         cells[(int(layer), module)] = aux
     layers = sorted({k[0] for k in cells})
@@ -125,6 +127,8 @@ def trace_usage(routing, trace: Mapping[str, Any], mask=None, *, row: int | None
     adapts are NaN.
     """
     layers, mods, cells = _parse_trace(trace)
+    if mask is None:
+        mask = trace.get("attention_mask")
     n = len(routing.names)
     info = routing.info
     per_mod = np.full((len(layers), len(mods)), np.nan)
@@ -222,7 +226,7 @@ def plot_routing(routing, trace: Mapping[str, Any] | None = None, *, mask=None,
 
 
 def _batch_of(trace: Mapping[str, Any]) -> int:
-    aux = next(iter(trace.values()))
+    aux = next(v for k, v in trace.items() if k != "attention_mask")
     return int(np.shape(aux.get("fired", aux.get("coeff")))[0])
 
 

@@ -226,7 +226,7 @@ def evaluate(
     records: dict[str, dict] = dict(done)
     embeds = hasattr(router, "embed")
     bar = None
-    if progress and dist.process_index() == 0:
+    if progress and dist.process_index() == 0 and os.environ.get("HILORA_QUIET") != "1":
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(examples), initial=len(done_keys), desc=f"{router.name}/{protocol}",
