@@ -215,7 +215,8 @@ def test_routing_trace(tiny):
     routing = build_router("hilora", pool, options=dict(embedder=emb)).route(["task2 q1"])
     ids, mask = padded_batch(np.random.default_rng(0), (6,), 6, vocab=64)
     logits, trace = eng.forward(ids, mask, lora=routing.hook, trace=True)
-    assert set(trace) == {f"{l}.{m}" for l in range(2) for m in pool.arrays.modules}
+    assert set(trace) == {f"{l}.{m}" for l in range(2) for m in pool.arrays.modules} | {"attention_mask"}
+    np.testing.assert_array_equal(trace["attention_mask"], mask)
     fired = np.asarray(trace["1.q_proj"]["fired"])  # B T C
     n_mod = np.asarray(trace["1.q_proj"]["n_module"])  # B C
     np.testing.assert_array_equal(fired, np.broadcast_to(n_mod[:, None], fired.shape))
