@@ -110,15 +110,15 @@ def cmd_eval(args) -> int:
     from hilora_jax import distributed as dist
 
     dist.initialize()
+    import jax
+
     from hilora_jax import sharding as shd
     from hilora_jax.eval.runner import evaluate
     from hilora_jax.eval.tasks import load_tasks
     from hilora_jax.inference import Engine
-    from hilora_jax.lora import load_pool
     from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.lora import load_pool
     from hilora_jax.routing import build_router
-
-    import jax
 
     mesh = None
     if args.mesh:

@@ -14,8 +14,8 @@ from peft import ArrowConfig, create_arrow_model
 from peft_utils import load_base, make_peft_adapter
 
 from hilora_jax.inference import Engine
-from hilora_jax.lora import load_pool
 from hilora_jax.loading import load_model
+from hilora_jax.lora import load_pool
 from hilora_jax.routing import build_router
 
 TARGETS = ["q_proj", "v_proj", "up_proj"]
@@ -44,7 +44,7 @@ def test_arrow_matches_peft(tmp_path, top_k, temp, gks):
                             general_adapter_paths=gen_dirs or None).eval()
 
     model = load_model(md, progress=False)
-    manifest = {"adapters": {n: {"path": d} for n, d in zip(names, dirs)}}
+    manifest = {"adapters": {n: {"path": d} for n, d in zip(names, dirs, strict=True)}}
     general = []
     if gks:
         for i, d in enumerate(gen_dirs):

@@ -124,7 +124,7 @@ def test_orbax_round_trip_exact(hf_dir, tmp_path):
     a = jax.tree.leaves(nnx.state(model, nnx.Param))
     b = jax.tree.leaves(nnx.state(back, nnx.Param))
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert back.config == model.config
     # the converted dir is itself a model source
@@ -141,8 +141,8 @@ def test_convert_model_cli_leaves_nothing_on_failure(hf_dir, tmp_path):
 
 
 def test_convert_model_cli_and_generate(hf_dir, tmp_path, capsys):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"w{i}": i for i in range(61)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

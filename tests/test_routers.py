@@ -10,8 +10,8 @@ from routing_utils import random_pool
 
 from hilora_jax import sharding as shd
 from hilora_jax.inference import Engine
-from hilora_jax.lora.pool import GatedHook
 from hilora_jax.loading import load_model
+from hilora_jax.lora.pool import GatedHook
 from hilora_jax.routing import build_router
 from hilora_jax.routing.hooks import HiLoRAHook
 
@@ -36,7 +36,7 @@ def _reference_delta(pool, x, name, layer, dec, kappa_mode):
         d = dec[b]
         kap = ref.kappa(d["n"], kappa_mode)
         for t in range(x.shape[1]):
-            for i, n in zip(d["cand"], d["n"]):
+            for i, n in zip(d["cand"], d["n"], strict=True):
                 n_mod = ref.per_module_count(n, int(ranks[i]), int(M[i].sum()))
                 u = A[i] @ x[b, t]
                 for j in ref.topn_keep(u, n_mod, M[i]):
@@ -74,7 +74,7 @@ def test_hilora_matches_float64_reference(tiny, strategy, kappa_mode, mode_k):
         d_in = pool.arrays.A[name].shape[-1]
         x = rng.standard_normal((len(texts), 4, d_in)).astype(np.float32)
         for layer in range(model.config.num_layers):
-            got = np.asarray(jax.jit(lambda h, x: h(layer, name, x))(routing.hook, x))
+            got = np.asarray(jax.jit(lambda h, x, layer=layer, name=name: h(layer, name, x))(routing.hook, x))
             want = _reference_delta(pool, x.astype(np.float64), name, layer, dec, kappa_mode)
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
@@ -132,9 +132,9 @@ def test_sharded_equals_unsharded(tiny):
     a, _ = _hilora_logits(eng, build_router("hilora", pool, options=dict(embedder=emb)), texts, ids, mask)
     b, _ = _hilora_logits(seng, build_router("hilora", spool, options=dict(embedder=emb)), texts, ids, mask)
     assert np.abs(a - b).max() <= 1e-5
-    ga = eng.generate([list(r[m]) for r, m in zip(ids, mask)], max_new_tokens=6, stop_tokens=[-1],
+    ga = eng.generate([list(r[m]) for r, m in zip(ids, mask, strict=True)], max_new_tokens=6, stop_tokens=[-1],
                       lora=build_router("hilora", pool, options=dict(embedder=emb)).route(texts).hook)
-    gb = seng.generate([list(r[m]) for r, m in zip(ids, mask)], max_new_tokens=6, stop_tokens=[-1],
+    gb = seng.generate([list(r[m]) for r, m in zip(ids, mask, strict=True)], max_new_tokens=6, stop_tokens=[-1],
                        lora=build_router("hilora", spool, options=dict(embedder=emb)).route(texts).hook)
     np.testing.assert_array_equal(ga.tokens, gb.tokens)
 
@@ -215,7 +215,7 @@ def test_routing_trace(tiny):
     routing = build_router("hilora", pool, options=dict(embedder=emb)).route(["task2 q1"])
     ids, mask = padded_batch(np.random.default_rng(0), (6,), 6, vocab=64)
     logits, trace = eng.forward(ids, mask, lora=routing.hook, trace=True)
-    assert set(trace) == {f"{l}.{m}" for l in range(2) for m in pool.arrays.modules} | {"attention_mask"}
+    assert set(trace) == {f"{li}.{m}" for li in range(2) for m in pool.arrays.modules} | {"attention_mask"}
     np.testing.assert_array_equal(trace["attention_mask"], mask)
     fired = np.asarray(trace["1.q_proj"]["fired"])  # B T C
     n_mod = np.asarray(trace["1.q_proj"]["n_module"])  # B C
@@ -249,9 +249,11 @@ def test_retrieval_fusion_averages_parameters(tiny):
     w = routing.info["weights"][0]
     x = np.random.default_rng(0).standard_normal((1, 3, 48)).astype(np.float32)
     got = np.asarray(routing.hook(0, "q_proj", x))
-    A = np.asarray(pool.arrays.A["q_proj"][0]); B = np.asarray(pool.arrays.B["q_proj"][0])
+    A = np.asarray(pool.arrays.A["q_proj"][0])
+    B = np.asarray(pool.arrays.B["q_proj"][0])
     S = np.asarray(pool.arrays.scale["q_proj"][0])
-    A_f = np.einsum("a,ard->rd", w, A); B_f = np.einsum("a,ar,are->re", w, S, B)
+    A_f = np.einsum("a,ard->rd", w, A)
+    B_f = np.einsum("a,ar,are->re", w, S, B)
     np.testing.assert_allclose(got, (x @ A_f.T) @ B_f, atol=1e-5)
 
 

@@ -310,7 +310,7 @@ def summarize(records, config: dict) -> dict:
             entry["mean_candidates"] = float(np.mean([x["n_candidates"] for x in rs]))
         tasks[name] = entry
     by_cluster: dict[str, list] = defaultdict(list)
-    for name, e in tasks.items():
+    for e in tasks.values():
         by_cluster[e["cluster"]].append(e)
     cl = {c: {"acc": float(np.mean([e["acc"] for e in es])),
               "acc_norm": float(np.mean([e["acc_norm"] for e in es])), "tasks": len(es)}

@@ -47,8 +47,16 @@ def _layer(arrays: PoolArrays, name: str, layer: int):
     return A_l, B_l, mask_l, w_l
 
 
+class _Hook:
+    """`__call__` from `with_aux` (the aux outputs are only collected when tracing)."""
+
+    def __call__(self, layer: int, name: str, x: Float[Array, "B T D"]):
+        out = self.with_aux(layer, name, x)
+        return None if out is None else out[0]
+
+
 @struct.dataclass
-class HiLoRAHook:
+class HiLoRAHook(_Hook):
     arrays: PoolArrays
     cand_idx: Int[Array, "B C"]
     cand_valid: Bool[Array, "B C"]
@@ -56,10 +64,6 @@ class HiLoRAHook:
     kappa: Float[Array, " B"]
     strategy: str = struct.field(pytree_node=False, default="gathered")
     topn_method: str = struct.field(pytree_node=False, default="pairwise")
-
-    def __call__(self, layer: int, name: str, x: Float[Array, "B T D"]):
-        out = self.with_aux(layer, name, x)
-        return None if out is None else out[0]
 
     def with_aux(self, layer: int, name: str, x: Float[Array, "B T D"]):
         if name not in self.arrays.A:
@@ -91,13 +95,9 @@ class HiLoRAHook:
 
 
 @struct.dataclass
-class RocFixedHook:
+class RocFixedHook(_Hook):
     arrays: PoolArrays
     budget: int = struct.field(pytree_node=False, default=24)
-
-    def __call__(self, layer, name, x):
-        out = self.with_aux(layer, name, x)
-        return None if out is None else out[0]
 
     def with_aux(self, layer, name, x):
         if name not in self.arrays.A:
@@ -111,15 +111,11 @@ class RocFixedHook:
 
 
 @struct.dataclass
-class ArrowHook:
+class ArrowHook(_Hook):
     arrays: PoolArrays
     protos: dict  # module -> [L, A, D] unit prototypes
     top_k: int = struct.field(pytree_node=False, default=3)
     temperature: float = struct.field(pytree_node=False, default=1.0)
-
-    def __call__(self, layer, name, x):
-        out = self.with_aux(layer, name, x)
-        return None if out is None else out[0]
 
     def with_aux(self, layer, name, x):
         if name not in self.arrays.A:
@@ -142,13 +138,9 @@ class ArrowHook:
 
 
 @struct.dataclass
-class FusionHook:
+class FusionHook(_Hook):
     arrays: PoolArrays
     weights: Float[Array, "B A"]
-
-    def __call__(self, layer, name, x):
-        out = self.with_aux(layer, name, x)
-        return None if out is None else out[0]
 
     def with_aux(self, layer, name, x):
         if name not in self.arrays.A:
@@ -188,25 +180,25 @@ def arrow_prototypes(arrays: PoolArrays, method: str = "svd", *, iters: int = 15
             if v0.shape != (D,):
                 raise ValueError(f"power-iteration init must have shape ({D},) for {m}")
         protos = np.zeros((L, N, D), np.float32)
-        for l in range(L):
+        for li in range(L):
             for i in range(N):
-                r = int(mask[l, i].sum())
+                r = int(mask[li, i].sum())
                 if r == 0:
                     continue
-                a, b = A[l, i, :r], B[l, i, :r]  # [r, D], [r, E] (rows b_ij)
+                a, b = A[li, i, :r], B[li, i, :r]  # [r, D], [r, E] (rows b_ij)
                 if method == "svd":
                     q, ra = np.linalg.qr(a.T)  # D r, r r
                     small = ra @ (b @ b.T) @ ra.T  # b @ b.T = B^T B in PEFT's layout
                     _, evecs = np.linalg.eigh((small + small.T) / 2)
                     v = q @ evecs[:, -1]
-                    protos[l, i] = v / (np.linalg.norm(v) + 1e-12)
+                    protos[li, i] = v / (np.linalg.norm(v) + 1e-12)
                 else:
                     a32, c32 = a.astype(np.float32), (b @ b.T).astype(np.float32)
                     v = v0 / (np.linalg.norm(v0) + np.float32(1e-8))
                     for _ in range(iters):
                         w = a32.T @ (c32 @ (a32 @ v))
                         v = w / (np.linalg.norm(w) + np.float32(1e-8))
-                    protos[l, i] = v
+                    protos[li, i] = v
         out[m] = protos
     return out
 

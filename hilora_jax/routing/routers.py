@@ -28,7 +28,14 @@ import numpy as np
 from hilora_jax.lora.pool import GatedHook, LoraPool
 from hilora_jax.routing import gaussian as gs
 from hilora_jax.routing.hooks import (
-    STRATEGIES, ArrowHook, FusionHook, HiLoRAHook, RocFixedHook, arrow_prototypes, genknowsub)
+    STRATEGIES,
+    ArrowHook,
+    FusionHook,
+    HiLoRAHook,
+    RocFixedHook,
+    arrow_prototypes,
+    genknowsub,
+)
 from hilora_jax.routing.sequence import sequence_decisions
 from hilora_jax.routing.token import KAPPA_MODES, kappa
 
@@ -46,7 +53,7 @@ class Routing:
         inf = self.info
         if "cand_idx" in inf:
             parts = [f"{self.names[a]}:{n}" for a, v, n in
-                     zip(inf["cand_idx"][i], inf["cand_valid"][i], inf["n_rocs"][i]) if v and n > 0]
+                     zip(inf["cand_idx"][i], inf["cand_valid"][i], inf["n_rocs"][i], strict=True) if v and n > 0]
             cap = " (max_candidates cap bound)" if inf["cap_binds"][i] else ""
             return (f"[hilora] budget {int(inf['budget'][i])} ROCs over {len(parts)} LoRAs: "
                     f"{', '.join(parts) or 'none (base model)'}{cap}")
