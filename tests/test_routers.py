@@ -89,8 +89,8 @@ def test_dense_equals_gathered_and_decisions_do_not_recompile(tiny):
     pool, emb, _ = random_pool(model.config, seed=2)
     texts = ["task0 q0", "task2 q5", "task4 q1"]
     ids, mask = padded_batch(np.random.default_rng(0), (7, 4, 9), 9, vocab=64)
-    dense = build_router("hilora", pool, options=dict(embedder=emb, strategy="dense"))
-    gath = build_router("hilora", pool, options=dict(embedder=emb, strategy="gathered"))
+    dense = build_router("hilora", pool, options=dict(embedder=emb, strategy="dense", trim=False))
+    gath = build_router("hilora", pool, options=dict(embedder=emb, strategy="gathered", trim=False))
     a, _ = _hilora_logits(eng, dense, texts, ids, mask)
     b, _ = _hilora_logits(eng, gath, texts, ids, mask)
     assert np.abs(a - b).max() <= 1e-5
@@ -192,10 +192,12 @@ def test_protocol_subsets_exclude_adapters_without_recompiling(tiny):
     _, model, eng = tiny
     pool, emb, _ = random_pool(model.config, seed=9)
     texts = ["task1 q0", "task1 q1"]
-    full = build_router("hilora", pool, options=dict(embedder=emb)).route(texts)
+    # trim=False: fixed candidate slots, so nothing at all recompiles (with the default trimming a
+    # batch compiles one of at most log2(max_candidates)+1 slot variants)
+    full = build_router("hilora", pool, options=dict(embedder=emb, trim=False)).route(texts)
     assert (full.info["cand_idx"][:, 0] == 1).all()
     view = pool.subset([n for n in pool.names if n != "lora1"])
-    held = build_router("hilora", view, options=dict(embedder=emb)).route(texts)
+    held = build_router("hilora", view, options=dict(embedder=emb, trim=False)).route(texts)
     assert not ((held.info["cand_idx"] == 1) & held.info["cand_valid"]).any()
     ids, mask = padded_batch(np.random.default_rng(0), (4, 4), 4, vocab=64)
     eng.forward(ids, mask, lora=full.hook)
@@ -289,3 +291,25 @@ def test_sample_mode_is_seeded_per_sequence(tiny):
     b = r.route(["task4 q4", "task2 q1"]).info
     np.testing.assert_array_equal(a["n_rocs"][1], b["n_rocs"][1])
     assert (a["n_rocs"].sum(1) == a["budget"]).all()
+
+
+def test_trimmed_slots_and_sparse_mixtures_are_exact(tiny):
+    """HiLoRA's token stage only sees the slots that hold ROCs; oracle/retrieval gather their
+    adapters: both equal the untrimmed / dense-weight computations."""
+    _, model, eng = tiny
+    pool, emb, _ = random_pool(model.config, seed=15)
+    texts = ["task0 q0", "task3 q1", "far away text"]
+    ids, mask = padded_batch(np.random.default_rng(0), (5, 7, 3), 7, vocab=64)
+    trimmed = build_router("hilora", pool, options=dict(embedder=emb)).route(texts)
+    full = build_router("hilora", pool, options=dict(embedder=emb, trim=False)).route(texts)
+    assert trimmed.hook.cand_idx.shape[1] < full.hook.cand_idx.shape[1]
+    a = np.asarray(eng.forward(ids, mask, lora=trimmed.hook))
+    b = np.asarray(eng.forward(ids, mask, lora=full.hook))
+    assert np.abs(a - b).max() <= 1e-5
+    for name, opts in (("retrieval", dict(embedder=emb)), ("oracle", {})):
+        kw = {"adapter_names": ["lora1", "lora4", None]} if name == "oracle" else {}
+        r = build_router(name, pool, options=opts).route(texts, **kw)
+        dense = GatedHook(pool.arrays, jnp.asarray(r.info["weights"]))
+        a = np.asarray(eng.forward(ids, mask, lora=r.hook))
+        b = np.asarray(eng.forward(ids, mask, lora=dense))
+        assert np.abs(a - b).max() <= 1e-5, name

@@ -138,6 +138,40 @@ class ArrowHook(_Hook):
 
 
 @struct.dataclass
+class SparseMixtureHook(_Hook):
+    """Output mixture of a few adapters per sequence, gathered first (cost independent of A).
+
+    `idx [B, K]` adapter indices and `weights [B, K]` (0 for unused slots): delta =
+    `sum_k w_k s_k B_k A_k x`, equal to `GatedHook` with the dense `[B, A]` weights.
+    """
+
+    arrays: PoolArrays
+    idx: Int[Array, "B K"]
+    weights: Float[Array, "B K"]
+
+    def with_aux(self, layer, name, x):
+        if name not in self.arrays.A:
+            return None
+        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+        A_c = A_l[self.idx].astype(x.dtype)  # B K R D
+        coef = (w_l[self.idx] * self.weights[..., None]).astype(x.dtype)  # B K R
+        u = jnp.einsum("BTD,BKRD->BTKR", x, A_c)
+        delta = jnp.einsum("BTKR,BKRE->BTE", u * coef[:, None], B_l[self.idx].astype(x.dtype))
+        return delta, {}
+
+
+def trim_slots(n: np.ndarray) -> int:
+    """Candidate slots actually needed by a batch: the last slot with ROCs, rounded up to a
+    power of two (so a batch compiles one of at most log2(C)+1 variants)."""
+    used = np.asarray(n) > 0
+    last = int(np.max(np.where(used.any(0), np.arange(used.shape[1]) + 1, 0))) if used.size else 0
+    k = 1
+    while k < last:
+        k *= 2
+    return min(max(k, 1), used.shape[1])
+
+
+@struct.dataclass
 class FusionHook(_Hook):
     arrays: PoolArrays
     weights: Float[Array, "B A"]

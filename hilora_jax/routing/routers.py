@@ -33,8 +33,10 @@ from hilora_jax.routing.hooks import (
     FusionHook,
     HiLoRAHook,
     RocFixedHook,
+    SparseMixtureHook,
     arrow_prototypes,
     genknowsub,
+    trim_slots,
 )
 from hilora_jax.routing.sequence import sequence_decisions
 from hilora_jax.routing.token import KAPPA_MODES, kappa
@@ -107,7 +109,12 @@ class BaseRouter(Router):
 
 
 class _WeightsRouter(Router):
-    """Routers that weight whole adapters per sequence (`[B, A]`); mixture or fusion."""
+    """Routers that weight whole adapters per sequence (`[B, A]`); mixture or fusion.
+
+    Sparse routers (oracle, retrieval) gather their few adapters per row (`SparseMixtureHook`);
+    uniform mixes the whole pool (`GatedHook`)."""
+
+    sparse = True
 
     def __init__(self, pool, *, combine: str = "mixture", **options):
         super().__init__(pool, **options)
@@ -118,8 +125,15 @@ class _WeightsRouter(Router):
     def _hook(self, w: np.ndarray, info: dict) -> Routing:
         info = {"router": self.name, "weights": w, **info}
         arr = self.pool.arrays
-        hook = (GatedHook(arr, jnp.asarray(w, jnp.float32)) if self.combine == "mixture"
-                else FusionHook(arr, jnp.asarray(w, jnp.float32)))
+        if self.combine == "fusion":
+            hook = FusionHook(arr, jnp.asarray(w, jnp.float32))
+        elif self.sparse:  # few adapters per row: gather them (token cost independent of A)
+            k = trim_slots(w)
+            idx = np.argsort(-w, axis=1, kind="stable")[:, :k]
+            hook = SparseMixtureHook(arr, jnp.asarray(idx, jnp.int32),
+                                     jnp.asarray(np.take_along_axis(w, idx, 1), jnp.float32))
+        else:
+            hook = GatedHook(arr, jnp.asarray(w, jnp.float32))
         return Routing(hook, info, self.pool.names)
 
 
@@ -145,6 +159,7 @@ class OracleRouter(_WeightsRouter):
 
 class UniformRouter(_WeightsRouter):
     name = "uniform"
+    sparse = False
 
     def route(self, texts, *, active=None, **kw):
         act = self._active_for(active).astype(np.float32)
@@ -279,7 +294,7 @@ class HiLoRARouter(_EmbeddingRouter):
                  max_candidates: int | None = None, mode: str | None = None,
                  kappa: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
                  strategy: str = "gathered", min_budget: int = 1, pca_dim: int | None = None,
-                 embedder=None, **options):
+                 trim: bool = True, embedder=None, **options):
         super().__init__(pool, embedder=embedder, **options)
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -299,6 +314,7 @@ class HiLoRARouter(_EmbeddingRouter):
         self.params = {**p, "k": int(p["k"]), "gamma": float(p["gamma"]), "tau": float(p["tau"]),
                        "max_candidates": int(p["max_candidates"])}
         self.seed, self.strategy, self.min_budget = int(seed), strategy, int(min_budget)
+        self.trim = bool(trim)
         cache = pool.__dict__.setdefault("_route_cache", {})
         key = ("gaussians", _embedder_key(self.embedder), estimator, pca_dim)
         if key not in cache:
@@ -320,9 +336,12 @@ class HiLoRARouter(_EmbeddingRouter):
             arr = arr.replace(active=jnp.asarray(self._active_for(active)))
         dec, scores, kap = self._decide(self.bank, jnp.asarray(z), arr.ranks, arr.active,
                                         jnp.float32(self.params["tau"]), keys)
-        hook = HiLoRAHook(arr, dec.cand_idx, dec.cand_valid, dec.n_rocs, kap,
-                          strategy=self.strategy)
         info = {k: np.asarray(v) for k, v in dataclasses.asdict(dec).items()}
+        # only the slots that hold ROCs in this batch go to the token stage (exact: later slots
+        # have n = 0); at most log2(max_candidates)+1 shape variants
+        c = trim_slots(info["n_rocs"]) if self.trim else info["n_rocs"].shape[1]
+        hook = HiLoRAHook(arr, dec.cand_idx[:, :c], dec.cand_valid[:, :c], dec.n_rocs[:, :c], kap,
+                          strategy=self.strategy)
         info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap))
         return Routing(hook, info, self.pool.names)
 
