@@ -29,10 +29,12 @@ lint: setup
 	$(BIN)/ruff check hilora_jax convert tests benchmarks
 
 demo: setup
-	$(BIN)/python -m hilora_jax.assets
-	$(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct --overwrite
+	$(BIN)/python -m hilora_jax.assets --only smollm2 --only minilm --only bigbench
+	test -f $(ART)/smollm2-135m-instruct/hilora_model.json || \
+	  $(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct
 	$(BIN)/hilora generate --model $(ART)/smollm2-135m-instruct \
 	  --prompt "What is the capital of France?" --max-new-tokens 24
+	$(BIN)/python -m hilora_jax.demo --model $(ART)/smollm2-135m-instruct --out $(ART)/demo
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -67,9 +67,10 @@ class LoraAdapter:
     a: dict
     b: dict
     scale: float = struct.field(pytree_node=False)
+    layers: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # None: all
 
     def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]):
-        if name not in self.a:
+        if name not in self.a or (self.layers is not None and layer not in self.layers):
             return None
         h = jnp.einsum("BTD,DR->BTR", x, self.a[name][layer].astype(x.dtype))
         return jnp.einsum("BTR,RF->BTF", h, self.b[name][layer].astype(x.dtype)) * self.scale
@@ -80,8 +81,10 @@ class LoraAdapter:
 
 
 def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-              seed: int = 0) -> LoraAdapter:
-    """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32."""
+              seed: int = 0, layers: Sequence[int] | None = None) -> LoraAdapter:
+    """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32.
+
+    `layers` (PEFT's `layers_to_transform`) restricts the adapter to those layers; None = all."""
     shapes = model.config.module_shapes()
     bad = [t for t in targets if t not in shapes]
     if bad:
@@ -95,7 +98,11 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16, targets=("q_pro
         a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, r), jnp.float32,
                                      -bound, bound)
         b[name] = jnp.zeros((n_layers, r, d_out), jnp.float32)
-    return LoraAdapter(a=a, b=b, scale=float(alpha) / r)
+    if layers is not None:
+        layers = tuple(sorted({int(i) for i in layers}))
+        if not layers or layers[0] < 0 or layers[-1] >= n_layers:
+            raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
+    return LoraAdapter(a=a, b=b, scale=float(alpha) / r, layers=layers)
 
 
 @dataclasses.dataclass
@@ -150,9 +157,9 @@ def make_batch(pairs, idx, length: int, pad_id: int):
 
 
 # -- training ----------------------------------------------------------------------------------
-def _loss(adapter, graphdef, state, ids, mask, tmask, tail):
+def _loss(adapter, graphdef, state, ids, mask, tmask, hidden, tail, start):
     model = nnx.merge(graphdef, state)
-    lp = tail_logprobs(model, ids, mask, tail, adapter)  # B K
+    lp = tail_logprobs(model, ids, mask, tail, adapter, start_layer=start, hidden_in=hidden)  # B K
     tm = tmask[:, -tail:].astype(jnp.float32)
     return -jnp.sum(lp * tm) / jnp.maximum(jnp.sum(tm), 1.0)
 
@@ -172,8 +179,15 @@ def train_lora(
     max_len: int = 256,
     warmup: int = 10,
     progress: bool = True,
+    layers: Sequence[int] | None = None,
 ) -> TrainedLora:
     """Train one LoRA on `examples` with AdamW (cosine decay after `warmup` linear steps).
+
+    `layers` (PEFT `layers_to_transform`) restricts the adapter to those layers. The frozen model
+    below the lowest of them does not depend on the adapter, so its hidden states are computed once
+    per example (base model, one batched pass) and every step runs only the layers from there up:
+    exact (rows are left-padded to one length and attend only within themselves) and, for top
+    layers, many times cheaper than full-depth steps.
 
     Batches are drawn by reshuffling the examples every epoch (seeded). Every batch is padded to
     the same `[batch_size, bucket(longest pair)]` shape, so the step compiles once. Examples longer
@@ -193,7 +207,8 @@ def train_lora(
     tail = min(_pow2(max(len(a) for _, a in pairs)), length - 1)
     pad = pad_id_of(tokenizer)
 
-    adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed)
+    adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed, layers=layers)
+    start = adapter.layers[0] if adapter.layers is not None else 0
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)),
                                                max(steps, 2), end_value=lr * 0.1)
     opt = optax.adamw(sched, weight_decay=0.0)
@@ -201,10 +216,25 @@ def train_lora(
     graphdef, state = nnx.split(model)  # once; `state` is never differentiated
 
     @jax.jit
-    def step(adapter, opt_state, state, ids, mask, tmask):
-        loss, grads = jax.value_and_grad(_loss)(adapter, graphdef, state, ids, mask, tmask, tail)
+    def step(adapter, opt_state, state, ids, mask, tmask, hidden):
+        loss, grads = jax.value_and_grad(_loss)(adapter, graphdef, state, ids, mask, tmask, hidden,
+                                                tail, start)
         updates, opt_state = opt.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
+
+    prefix = None
+    if start > 0:  # frozen prefix: hidden states at layer `start`, once per example
+        @jax.jit
+        def run_prefix(state, ids, mask):
+            m = nnx.merge(graphdef, state)
+            return m(ids, mask, logits_at="none", hidden_layer=start)[2]
+
+        prefix = np.zeros((len(pairs), length, model.config.hidden_size), np.float32)
+        for s0 in range(0, len(pairs), batch_size):
+            idx = list(range(s0, min(s0 + batch_size, len(pairs))))
+            idx_full = idx + [idx[0]] * (batch_size - len(idx))  # one compiled shape
+            ids, mask, _ = make_batch(pairs, idx_full, length, pad)
+            prefix[idx] = np.asarray(run_prefix(state, ids, mask))[: len(idx)]
 
     rng = np.random.default_rng(seed)
     order: list[int] = []
@@ -221,7 +251,8 @@ def train_lora(
             order.extend(rng.permutation(len(pairs)).tolist())
         idx, order = order[:batch_size], order[batch_size:]
         ids, mask, tmask = make_batch(pairs, idx, length, pad)
-        adapter, opt_state, loss = step(adapter, opt_state, state, ids, mask, tmask)
+        hidden = None if prefix is None else prefix[idx]
+        adapter, opt_state, loss = step(adapter, opt_state, state, ids, mask, tmask, hidden)
         losses.append(float(loss))
         if bar is not None:
             bar.update(1)
@@ -245,10 +276,11 @@ def _module_path(name: str) -> str:
 def peft_state_dict(trained: TrainedLora) -> dict[str, np.ndarray]:
     """PEFT-named float32 tensors: `lora_A.weight` `[r, d_in]`, `lora_B.weight` `[d_out, r]`."""
     out = {}
+    layers = trained.adapter.layers
     for name in trained.targets:
         a = np.asarray(trained.adapter.a[name], np.float32)  # L Din R
         b = np.asarray(trained.adapter.b[name], np.float32)  # L R Dout
-        for i in range(a.shape[0]):
+        for i in (range(a.shape[0]) if layers is None else layers):
             pre = f"base_model.model.model.layers.{i}.{_module_path(name)}"
             out[f"{pre}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
             out[f"{pre}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
@@ -277,6 +309,8 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
         "modules_to_save": None,
         "inference_mode": True,
     }
+    if trained.adapter.layers is not None:
+        config["layers_to_transform"] = list(trained.adapter.layers)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(peft_state_dict(trained), tmp / "adapter_model.safetensors",
@@ -301,9 +335,22 @@ def add_train_lora_args(p) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=256)
+    p.add_argument("--layers", default=None,
+                   help="layers to adapt (PEFT layers_to_transform), e.g. 26-29 or 0,5,9")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """`"26-29"` / `"0,5,9"` / None -> layer list."""
+    if not spec:
+        return None
+    out: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    return out
 
 
 def train_lora_cli(args) -> int:
@@ -321,7 +368,7 @@ def train_lora_cli(args) -> int:
     trained = train_lora(model, tok, examples, r=args.r, alpha=args.alpha,
                          targets=[t.strip() for t in args.targets.split(",") if t.strip()],
                          steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, max_len=args.max_len)
+                         seed=args.seed, max_len=args.max_len, layers=parse_layers(args.layers))
     out = save_peft(trained, args.out, args.model, overwrite=args.overwrite)
     print(f"trained {len(examples)} examples, {args.steps} steps in {trained.seconds:.1f}s; "
           f"loss {trained.losses[0]:.3f} -> {np.mean(trained.losses[-10:]):.3f}; saved {out}")

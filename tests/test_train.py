@@ -171,3 +171,42 @@ def test_choice_scorer_sharded_equals_unsharded(tiny):
     for a, b in zip(ref, got, strict=True):
         np.testing.assert_allclose(a.logprob, b.logprob, rtol=1e-5, atol=1e-4)
         np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
+
+
+def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
+    """`layers=[1]`: only layer 1 is adapted, steps resume from cached layer-1 hidden states
+    (equal to the full forward), and the PEFT export (layers_to_transform) matches PEFT."""
+    from hilora_jax.eval.tasks import tail_logprobs
+
+    peft = pytest.importorskip("peft")
+    path, hf, model = tiny
+    exs, tok = toy_examples(), CharTok()
+    tr = train_lora(model, tok, exs, r=4, alpha=8, steps=40, lr=3e-2, batch_size=4,
+                    layers=[1], progress=False)
+    assert tr.adapter.layers == (1,)
+    assert np.mean(tr.losses[-5:]) < 0.5 * np.mean(tr.losses[:3])
+    assert not np.asarray(tr.adapter.b["q_proj"][0]).any()  # layer 0 never trained
+    # resuming from the cached prefix equals the full forward
+    b = next(mc_batches(exs, tok, batch_size=8))
+    ids, mask = b.input_ids, b.attention_mask
+    full = tail_logprobs(model, ids, mask, b.tail, tr.adapter)
+    h = model(ids, mask, logits_at="none", hidden_layer=1)[2]
+    part = tail_logprobs(model, ids, mask, b.tail, tr.adapter, start_layer=1, hidden_in=h)
+    np.testing.assert_allclose(np.asarray(part), np.asarray(full), atol=1e-5)
+    scorer = ChoiceScorer(Engine(model))
+    tuned = np.mean([s.pred == e.answer for s, e in zip(scorer(exs, tok, lora=tr.adapter), exs, strict=True)])
+    assert tuned >= 0.75
+    out = save_peft(tr, tmp_path / "top", str(path))
+    assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    assert not any(".layers.0." in k for k in peft_state_dict(tr))
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 61, size=(2, 9))
+    m = np.ones_like(ids)
+    from transformers import AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")  # not the
+    pm = peft.PeftModel.from_pretrained(fresh, str(out)).eval()  # fixture's (PEFT edits in place)
+    with torch.no_grad():
+        ref = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(m)).logits.numpy()
+    got = np.asarray(Engine(model).forward(ids, m, lora=tr.adapter))
+    assert np.abs(got - ref).max() <= 1e-4

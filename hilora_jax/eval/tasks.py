@@ -297,16 +297,19 @@ def mc_batches(examples: Sequence[MCExample], tokenizer: Tokenizer, *, batch_siz
 
 # -- scoring -----------------------------------------------------------------------------------
 def tail_logprobs(model: CausalLM, input_ids: Int[Array, "B T"], attention_mask: Bool[Array, "B T"],
-                  tail: int, lora=None, constrain=None) -> Float[Array, "B K"]:
+                  tail: int, lora=None, constrain=None, *, start_layer: int = 0,
+                  hidden_in=None) -> Float[Array, "B K"]:
     """Log-probs of the last `tail` tokens of each row (K = tail), given everything before them.
 
     Only the hidden states at positions `T-K-1 .. T-2` go through the final norm and the LM head,
     so the `[B, T, V]` logits are never built. Entry `[b, k]` is `log p(ids[b, T-K+k] | ids[b, :T-K+k])`.
+    With `start_layer=k, hidden_in=h` the model resumes from cached layer-k hidden states.
     Pure function of its arguments (differentiable in `lora`); used by scoring and training.
     """
     cfg = model.config
+    kw = dict(start_layer=start_layer, hidden_in=hidden_in) if start_layer > 0 else {}
     _, _, hidden = model(input_ids, attention_mask, lora=lora, logits_at="none",
-                         hidden_layer=cfg.num_layers, constrain=constrain)  # B T D
+                         hidden_layer=cfg.num_layers, constrain=constrain, **kw)  # B T D
     h = model.model.norm(hidden[:, -tail - 1:-1])  # B K D
     if model.lm_head is None:
         logits = model.model.embed_tokens.attend(h)  # B K V
