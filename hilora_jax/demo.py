@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [first[t].prompt for t in sorted(first)]
     routing = hilora.route(prompts)
     ids = [tok(p)["input_ids"] for p in prompts]
-    stops = [t for t in [tok.eos_token_id, *model.config.eos_token_id] if t is not None]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]  # answers are one line
+    stops = [t for t in [tok.eos_token_id, *model.config.eos_token_id, *newline[-1:]]
+             if t is not None]
     gen = eng.generate(ids, max_new_tokens=12, stop_tokens=stops, pad_id=tok.pad_token_id or 0,
                        lora=routing.hook)
     for i, t in enumerate(sorted(first)):
