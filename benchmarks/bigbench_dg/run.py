@@ -106,11 +106,16 @@ def main(argv=None) -> int:
 
     from hilora_jax.assets import bigbench_tasks_dir
     from hilora_jax.eval.bigbench import write_splits
-    from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer, write_json_atomic
+    from hilora_jax.eval.runner import (
+        PrefixScorer,
+        evaluate,
+        first_adapted_layer,
+        write_json_atomic,
+    )
     from hilora_jax.eval.tasks import load_tasks, write_jsonl
     from hilora_jax.inference import Engine
-    from hilora_jax.lora import load_pool
     from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.lora import load_pool
     from hilora_jax.poolbuild import build_task_pool
     from hilora_jax.routing import build_router
 
