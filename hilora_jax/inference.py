@@ -13,7 +13,6 @@ top-p sampling with an explicit PRNG key), stopping early when every row hit a s
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 
 import jax
@@ -238,13 +237,3 @@ class Engine:
             raise ValueError(
                 f"input of {n} tokens (with generation bucket) exceeds the model's "
                 f"max_position_embeddings={self.config.max_position_embeddings}")
-
-
-@functools.lru_cache(maxsize=8)
-def _engine_for(model_id: int, model: CausalLM) -> Engine:  # pragma: no cover - trivial
-    return Engine(model)
-
-
-def forward(model: CausalLM, input_ids, attention_mask=None, **kw):
-    """Convenience: `Engine(model).forward(...)` with the engine cached per model."""
-    return _engine_for(id(model), model).forward(input_ids, attention_mask, **kw)

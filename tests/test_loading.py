@@ -213,3 +213,17 @@ def test_bfloat16_restore_cast(hf_dir, tmp_path):
     m = restore_model(out, dtype=jnp.bfloat16)
     assert m.model.norm.weight.get_value().dtype == jnp.bfloat16
     shutil.rmtree(out)
+
+
+def test_convert_script_front(hf_dir, tmp_path):
+    """`convert/convert_model.py` is a thin front over the same CLI."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "convert" / "convert_model.py"
+    out = tmp_path / "via_script"
+    res = subprocess.run([sys.executable, str(script), str(hf_dir), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert load_model(out).config == load_model(hf_dir, progress=False).config

@@ -181,26 +181,3 @@ def load_state_dict(cfg: ModelConfig, tensors: Mapping[str, np.ndarray], *, sour
     """Build a model from an in-memory HF-named state dict (e.g. from a GGUF file)."""
     items = ((k, (lambda v=v: v), source) for k, v in tensors.items())
     return build_model(cfg, items, dtype=dtype, mesh=mesh, progress=progress, total=len(tensors))
-
-
-def to_hf_state_dict(model: CausalLM) -> dict[str, np.ndarray]:
-    """Inverse mapping: our params as a HF state dict (torch layout), e.g. for export."""
-    _, state = nnx.split(model)
-    out = {}
-    inverse = []
-    for pat, tmpl, fn in LLAMA_TABLE:
-        inverse.append((re.compile(re.sub(r"\{\d\}", r"([a-z_0-9]+)", re.escape(tmpl).replace(r"\{", "{").replace(r"\}", "}")) + "$"), pat, fn))
-    for path, var in nnx.to_flat_state(state):
-        p = _path_str(path)
-        arr = np.asarray(var.get_value())
-        for rx, pat, fn in inverse:
-            m = rx.match(p)
-            if m:
-                key = pat
-                for g in m.groups():
-                    key = re.sub(r"\([^)]*\)", g, key, count=1)
-                out[key.replace("\\.", ".")] = fn(arr)
-                break
-        else:
-            raise KeyError(f"no HF name for parameter {p}")
-    return out
