@@ -23,7 +23,13 @@ def cmd_convert_model(args) -> int:
     t0 = time.time()
     kind, path = resolve_source(args.src)
     model = load_model(args.src, dtype=args.dtype)
-    tok = load_tokenizer(args.src)
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if kind == "hf" and not any((path / f).exists() for f in tok_files):
+        print(f"note: {path} has no tokenizer files; the converted model will have none",
+              file=sys.stderr)
+        tok = None
+    else:
+        tok = load_tokenizer(args.src)
     out = save_model(model, args.out, tokenizer=tok, source=f"{kind}:{path}",
                      overwrite=args.overwrite)
     n = sum(v.size for v in __import__("jax").tree.leaves(
