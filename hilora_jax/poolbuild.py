@@ -29,6 +29,24 @@ import numpy as np
 from hilora_jax.eval.tasks import Example
 
 
+def fitting(examples: Sequence[Example], tokenizer, max_len: int) -> list[Example]:
+    """The examples whose prompt + longest continuation fit in `max_len` tokens (a note on
+    stderr says how many were dropped and from which task)."""
+    from hilora_jax.eval.tasks import MCExample, choice_text, encode
+
+    keep = []
+    for ex in examples:
+        conts = ex.choices if isinstance(ex, MCExample) else (ex.target,)
+        n = len(encode(tokenizer, ex.prompt, special=True)) + max(
+            len(encode(tokenizer, choice_text(c), special=False)) for c in conts) + 1
+        if n <= max_len:
+            keep.append(ex)
+    if len(keep) < len(examples):
+        print(f"[pool] dropped {len(examples) - len(keep)} example(s) of "
+              f"{examples[0].task!r} longer than {max_len} tokens", file=sys.stderr)
+    return keep
+
+
 def _group(examples: Sequence[Example]) -> dict[str, list[Example]]:
     out: dict[str, list[Example]] = defaultdict(list)
     for ex in examples:
@@ -80,6 +98,7 @@ def build_task_pool(
             if progress:
                 print(f"[pool] {i + 1}/{len(by_task)} training LoRA for {task} "
                       f"({min(len(exs), max_train or len(exs))} examples)", file=sys.stderr)
+            exs = fitting(exs, tokenizer, max_len)
             rng = np.random.default_rng(seed)
             pick = (exs if max_train is None or len(exs) <= max_train
                     else [exs[j] for j in sorted(rng.choice(len(exs), max_train, replace=False))])

@@ -138,8 +138,16 @@ def main(argv=None) -> int:
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
-    train, dev = load_tasks(data / "train_fit.jsonl"), load_tasks(data / "dev.jsonl")
-    samples, test = load_tasks(data / "samples.jsonl"), load_tasks(data / "test.jsonl")
+    from hilora_jax.poolbuild import fitting
+
+    def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
+        by = defaultdict(list)
+        for ex in exs:
+            by[ex.task].append(ex)
+        return [e for t in sorted(by) for e in fitting(by[t], tok, 256)]
+
+    train, dev = load_tasks(data / "train_fit.jsonl"), fit(load_tasks(data / "dev.jsonl"))
+    samples, test = load_tasks(data / "samples.jsonl"), fit(load_tasks(data / "test.jsonl"))
 
     # 3. a LoRA per candidate --------------------------------------------------------------------
     layers = list(range(L - args.top_layers, L))
