@@ -73,8 +73,9 @@ def test_oracle_and_base_differ(setup):
 def test_resume_after_interruption_gives_same_results(setup, tmp_path, monkeypatch):
     _, _, eng, pool, emb, tok, exs = setup
     router = build_router("hilora", pool, options=dict(embedder=emb))
-    full = evaluate(eng, tok, pool, router, exs, out=tmp_path / "a.json", batch_size=8,
-                    progress=False)
+    full = evaluate(eng, tok, pool, router, exs, out=tmp_path / "new" / "dir" / "a.json",
+                    batch_size=8, progress=False)  # missing parent folders are created
+    (tmp_path / "a.json").write_text((tmp_path / "new" / "dir" / "a.json").read_text())
     calls = {"n": 0}
     real = runner.dist.allgather_json
 

@@ -154,6 +154,7 @@ def _read_partial(path: Path, fp: str) -> dict[str, dict]:
 
 
 def _append_partial(path: Path, records: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         for r in records:
             f.write(json.dumps(r, sort_keys=True) + "\n")
