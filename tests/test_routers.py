@@ -153,16 +153,17 @@ def test_full_budget_over_all_candidates_equals_dense_sum(tiny):
         for layer in range(2):
             np.testing.assert_allclose(np.asarray(hook(layer, name, xx)),
                                        np.asarray(dense_sum(layer, name, xx)), atol=1e-5)
-    # through the router: every adapter a candidate (gamma=1, kappa none) == the sum of all LoRAs
-    texts = ["task0 q1", "task2 q2"]
+    # through the router: out-of-distribution prompts (all scores < 0) with k = N make every
+    # adapter a candidate; gamma=1, kappa none -> the sum of all LoRAs
+    texts = ["far away text one", "far away text two"]
     r = build_router("hilora", pool, options=dict(embedder=emb, gamma=1.0, kappa="none", k=n,
                                                   max_candidates=n))
     routing = r.route(texts)
-    if routing.info["cand_valid"].all():
-        ids, mask = padded_batch(np.random.default_rng(1), (6, 6), 6, vocab=64)
-        a = np.asarray(eng.forward(ids, mask, lora=routing.hook))
-        b = np.asarray(eng.forward(ids, mask, lora=GatedHook(pool.arrays, jnp.ones((2, n)))))
-        assert np.abs(a - b).max() <= 1e-5
+    assert routing.info["cand_valid"].all() and (routing.info["n_rocs"] == np.asarray(pool.arrays.ranks)[routing.info["cand_idx"]]).all()
+    ids, mask = padded_batch(np.random.default_rng(1), (6, 6), 6, vocab=64)
+    a = np.asarray(eng.forward(ids, mask, lora=routing.hook))
+    b = np.asarray(eng.forward(ids, mask, lora=GatedHook(pool.arrays, jnp.ones((2, n)))))
+    assert np.abs(a - b).max() <= 1e-5
 
 
 def test_single_lora_pool_with_full_budget_is_that_lora(tiny):

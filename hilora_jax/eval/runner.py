@@ -35,7 +35,7 @@ import numpy as np
 
 from hilora_jax import distributed as dist
 from hilora_jax import sharding as shd
-from hilora_jax.eval.tasks import MCExample, mc_batches
+from hilora_jax.eval.tasks import MCExample, mc_batches, tail_logprobs
 from hilora_jax.lora.pool import LoraPool
 from hilora_jax.routing.routers import Router
 
@@ -81,17 +81,9 @@ class PrefixScorer:
         import jax.numpy as jnp
         from flax import nnx
 
-        from hilora_jax.nn.layers import log_softmax_gather
-
         model = nnx.merge(self.engine.graphdef, state)
-        cfg = model.config
-        kw = dict(start_layer=self.layer, hidden_in=hidden) if self.layer > 0 else {}
-        _, _, h = model(ids, mask, lora=lora, logits_at="none", hidden_layer=cfg.num_layers,
-                        constrain=self._constrain, **kw)
-        h = model.model.norm(h[:, -tail - 1:-1])  # B K D
-        logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
-                  else model.lm_head(h))
-        lp = log_softmax_gather(logits, ids[:, -tail:])
+        lp = tail_logprobs(model, ids, mask, tail, lora, constrain=self._constrain,
+                           start_layer=self.layer, hidden_in=hidden)  # B K
         return jnp.sum(jnp.where(tmask[:, -tail:], lp, 0.0), axis=1)
 
     def _put(self, a):

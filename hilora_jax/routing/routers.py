@@ -329,8 +329,11 @@ class HiLoRARouter(_EmbeddingRouter):
     def route(self, texts, *, embeddings: np.ndarray | None = None, active=None,
               **kw) -> Routing:
         z = self.embed(texts, embeddings)
-        keys = jnp.stack([jax.random.fold_in(jax.random.key(self.seed),
-                                             zlib.crc32(t.encode()) & 0x7FFFFFFF) for t in texts])
+        keys = None  # one key per sequence, from its text: only sample mode draws
+        if self.params["mode"] == "sample":
+            keys = jnp.stack([jax.random.fold_in(jax.random.key(self.seed),
+                                                 zlib.crc32(t.encode()) & 0x7FFFFFFF)
+                              for t in texts])
         arr = self.pool.arrays
         if active is not None:
             arr = arr.replace(active=jnp.asarray(self._active_for(active)))
