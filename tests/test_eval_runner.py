@@ -1,5 +1,6 @@
 """Evaluation harness: protocols, resume, 8-device and 2-process runs equal to a single device."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -98,6 +99,13 @@ def test_resume_after_interruption_gives_same_results(setup, tmp_path, monkeypat
     assert resumed["timing"]["resumed_examples"] == n_done
     assert _strip(resumed) == _strip(full)
     assert _strip(json.loads((tmp_path / "b.json").read_text())) == _strip(json.loads((tmp_path / "a.json").read_text()))
+    # a different test set under the same out path recomputes everything: the partial records
+    # are tagged with a fingerprint of the examples, not only of the configuration
+    changed = [dataclasses.replace(exs[0], answer=(exs[0].answer + 1) % len(exs[0].choices)),
+               *exs[1:]]
+    again = evaluate(eng, tok, pool, router, changed, out=tmp_path / "b.json", batch_size=8,
+                     progress=False)
+    assert again["timing"]["resumed_examples"] == 0
 
 
 def test_eight_devices_equal_single_device(setup):

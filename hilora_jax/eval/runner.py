@@ -14,9 +14,9 @@ log-prob), routing statistics (how often the task's own adapter is among the can
 first, for routers that select per sequence), the exact configuration, and timing.
 
 Resumable: finished examples are appended to `<out>.partial.jsonl` (one record per example, keyed
-by task and index, tagged with the configuration fingerprint) and skipped on restart. Multi-host:
-each process scores its round-robin share of every task on its local mesh and the records are
-gathered in a fixed order (`hilora_jax.distributed`), so results do not depend on the process count.
+by task and index, tagged with a fingerprint of the configuration and of the examples) and
+skipped on restart. Multi-host: each process scores its round-robin share of every task on its
+local mesh and the records are gathered in a fixed order (`hilora_jax.distributed`), so results do not depend on the process count.
 """
 
 from __future__ import annotations
@@ -198,7 +198,11 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     cfg = {"router": router.name, "protocol": protocol, "batch_size": batch_size,
            "max_len": max_len, "pool": list(pool.names), **(config or {})}
-    fp = fingerprint(cfg)
+    # the examples are part of the fingerprint: records of another test set are never reused
+    h = hashlib.sha1()
+    for ex in examples:
+        h.update(json.dumps([ex.task, ex.prompt, list(ex.choices), ex.answer]).encode())
+    fp = fingerprint({**cfg, "examples": h.hexdigest()})
     partial = Path(str(out) + ".partial.jsonl") if out else None
     done = _read_partial(partial, fp) if (partial and resume and dist.process_index() == 0) else {}
     if partial and not resume and partial.exists() and dist.process_index() == 0:
