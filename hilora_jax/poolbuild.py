@@ -92,6 +92,12 @@ def build_task_pool(
     if missing:
         raise ValueError(f"tasks without example inputs (samples split): {missing}")
     summary, entries = {}, {}
+    prev = {}
+    if (out / "training.json").exists():
+        try:
+            prev = json.loads((out / "training.json").read_text())
+        except json.JSONDecodeError:
+            prev = {}
     for i, (task, exs) in enumerate(sorted(by_task.items())):
         adir = out / "adapters" / task
         if not (adir / "adapter_config.json").exists():
@@ -110,7 +116,8 @@ def build_task_pool(
                              "loss_first": round(float(np.mean(tr.losses[:3])), 4),
                              "loss_last": round(float(np.mean(tr.losses[-5:])), 4)}
         else:
-            summary[task] = {"reused": str(adir)}
+            old = prev.get(task, {})  # keep the training record of a reused adapter
+            summary[task] = {**old, "reused": True} if "steps" in old else {"reused": True}
         sfile = out / "samples" / f"{task}.jsonl"
         with open(sfile.with_suffix(".tmp"), "w") as f:
             for ex in samp[task]:

@@ -210,3 +210,35 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
         ref = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(m)).logits.numpy()
     got = np.asarray(Engine(model).forward(ids, m, lora=tr.adapter))
     assert np.abs(got - ref).max() <= 1e-4
+
+
+def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
+    """`poolbuild.build_task_pool`: one adapter per task, samples + clusters in the pool; a second
+    call reuses the cached adapters (same pool arrays) and keeps their training records."""
+    from hilora_jax.lora import load_pool
+    from hilora_jax.poolbuild import build_task_pool
+
+    path, _, model = tiny
+    tok = CharTok()
+    first = toy_examples()
+    second = [MCExample(e.prompt.replace("first", "last"), e.choices, e.answer, "last", "toy2")
+              for e in first]
+    train, samples = first + second, first[:3] + second[:3]
+    pdir = build_task_pool(model, tok, train, samples, tmp_path / "pool", base_name=str(path),
+                           r=4, alpha=8, steps=6, lr=1e-2, batch_size=4, progress=False)
+    pool = load_pool(pdir, model=model, progress=False)
+    assert pool.names == ("last", "letters")
+    assert pool.clusters == {"last": "toy2", "letters": "toy"}
+    assert [len(pool.samples[n]) for n in pool.names] == [3, 3]
+    rec = json.loads((tmp_path / "pool" / "training.json").read_text())
+    assert rec["letters"]["steps"] == 6 and "reused" not in rec["letters"]
+    a0 = np.asarray(pool.arrays.A["q_proj"])
+    with pytest.raises(ValueError, match="without example inputs"):
+        build_task_pool(model, tok, train, first[:3], tmp_path / "other", base_name=str(path),
+                        steps=1, progress=False)
+    pdir2 = build_task_pool(model, tok, train, samples, tmp_path / "pool", base_name=str(path),
+                            r=4, alpha=8, steps=6, lr=1e-2, batch_size=4, progress=False)
+    rec2 = json.loads((tmp_path / "pool" / "training.json").read_text())
+    assert rec2["letters"] == {**rec["letters"], "reused": True}
+    np.testing.assert_array_equal(
+        np.asarray(load_pool(pdir2, model=model, progress=False).arrays.A["q_proj"]), a0)
