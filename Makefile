@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 ART ?= artifacts
 
-.PHONY: setup test demo assets lint bench clean
+.PHONY: setup test demo assets lint bench bench-dg clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -38,6 +38,13 @@ demo: setup
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py
+
+# The BIG-bench domain-generalization benchmark (benchmarks/bigbench_dg/README.md); one device.
+DG_ARGS ?= --variant hilora-gamma1=hilora:gamma=1.0 --variant hilora-kappa1=hilora:kappa=none \
+  --variant hilora-llm=hilora:embedder=llm --variant hilora-paper=hilora:preset=paper
+bench-dg: setup
+	$(BIN)/python -m hilora_jax.assets --only smollm2 --only minilm --only bigbench
+	XLA_FLAGS= $(BIN)/python benchmarks/bigbench_dg/run.py $(DG_ARGS)
 
 clean:
 	rm -rf $(VENV) $(ART)

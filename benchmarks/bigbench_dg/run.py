@@ -8,7 +8,8 @@ three protocols.
    Cluster = the BIG-bench family when it gives >= 2 tasks (related subtasks), else a cluster
    proposed from the task's keywords (`eval.bigbench.propose_cluster`).
 2. Splits (seeded, disjoint): `samples` (m = 20, HiLoRA's per-LoRA inputs), `test` (50),
-   `dev` (32, carved from train, never trained on), `train` (the rest, <= 256 used).
+   `dev` (32 carved from train plus up to `--n-holdout` 64 from beyond the train cap; never
+   trained on), `train` (the rest, <= 256 used).
 3. A LoRA per candidate (r=8, alpha=16, q/v, top `--top-layers` layers; trained with a cached
    frozen prefix), written as PEFT adapters (cached in `--out`).
 4. Selection on *dev* (never on test): keep tasks whose LoRA beats zero-shot by >= `--min-gain`.
@@ -71,6 +72,37 @@ def find_candidates(root, tok, args):
     return {name: (fam if fams[fam] >= 2 else kw) for name, fam, kw in found}
 
 
+def parse_variant(spec: str):
+    """`LABEL=ROUTER[:k=v,k=v]` -> (label, router, options), e.g. `hilora-g1=hilora:gamma=1.0`."""
+    label, sep, rest = spec.partition("=")
+    if not sep or not label or not rest:
+        raise SystemExit(f"--variant expects LABEL=ROUTER[:k=v,...], got {spec!r}")
+    name, _, opts = rest.partition(":")
+    options = {}
+    for kv in filter(None, opts.split(",")):
+        k, sep, v = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {spec!r}: option {kv!r} is not k=v")
+        options[k] = v
+    return label, name, options
+
+
+def holdout(root, tasks, args):
+    """Up to `--n-holdout` more dev items per task: examples beyond the capped train split, never
+    trained on and disjoint from test/samples (the same seeded per-task permutation as
+    `write_splits`), so the dev screen is less noisy without changing any training set."""
+    from hilora_jax.eval import bigbench as bb
+
+    paths, out = bb.list_tasks(root), []
+    for name, cluster in tasks.items():
+        t = bb.read_task(paths[name], name)
+        sp = bb.split_examples(bb.to_mc_examples(t, cluster, seed=args.seed), seed=args.seed,
+                               n_test=args.n_test, max_train=None)
+        cap = 256 + args.n_dev
+        out += sp["train"][cap: cap + args.n_holdout]
+    return out
+
+
 def split_dev(train, n_dev, seed):
     by = defaultdict(list)
     for ex in train:
@@ -90,18 +122,29 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="artifacts/bigbench_dg/run")
     p.add_argument("--results", default="benchmarks/bigbench_dg/results")
     p.add_argument("--min-examples", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--per-family", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--per-family", type=int, default=8)
     p.add_argument("--max-candidates", type=int, default=48)
     p.add_argument("--top-layers", type=int, default=4)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-gain", type=float, default=0.15)
     p.add_argument("--n-test", type=int, default=50)
     p.add_argument("--n-dev", type=int, default=32)
+    p.add_argument("--n-holdout", type=int, default=64,
+                   help="extra dev items per task from beyond the train cap (where a task has them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routers", default=",".join(ROUTERS))
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=ROUTER[:k=v,...]",
+                   help="an extra configured router, e.g. hilora-g1=hilora:gamma=1.0 (repeatable)")
+    p.add_argument("--stop-after", choices=["screen"], default=None,
+                   help="stop after training and the dev screen (no routed evaluation)")
+    p.add_argument("--report-only", action="store_true",
+                   help="re-render results.md and the plots from --results/results.json")
     args = p.parse_args(argv)
+    if args.report_only:
+        print(render_report(args.results))
+        return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from hilora_jax.assets import bigbench_tasks_dir
@@ -118,6 +161,7 @@ def main(argv=None) -> int:
     from hilora_jax.lora import load_pool
     from hilora_jax.poolbuild import build_task_pool
     from hilora_jax.routing import build_router
+    from hilora_jax.routing.routers import pool_fingerprint
 
     t_start = time.time()
     out, res_dir = Path(args.out), Path(args.results)
@@ -129,15 +173,25 @@ def main(argv=None) -> int:
 
     # 1-2. candidates and splits ------------------------------------------------------------------
     data = out / "data"
-    if not (data / "test.jsonl").exists():
-        cands = find_candidates(root, tok, args)
-        names = list(cands)[: args.max_candidates]
-        log(f"{len(cands)} candidate tasks; using {len(names)}")
+    cands = find_candidates(root, tok, args)
+    names = list(cands)[: args.max_candidates]
+    log(f"{len(cands)} candidate tasks; using {len(names)}")
+    wanted = {n.replace("/", "."): cands[n] for n in names}
+    have = {}
+    if (data / "manifest.json").exists() and (data / "dev.jsonl").exists():
+        have = {k: v["cluster"] for k, v in json.loads((data / "manifest.json").read_text()).items()}
+    if have != wanted:
+        # Splits are seeded per task, so a task keeps its split (and its cached LoRA stays valid)
+        # when other candidates are added or a cluster label changes.
+        log("writing splits" + (" (candidate set changed)" if have else ""))
         write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
                      n_test=args.n_test, max_train=256 + args.n_dev)
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
+    if not (data / f"holdout{args.n_holdout}.jsonl").exists() or have != wanted:
+        write_jsonl(holdout(root, {n: cands[n] for n in names}, args),
+                    data / f"holdout{args.n_holdout}.jsonl")
     from hilora_jax.poolbuild import fitting
 
     def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
@@ -146,7 +200,8 @@ def main(argv=None) -> int:
             by[ex.task].append(ex)
         return [e for t in sorted(by) for e in fitting(by[t], tok, 256)]
 
-    train, dev = load_tasks(data / "train_fit.jsonl"), fit(load_tasks(data / "dev.jsonl"))
+    train = load_tasks(data / "train_fit.jsonl")
+    dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / f"holdout{args.n_holdout}.jsonl"))
     samples, test = load_tasks(data / "samples.jsonl"), fit(load_tasks(data / "test.jsonl"))
 
     # 3. a LoRA per candidate --------------------------------------------------------------------
@@ -159,10 +214,11 @@ def main(argv=None) -> int:
 
     # 4. selection on dev: oracle (own LoRA) vs base ------------------------------------------------
     scorer = PrefixScorer(eng, first_adapted_layer(cand_pool))
+    cand_fp = {"pool_fp": pool_fingerprint(cand_pool)}  # dev records are cached per pool
     base_dev = evaluate(eng, tok, cand_pool, build_router("base", cand_pool), dev, scorer=scorer,
-                        progress=False)
+                        progress=False, out=out / "eval" / "dev_base.json", config=cand_fp)
     orc_dev = evaluate(eng, tok, cand_pool, build_router("oracle", cand_pool), dev, scorer=scorer,
-                       progress=False)
+                       progress=False, out=out / "eval" / "dev_oracle.json", config=cand_fp)
     screen = []
     for task in sorted(base_dev["tasks"]):
         b, o = base_dev["tasks"][task]["acc"], orc_dev["tasks"][task]["acc"]
@@ -172,6 +228,11 @@ def main(argv=None) -> int:
     clusters = sorted({s["cluster"] for s in chosen})
     log(f"selected {len(chosen)} tasks in {len(clusters)} clusters (gain >= {args.min_gain} on dev)")
     write_json_atomic(res_dir / "screen.json", screen)
+    if args.stop_after == "screen":
+        for s in screen:
+            log(f"  {s['task']:45s} {s['cluster']:18s} base {s['base_dev']:.2f} "
+                f"LoRA {s['lora_dev']:.2f} gain {s['gain']:+.2f}")
+        return 0
     if len(chosen) < 2:
         log("fewer than 2 tasks selected: nothing to route; see screen.json")
         return 1
@@ -183,21 +244,25 @@ def main(argv=None) -> int:
     scorer = PrefixScorer(eng, first_adapted_layer(pool))
     results, routing_maps = {}, {}
     t0 = time.time()
-    for name in args.routers.split(","):
-        router = build_router(name, pool)
+    pool_fp = pool_fingerprint(pool)  # stale partial records of another pool are not reused
+    runs = [(n, n, {}) for n in args.routers.split(",") if n]
+    runs += [parse_variant(v) for v in args.variant]
+    for label, name, options in runs:
+        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok)
         for proto in PROTOCOLS:
             if name in ("base",) and proto != "seen":
-                results[(name, proto)] = results[(name, "seen")]
+                results[(label, proto)] = results[(label, "seen")]
                 continue
             if name == "oracle" and proto != "seen":
                 continue  # the own LoRA is removed by definition
-            log(f"evaluating {name} / {proto}")
+            log(f"evaluating {label} / {proto}")
             r = evaluate(eng, tok, pool, router, test_sel, protocol=proto, scorer=scorer,
-                         progress=False, out=out / "eval" / f"{name}_{proto}.json",
-                         config={"router_options": {}})
-            results[(name, proto)] = r
-        if name in ("hilora", "retrieval"):
-            routing_maps[name] = _routing_map(router, pool, test_sel)
+                         progress=False, out=out / "eval" / f"{label}_{proto}.json",
+                         config={"router": name, "router_options": options,
+                                 "pool_fp": pool_fp})
+            results[(label, proto)] = r
+        if label in ("hilora", "retrieval"):
+            routing_maps[label] = _routing_map(router, pool, test_sel)
     t_eval = time.time() - t0
     _write_outputs(res_dir, results, routing_maps, pool, screen, chosen, args,
                    {"train_s": round(t_train, 1), "eval_s": round(t_eval, 1),
@@ -222,25 +287,43 @@ def _routing_map(router, pool, examples):
 
 
 def _write_outputs(res_dir, results, routing_maps, pool, screen, chosen, args, timing):
-    from hilora_jax.eval.runner import write_json_atomic
-    from hilora_jax.viz import plot_results, plot_routing_heatmap
-
-    methods = list(dict.fromkeys(m for m, _ in results))
-    clusters = sorted({c for r in results.values() for c in r["clusters"]})
-    table = {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"], "tasks": r["tasks"],
-                          "routing": r["routing"]} for (m, p), r in results.items()}
     import platform
 
+    from hilora_jax.eval.runner import write_json_atomic
+
+    table = {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"], "tasks": r["tasks"],
+                          "routing": r["routing"], "config": r.get("config", {})}
+             for (m, p), r in results.items()}
     meta = {"command": "python " + " ".join(sys.argv), "args": vars(args), "timing": timing,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "pool": list(pool.names), "clusters": {n: pool.clusters[n] for n in pool.names}}
-    write_json_atomic(res_dir / "results.json", {"meta": meta, "results": table,
-                                                 "screen": screen, "routing_maps": routing_maps})
+    write_json_atomic(res_dir / "results.json", {"meta": meta, "results": table, "screen": screen,
+                                                 "selected": chosen,
+                                                 "routing_maps": routing_maps})
+    print(render_report(res_dir))
+
+
+def render_report(res_dir) -> str:
+    """`results.md` and the PNG plots from `results.json` (also: `run.py --report-only`)."""
+    from hilora_jax.viz import plot_results, plot_routing_heatmap
+
+    res_dir = Path(res_dir)
+    doc = json.loads((res_dir / "results.json").read_text())
+    meta, args = doc["meta"], doc["meta"]["args"]
+    results = {tuple(k.split("/", 1)): r for k, r in doc["results"].items()}
+    timing = meta["timing"]
+    chosen = doc.get("selected") or [s for s in doc["screen"] if s["gain"] >= args["min_gain"]]
+    methods = list(dict.fromkeys(m for m, _ in results))
+    clusters = sorted({c for r in results.values() for c in r["clusters"]})
+    base, oracle = results.get(("base", "seen")), results.get(("oracle", "seen"))
+    n_items = base["mean"]["examples"] if base else "?"
     lines = [f"`{meta['command']}`", "",
-             f"SmolLM2-135M-Instruct; {len(pool)} task LoRAs (r=8, q/v, top {args.top_layers} "
-             f"layers) in {len(clusters)} clusters; test: {sum(r['mean']['examples'] for (m, p), r in results.items() if (m, p) == ('base', 'seen'))} items; "
-             f"machine {meta['machine']}; train {timing['train_s']}s, eval {timing['eval_s']}s.", "",
-             "Mean accuracy (acc = summed log-prob of the choice; acc_norm = per token):", "",
+             f"SmolLM2-135M-Instruct; {len(meta['pool'])} task LoRAs (r=8, q/v, top "
+             f"{args['top_layers']} layers) in {len(clusters)} clusters; test: {n_items} items; "
+             f"machine {meta['machine']}; train {timing['train_s']}s (0 = all cached), "
+             f"eval {timing['eval_s']}s, total {timing['total_s']}s.", "",
+             "Mean accuracy over test items (acc = summed log-prob of the choice; in parentheses "
+             "acc_norm = per-token mean):", "",
              "| method | " + " | ".join(PROTOCOLS) + " |", "|---" * (len(PROTOCOLS) + 1) + "|"]
     for m in methods:
         cells = []
@@ -262,16 +345,24 @@ def _write_outputs(res_dir, results, routing_maps, pool, screen, chosen, args, t
         lines += ["", f"HiLoRA routing in `seen`: own LoRA among the candidates "
                       f"{h['routing']['own_in_candidates']:.3f}, ranked first {h['routing']['own_first']:.3f}, "
                       f"mean candidates {h['routing']['mean_candidates']:.2f}."]
-    lines += ["", "Selected tasks (dev gain of the own LoRA over zero-shot):", "",
-              "| task | cluster | base (dev) | LoRA (dev) |", "|---|---|---|---|"]
-    lines += [f"| {s['task']} | {s['cluster']} | {s['base_dev']:.2f} | {s['lora_dev']:.2f} |" for s in chosen]
-    (res_dir / "results.md").write_text("\n".join(lines) + "\n")
-    plot_results({(m, p): r for (m, p), r in results.items()},
-                 save=res_dir / "accuracy_by_method.png")
-    for name, rm in routing_maps.items():
+    n_dev = f"{args['n_dev']} + up to {args.get('n_holdout', 0)}"
+    lines += ["", f"Selected tasks: own LoRA vs zero-shot on **dev** ({n_dev} items, used for the "
+                  f"selection) and on **test** ({args['n_test']} items, never used for selection):", "",
+              "| task | cluster | base (dev) | LoRA (dev) | base (test) | LoRA (test) |",
+              "|---|---|---|---|---|---|"]
+    for s in chosen:
+        bt = base["tasks"].get(s["task"], {}).get("acc") if base else None
+        ot = oracle["tasks"].get(s["task"], {}).get("acc") if oracle else None
+        fmt = (lambda v: "-" if v is None else f"{v:.2f}")
+        lines.append(f"| {s['task']} | {s['cluster']} | {s['base_dev']:.2f} | {s['lora_dev']:.2f} "
+                     f"| {fmt(bt)} | {fmt(ot)} |")
+    text = "\n".join(lines) + "\n"
+    (res_dir / "results.md").write_text(text)
+    plot_results(results, save=res_dir / "accuracy_by_method.png")
+    for name, rm in doc.get("routing_maps", {}).items():
         plot_routing_heatmap(np.asarray(rm["matrix"]), rm["tasks"], rm["loras"],
                              save=res_dir / f"routing_heatmap_{name}.png")
-    print("\n".join(lines))
+    return text
 
 
 if __name__ == "__main__":
