@@ -262,7 +262,7 @@ def plot_results(results: Mapping, *, metric: str = "acc", title: str | None = N
     `{method: result}` (protocol read from `result["config"]`); a result may also be a number.
     """
     methods, protocols, table = _results_table(results)
-    fig = Figure(figsize=(max(4.5, 1.3 * len(methods) * max(1, len(protocols)) ** 0.5 + 2), 3.6),
+    fig = Figure(figsize=(min(14.0, max(4.5, 1.3 * len(methods) * max(1, len(protocols)) ** 0.5 + 2)), 3.6),
                  layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(protocols), 1)

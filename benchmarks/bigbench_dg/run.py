@@ -313,7 +313,8 @@ def render_report(res_dir) -> str:
     results = {tuple(k.split("/", 1)): r for k, r in doc["results"].items()}
     timing = meta["timing"]
     chosen = doc.get("selected") or [s for s in doc["screen"] if s["gain"] >= args["min_gain"]]
-    methods = list(dict.fromkeys(m for m, _ in results))
+    methods = sorted(dict.fromkeys(m for m, _ in results),  # the method doc's order, then variants
+                     key=lambda m: (ROUTERS.index(m) if m in ROUTERS else len(ROUTERS), m))
     clusters = sorted({c for r in results.values() for c in r["clusters"]})
     base, oracle = results.get(("base", "seen")), results.get(("oracle", "seen"))
     n_items = base["mean"]["examples"] if base else "?"
@@ -358,7 +359,8 @@ def render_report(res_dir) -> str:
                      f"| {fmt(bt)} | {fmt(ot)} |")
     text = "\n".join(lines) + "\n"
     (res_dir / "results.md").write_text(text)
-    plot_results(results, save=res_dir / "accuracy_by_method.png")
+    plot_results({(m, p): results[(m, p)] for m in methods for p in PROTOCOLS if (m, p) in results},
+                 save=res_dir / "accuracy_by_method.png")
     for name, rm in doc.get("routing_maps", {}).items():
         plot_routing_heatmap(np.asarray(rm["matrix"]), rm["tasks"], rm["loras"],
                              save=res_dir / f"routing_heatmap_{name}.png")
