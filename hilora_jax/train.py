@@ -349,7 +349,11 @@ def parse_layers(spec: str | None) -> list[int] | None:
     out: list[int] = []
     for part in spec.split(","):
         lo, _, hi = part.strip().partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        try:
+            out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+        except ValueError:
+            raise ValueError(f"--layers: {part.strip()!r} is not a layer or a range like 26-29 "
+                             f"(in {spec!r})") from None
     return out
 
 

@@ -233,6 +233,10 @@ def test_split_is_seeded_disjoint_and_sized(tmp_path):
     assert bb.split_examples(exs, seed=4)["test"] != sp["test"]
     with pytest.raises(ValueError, match="need at least"):
         bb.split_examples(exs[:60], n_test=50, n_samples=20)
+    # a hold-out beyond the train cap: disjoint from every split, the other splits unchanged
+    ho = bb.split_examples(exs, seed=3, n_samples=20, n_test=50, max_train=30, n_holdout=15)
+    assert ho["train"] == sp["train"][:30] and ho["holdout"] == sp["train"][30:45]
+    assert ho["test"] == sp["test"] and ho["samples"] == sp["samples"]
 
 
 def test_write_splits(tmp_path):
@@ -240,6 +244,12 @@ def test_write_splits(tmp_path):
     man = bb.write_splits({"toy": "math"}, root, tmp_path / "out", n_test=30, n_samples=20)
     assert man["toy"]["test"] == 30 and man["toy"]["train"] == 40
     assert len(load_tasks(tmp_path / "out" / "samples.jsonl")) == 20
+    man = bb.write_splits({"toy": "math"}, root, tmp_path / "ho", n_test=30, n_samples=20,
+                          max_train=25, n_holdout=10)
+    assert man["toy"]["train"] == 25 and man["toy"]["holdout"] == 10
+    held = {e.prompt for e in load_tasks(tmp_path / "ho" / "holdout.jsonl")}
+    trained = {e.prompt for e in load_tasks(tmp_path / "ho" / "train.jsonl")}
+    assert len(held) == 10 and not held & trained
 
 
 def test_propose_cluster():

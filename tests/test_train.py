@@ -242,3 +242,13 @@ def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
     assert rec2["letters"] == {**rec["letters"], "reused": True}
     np.testing.assert_array_equal(
         np.asarray(load_pool(pdir2, model=model, progress=False).arrays.A["q_proj"]), a0)
+
+
+def test_parse_layers():
+    from hilora_jax.train import parse_layers
+
+    assert parse_layers("26-29") == [26, 27, 28, 29]
+    assert parse_layers("0, 5,9") == [0, 5, 9]
+    assert parse_layers(None) is None
+    with pytest.raises(ValueError, match="--layers: 'x-2'"):
+        parse_layers("x-2")

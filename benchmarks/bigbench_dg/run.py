@@ -87,22 +87,6 @@ def parse_variant(spec: str):
     return label, name, options
 
 
-def holdout(root, tasks, args):
-    """Up to `--n-holdout` more dev items per task: examples beyond the capped train split, never
-    trained on and disjoint from test/samples (the same seeded per-task permutation as
-    `write_splits`), so the dev screen is less noisy without changing any training set."""
-    from hilora_jax.eval import bigbench as bb
-
-    paths, out = bb.list_tasks(root), []
-    for name, cluster in tasks.items():
-        t = bb.read_task(paths[name], name)
-        sp = bb.split_examples(bb.to_mc_examples(t, cluster, seed=args.seed), seed=args.seed,
-                               n_test=args.n_test, max_train=None)
-        cap = 256 + args.n_dev
-        out += sp["train"][cap: cap + args.n_holdout]
-    return out
-
-
 def split_dev(train, n_dev, seed):
     by = defaultdict(list)
     for ex in train:
@@ -180,18 +164,15 @@ def main(argv=None) -> int:
     have = {}
     if (data / "manifest.json").exists() and (data / "dev.jsonl").exists():
         have = {k: v["cluster"] for k, v in json.loads((data / "manifest.json").read_text()).items()}
-    if have != wanted:
+    if have != wanted or not (data / "holdout.jsonl").exists():
         # Splits are seeded per task, so a task keeps its split (and its cached LoRA stays valid)
         # when other candidates are added or a cluster label changes.
         log("writing splits" + (" (candidate set changed)" if have else ""))
         write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
-                     n_test=args.n_test, max_train=256 + args.n_dev)
+                     n_test=args.n_test, max_train=256 + args.n_dev, n_holdout=args.n_holdout)
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
-    if not (data / f"holdout{args.n_holdout}.jsonl").exists() or have != wanted:
-        write_jsonl(holdout(root, {n: cands[n] for n in names}, args),
-                    data / f"holdout{args.n_holdout}.jsonl")
     from hilora_jax.poolbuild import fitting
 
     def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
@@ -201,7 +182,7 @@ def main(argv=None) -> int:
         return [e for t in sorted(by) for e in fitting(by[t], tok, 256)]
 
     train = load_tasks(data / "train_fit.jsonl")
-    dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / f"holdout{args.n_holdout}.jsonl"))
+    dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / "holdout.jsonl"))
     samples, test = load_tasks(data / "samples.jsonl"), fit(load_tasks(data / "test.jsonl"))
 
     # 3. a LoRA per candidate --------------------------------------------------------------------

@@ -205,9 +205,13 @@ def propose_cluster(keywords: Iterable[str]) -> str:
 
 
 def split_examples(examples: Sequence[MCExample], *, seed: int = 0, n_samples: int = 20,
-                   n_test: int = 50, max_train: int | None = None, min_train: int = 1
-                   ) -> dict[str, list[MCExample]]:
-    """Seeded, disjoint `{"train", "samples", "test"}` split of one task's examples."""
+                   n_test: int = 50, max_train: int | None = None, min_train: int = 1,
+                   n_holdout: int = 0) -> dict[str, list[MCExample]]:
+    """Seeded, disjoint `{"train", "samples", "test"}` split of one task's examples.
+
+    With `max_train` and `n_holdout > 0` a `"holdout"` split holds up to `n_holdout` of the
+    examples beyond the train cap (never trained on). A task's split depends only on its own
+    examples and `seed`, not on the other tasks."""
     tasks = {e.task for e in examples}
     if len(tasks) != 1:
         raise ValueError(f"split_examples expects one task, got {sorted(tasks)}")
@@ -221,15 +225,19 @@ def split_examples(examples: Sequence[MCExample], *, seed: int = 0, n_samples: i
     test = [examples[i] for i in perm[:n_test]]
     samples = [examples[i] for i in perm[n_test:n_test + n_samples]]
     train = [examples[i] for i in perm[n_test + n_samples:]]
+    out = {"train": train, "samples": samples, "test": test}
     if max_train is not None:
-        train = train[:max_train]
-    return {"train": train, "samples": samples, "test": test}
+        out["train"] = train[:max_train]
+        if n_holdout:
+            out["holdout"] = train[max_train:max_train + n_holdout]
+    return out
 
 
 def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str | os.PathLike, *,
                  seed: int = 0, n_samples: int = 20, n_test: int = 50,
-                 max_train: int | None = 1000) -> dict[str, dict]:
-    """Convert `{bigbench name: cluster}` and write `train/samples/test.jsonl` under `out_dir`.
+                 max_train: int | None = 1000, n_holdout: int = 0) -> dict[str, dict]:
+    """Convert `{bigbench name: cluster}` and write `train/samples/test.jsonl` under `out_dir`
+    (and `holdout.jsonl` with `n_holdout`, see `split_examples`).
 
     Each file holds all tasks (each line carries its `task` and `cluster`). Writes a
     `manifest.json` with per-task counts. Returns the manifest.
@@ -237,6 +245,8 @@ def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str
     paths = list_tasks(root)
     out_dir = Path(out_dir)
     splits: dict[str, list[MCExample]] = {"train": [], "samples": [], "test": []}
+    if n_holdout:
+        splits["holdout"] = []
     manifest = {}
     for name, cluster in tasks.items():
         if name not in paths:
@@ -245,7 +255,7 @@ def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str
         st = ConversionStats()
         exs = to_mc_examples(t, cluster, seed=seed, stats=st)
         sp = split_examples(exs, seed=seed, n_samples=n_samples, n_test=n_test,
-                            max_train=max_train)
+                            max_train=max_train, n_holdout=n_holdout)
         for k, v in sp.items():
             splits[k].extend(v)
         manifest[t.slug] = {"bigbench": name, "cluster": cluster, "keywords": list(t.keywords),

@@ -16,7 +16,8 @@ first, for routers that select per sequence), the exact configuration, and timin
 Resumable: finished examples are appended to `<out>.partial.jsonl` (one record per example, keyed
 by task and index, tagged with a fingerprint of the configuration and of the examples) and
 skipped on restart. Multi-host: each process scores its round-robin share of every task on its
-local mesh and the records are gathered in a fixed order (`hilora_jax.distributed`), so results do not depend on the process count.
+local mesh and the records are gathered in a fixed order (`hilora_jax.distributed`), so results
+do not depend on the process count.
 """
 
 from __future__ import annotations
