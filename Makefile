@@ -42,7 +42,11 @@ bench: setup
 # The BIG-bench domain-generalization benchmark (benchmarks/bigbench_dg/README.md); one device.
 DG_ARGS ?= --variant hilora-gamma1=hilora:gamma=1.0 --variant hilora-kappa1=hilora:kappa=none \
   --variant hilora-llm=hilora:embedder=llm --variant hilora-paper=hilora:preset=paper
-bench-dg: setup
+$(VENV)/.installed-bench: $(STAMP)
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[tests,eval,bench]"
+	touch $@
+
+bench-dg: $(VENV)/.installed-bench
 	$(BIN)/python -m hilora_jax.assets --only smollm2 --only minilm --only bigbench
 	XLA_FLAGS= $(BIN)/python benchmarks/bigbench_dg/run.py $(DG_ARGS)
 

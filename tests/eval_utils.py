@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -31,3 +33,21 @@ def mc_examples(n_tasks: int = 5, per_task: int = 6, seed: int = 0) -> list[MCEx
                                  answer=int(rng.integers(0, n_choices)), task=f"lora{i}",
                                  cluster=f"c{i % 2}"))
     return out
+
+
+def write_bb(tmp_path, name, d):
+    """Write BIG-bench task JSON `d` as `<tmp>/bigbench/benchmark_tasks/<name>/task.json`."""
+    p = tmp_path / "bigbench" / "benchmark_tasks" / name / "task.json"
+    p.parent.mkdir(parents=True)
+    p.write_text(json.dumps(d))
+    return tmp_path
+
+
+def bb_task(n=100, **kw):
+    """A toy BIG-bench MC task: n arithmetic items, one tie, one non-MC item, one duplicate."""
+    exs = [{"input": f"what is {i} plus one?", "target_scores": {str(i + 1): 1, str(i + 2): 0, "x": 0}}
+           for i in range(n)]
+    exs.append({"input": "tie", "target_scores": {"a": 1, "b": 1}})  # ambiguous -> skipped
+    exs.append({"input": "free text", "target": "y"})  # not MC -> skipped
+    exs.append(dict(exs[0]))  # duplicate -> skipped
+    return {"name": "toy", "description": "d", "keywords": ["arithmetic"], "examples": exs, **kw}

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from eval_utils import bb_task, write_bb
 
 from hilora_jax.eval import bigbench as bb
 from hilora_jax.eval.metrics import (
@@ -167,24 +168,8 @@ def test_mc_report_both_scores():
 
 
 # -- BIG-bench conversion ----------------------------------------------------------------------
-def _write_bb(tmp_path, name, d):
-    p = tmp_path / "bigbench" / "benchmark_tasks" / name / "task.json"
-    p.parent.mkdir(parents=True)
-    p.write_text(json.dumps(d))
-    return tmp_path
-
-
-def _bb_task(n=100, **kw):
-    exs = [{"input": f"what is {i} plus one?", "target_scores": {str(i + 1): 1, str(i + 2): 0, "x": 0}}
-           for i in range(n)]
-    exs.append({"input": "tie", "target_scores": {"a": 1, "b": 1}})  # ambiguous -> skipped
-    exs.append({"input": "free text", "target": "y"})  # not MC -> skipped
-    exs.append(dict(exs[0]))  # duplicate -> skipped
-    return {"name": "toy", "description": "d", "keywords": ["arithmetic"], "examples": exs, **kw}
-
-
 def test_bigbench_defaults_and_choices_listed(tmp_path):
-    root = _write_bb(tmp_path, "toy", _bb_task())
+    root = write_bb(tmp_path, "toy", bb_task())
     t = bb.read_task(bb.list_tasks(root)["toy"], "toy")
     st = bb.ConversionStats()
     exs = bb.to_mc_examples(t, bb.propose_cluster(t.keywords), stats=st)
@@ -205,7 +190,7 @@ def test_bigbench_defaults_and_choices_listed(tmp_path):
 
 
 def test_bigbench_task_prefixes_and_no_append(tmp_path):
-    root = _write_bb(tmp_path, "fam/sub", _bb_task(
+    root = write_bb(tmp_path, "fam/sub", bb_task(
         task_prefix="Solve the following.\n", example_input_prefix="\nProblem: ",
         example_output_prefix="\nSolution: ", append_choices_to_input="false"))
     names = bb.list_tasks(root)
@@ -217,13 +202,13 @@ def test_bigbench_task_prefixes_and_no_append(tmp_path):
 
 
 def test_bigbench_rejects_subtask_parent(tmp_path):
-    root = _write_bb(tmp_path, "parent", {"name": "parent", "subtasks": ["a"]})
+    root = write_bb(tmp_path, "parent", {"name": "parent", "subtasks": ["a"]})
     with pytest.raises(ValueError, match="subtasks"):
         bb.read_task(bb.list_tasks(root)["parent"])
 
 
 def test_split_is_seeded_disjoint_and_sized(tmp_path):
-    root = _write_bb(tmp_path, "toy", _bb_task(n=120))
+    root = write_bb(tmp_path, "toy", bb_task(n=120))
     exs = bb.to_mc_examples(bb.read_task(bb.list_tasks(root)["toy"], "toy"), "math")
     sp = bb.split_examples(exs, seed=3, n_samples=20, n_test=50)
     assert [len(sp[k]) for k in ("train", "samples", "test")] == [50, 20, 50]
@@ -240,7 +225,7 @@ def test_split_is_seeded_disjoint_and_sized(tmp_path):
 
 
 def test_write_splits(tmp_path):
-    root = _write_bb(tmp_path, "toy", _bb_task(n=90))
+    root = write_bb(tmp_path, "toy", bb_task(n=90))
     man = bb.write_splits({"toy": "math"}, root, tmp_path / "out", n_test=30, n_samples=20)
     assert man["toy"]["test"] == 30 and man["toy"]["train"] == 40
     assert len(load_tasks(tmp_path / "out" / "samples.jsonl")) == 20

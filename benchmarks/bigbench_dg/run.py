@@ -33,6 +33,11 @@ import numpy as np
 
 ROUTERS = ["base", "oracle", "uniform", "retrieval", "arrow", "roc-fixed", "hilora"]
 PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+# reasoning-gym generators screened next to BIG-bench (short prompts, answers a LoRA can learn).
+GYM_DEFAULT = ["gcd", "lcm", "products", "basic_arithmetic", "count_bits", "prime_factorization",
+               "calendar_arithmetic", "fraction_simplification", "spell_backward",
+               "letter_counting", "base_conversion", "syllogism", "family_relationships",
+               "simple_equations", "complex_arithmetic"]
 
 
 def log(*a):
@@ -41,7 +46,6 @@ def log(*a):
 
 def find_candidates(root, tok, args):
     from hilora_jax.eval import bigbench as bb
-    from hilora_jax.eval.tasks import choice_text, encode
 
     found = []
     per_family = defaultdict(int)
@@ -58,11 +62,7 @@ def find_candidates(root, tok, args):
         exs = bb.to_mc_examples(t, "x", seed=args.seed)
         if len(exs) < args.min_examples or max(len(e.choices) for e in exs) > 5:
             continue
-        probe = exs[:: max(1, len(exs) // 40)][:40]
-        lens = [len(encode(tok, e.prompt, special=True))
-                + max(len(encode(tok, choice_text(c), special=False)) for c in e.choices)
-                for e in probe]
-        if float(np.percentile(lens, 90)) > args.max_tokens:
+        if _p90_tokens(exs, tok) > args.max_tokens:
             continue
         per_family[fam] += 1
         found.append((name, fam, bb.propose_cluster(t.keywords)))
@@ -70,6 +70,79 @@ def find_candidates(root, tok, args):
     for _, fam, _ in found:
         fams[fam] += 1
     return {name: (fam if fams[fam] >= 2 else kw) for name, fam, kw in found}
+
+
+def _p90_tokens(exs, tok) -> float:
+    """90th percentile of prompt + longest choice, in tokens, over <= 40 spread-out examples."""
+    from hilora_jax.eval.tasks import choice_text, encode
+
+    probe = exs[:: max(1, len(exs) // 40)][:40]
+    lens = [len(encode(tok, e.prompt, special=True))
+            + max(len(encode(tok, choice_text(c), special=False)) for c in e.choices)
+            for e in probe]
+    return float(np.percentile(lens, 90))
+
+
+def gym_candidates(tok, args, size):
+    """`{task: examples}` of the reasoning-gym generators in `--gym` whose p90 length fits."""
+    from hilora_jax.eval import gym
+
+    found = {}
+    for name in filter(None, args.gym.split(",")):
+        exs = gym.generate(name, size=size, seed=args.seed)
+        if _p90_tokens(exs, tok) > args.max_tokens:
+            log(f"reasoning-gym {name}: p90 length > {args.max_tokens} tokens, skipped")
+            continue
+        found[f"gym.{name}"] = exs
+    return found
+
+
+def screen_dev(eng, tok, cand_pool, dev, eval_dir):
+    """Per task: dev accuracy of the base model and of the task's own LoRA (oracle).
+
+    Cached per task in `eval_dir/screen_cache.json`, keyed by a fingerprint of the task's adapter
+    and of its dev examples, so adding candidates only evaluates the new ones."""
+    import hashlib
+
+    from hilora_jax.eval.runner import (
+        PrefixScorer,
+        evaluate,
+        first_adapted_layer,
+        write_json_atomic,
+    )
+    from hilora_jax.routing import build_router
+    from hilora_jax.routing.routers import pool_fingerprint
+
+    by_task = defaultdict(list)
+    for ex in dev:
+        by_task[ex.task].append(ex)
+    key = {}
+    for task, exs in by_task.items():
+        h = hashlib.sha1(pool_fingerprint(cand_pool.select([task])).encode())
+        for ex in exs:
+            h.update(json.dumps([ex.prompt, list(ex.choices), ex.answer]).encode())
+        key[task] = h.hexdigest()[:16]
+    path = Path(eval_dir) / "screen_cache.json"
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    missing = sorted(t for t in by_task if cache.get(t, {}).get("key") != key[t])
+    if missing:
+        log(f"dev screen: evaluating {len(missing)} of {len(by_task)} tasks "
+            f"({len(by_task) - len(missing)} cached)")
+        sub = cand_pool.select(missing)
+        sub_dev = [ex for t in missing for ex in by_task[t]]
+        scorer = PrefixScorer(eng, first_adapted_layer(sub))
+        cfg = {"pool_fp": pool_fingerprint(sub)}
+        r = {name: evaluate(eng, tok, sub, build_router(name, sub), sub_dev, scorer=scorer,
+                            progress=False, out=Path(eval_dir) / f"dev_{name}.json", config=cfg)
+             for name in ("base", "oracle")}
+        for t in missing:
+            cache[t] = {"key": key[t], "cluster": by_task[t][0].cluster, "n": len(by_task[t]),
+                        "base_dev": r["base"]["tasks"][t]["acc"],
+                        "lora_dev": r["oracle"]["tasks"][t]["acc"]}
+        write_json_atomic(path, cache)
+    return [{"task": t, "cluster": cache[t]["cluster"], "base_dev": cache[t]["base_dev"],
+             "lora_dev": cache[t]["lora_dev"],
+             "gain": cache[t]["lora_dev"] - cache[t]["base_dev"]} for t in sorted(by_task)]
 
 
 def parse_variant(spec: str):
@@ -117,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--n-dev", type=int, default=32)
     p.add_argument("--n-holdout", type=int, default=64,
                    help="extra dev items per task from beyond the train cap (where a task has them)")
+    p.add_argument("--gym", default=",".join(GYM_DEFAULT),
+                   help="reasoning-gym generators added as candidates (comma list; '' for none); "
+                        "cluster = gym-<package>, e.g. gym-arithmetic")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routers", default=",".join(ROUTERS))
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=ROUTER[:k=v,...]",
@@ -159,8 +235,12 @@ def main(argv=None) -> int:
     data = out / "data"
     cands = find_candidates(root, tok, args)
     names = list(cands)[: args.max_candidates]
-    log(f"{len(cands)} candidate tasks; using {len(names)}")
+    n_need = args.n_test + 20 + 256 + args.n_dev + args.n_holdout
+    gyms = gym_candidates(tok, args, size=n_need + 30) if args.gym else {}
+    log(f"{len(cands)} BIG-bench candidate tasks; using {len(names)}; "
+        f"{len(gyms)} reasoning-gym tasks")
     wanted = {n.replace("/", "."): cands[n] for n in names}
+    wanted.update({t: exs[0].cluster for t, exs in gyms.items()})
     have = {}
     if (data / "manifest.json").exists() and (data / "dev.jsonl").exists():
         have = {k: v["cluster"] for k, v in json.loads((data / "manifest.json").read_text()).items()}
@@ -169,7 +249,8 @@ def main(argv=None) -> int:
         # when other candidates are added or a cluster label changes.
         log("writing splits" + (" (candidate set changed)" if have else ""))
         write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
-                     n_test=args.n_test, max_train=256 + args.n_dev, n_holdout=args.n_holdout)
+                     n_test=args.n_test, max_train=256 + args.n_dev, n_holdout=args.n_holdout,
+                     extra=gyms)
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
@@ -194,17 +275,7 @@ def main(argv=None) -> int:
     cand_pool = load_pool(out / "candidates" / "pool", model=model)
 
     # 4. selection on dev: oracle (own LoRA) vs base ------------------------------------------------
-    scorer = PrefixScorer(eng, first_adapted_layer(cand_pool))
-    cand_fp = {"pool_fp": pool_fingerprint(cand_pool)}  # dev records are cached per pool
-    base_dev = evaluate(eng, tok, cand_pool, build_router("base", cand_pool), dev, scorer=scorer,
-                        progress=False, out=out / "eval" / "dev_base.json", config=cand_fp)
-    orc_dev = evaluate(eng, tok, cand_pool, build_router("oracle", cand_pool), dev, scorer=scorer,
-                       progress=False, out=out / "eval" / "dev_oracle.json", config=cand_fp)
-    screen = []
-    for task in sorted(base_dev["tasks"]):
-        b, o = base_dev["tasks"][task]["acc"], orc_dev["tasks"][task]["acc"]
-        screen.append({"task": task, "cluster": base_dev["tasks"][task]["cluster"],
-                       "base_dev": b, "lora_dev": o, "gain": o - b})
+    screen = screen_dev(eng, tok, cand_pool, dev, out / "eval")
     chosen = [s for s in screen if s["gain"] >= args.min_gain]
     clusters = sorted({s["cluster"] for s in chosen})
     log(f"selected {len(chosen)} tasks in {len(clusters)} clusters (gain >= {args.min_gain} on dev)")

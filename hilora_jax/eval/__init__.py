@@ -3,6 +3,7 @@
 `tasks`    -- the JSONL task format, validation, MC batching and choice scoring.
 `metrics`  -- exact match (SQuAD / LoraRetriever normalisation), ROUGE-L, BLEU, accuracy.
 `bigbench` -- BIG-bench JSON multiple-choice tasks -> our format, seeded train/samples/test split.
+`gym`      -- reasoning-gym generators (the `bench` extra) -> our multiple-choice format.
 """
 
 from hilora_jax.eval.metrics import accuracy, bleu, exact_match, exact_match_score, rouge_l

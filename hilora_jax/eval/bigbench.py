@@ -235,12 +235,14 @@ def split_examples(examples: Sequence[MCExample], *, seed: int = 0, n_samples: i
 
 def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str | os.PathLike, *,
                  seed: int = 0, n_samples: int = 20, n_test: int = 50,
-                 max_train: int | None = 1000, n_holdout: int = 0) -> dict[str, dict]:
+                 max_train: int | None = 1000, n_holdout: int = 0,
+                 extra: Mapping[str, Sequence[MCExample]] | None = None) -> dict[str, dict]:
     """Convert `{bigbench name: cluster}` and write `train/samples/test.jsonl` under `out_dir`
     (and `holdout.jsonl` with `n_holdout`, see `split_examples`).
 
-    Each file holds all tasks (each line carries its `task` and `cluster`). Writes a
-    `manifest.json` with per-task counts. Returns the manifest.
+    `extra` adds already converted tasks (`{task: examples}`, e.g. from `eval.gym.generate`),
+    split the same way. Each file holds all tasks (each line carries its `task` and `cluster`).
+    Writes a `manifest.json` with per-task counts. Returns the manifest.
     """
     paths = list_tasks(root)
     out_dir = Path(out_dir)
@@ -260,7 +262,21 @@ def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str
             splits[k].extend(v)
         manifest[t.slug] = {"bigbench": name, "cluster": cluster, "keywords": list(t.keywords),
                             **{k: len(v) for k, v in sp.items()}, **dataclasses.asdict(st)}
+    for task, exs in (extra or {}).items():
+        if task in manifest:
+            raise ValueError(f"extra task {task!r} collides with a BIG-bench task")
+        bad = {e.task for e in exs} - {task}
+        if bad:
+            raise ValueError(f"extra task {task!r} holds examples of other tasks: {sorted(bad)}")
+        sp = split_examples(list(exs), seed=seed, n_samples=n_samples, n_test=n_test,
+                            max_train=max_train, n_holdout=n_holdout)
+        for k, v in sp.items():
+            splits[k].extend(v)
+        manifest[task] = {"cluster": exs[0].cluster if exs else "",
+                          **{k: len(v) for k, v in sp.items()}}
     for k, v in splits.items():
         write_jsonl(v, out_dir / f"{k}.jsonl")
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    from hilora_jax.eval.runner import write_json_atomic  # lazy: runner imports the model stack
+
+    write_json_atomic(out_dir / "manifest.json", manifest)
     return manifest
