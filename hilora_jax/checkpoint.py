@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hilora_jax import sharding as shd
+from hilora_jax._fs import public_mode
 from hilora_jax.config import ModelConfig
 from hilora_jax.interop.hf import _path_str, abstract_model
 from hilora_jax.nn.model import CausalLM
@@ -45,6 +46,7 @@ def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False):
             out.parent.mkdir(parents=True, exist_ok=True)
             self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
                                                    dir=out.parent))
+            public_mode(self_inner.tmp, directory=True)
             return self_inner.tmp
 
         def __exit__(self_inner, et, ev, tb):

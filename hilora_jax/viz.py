@@ -29,6 +29,8 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from hilora_jax._fs import public_mode
+
 __all__ = ["plot_results", "plot_routing", "plot_routing_heatmap", "plot_training_curves",
            "routing_fractions", "save_png", "sequence_usage", "trace_usage"]
 
@@ -39,6 +41,7 @@ def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    public_mode(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")

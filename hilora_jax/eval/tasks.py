@@ -47,6 +47,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax import sharding as shd
+from hilora_jax._fs import public_mode
 from hilora_jax.inference import Engine, bucket_length, pad_batch
 from hilora_jax.nn.layers import log_softmax_gather
 from hilora_jax.nn.model import CausalLM
@@ -179,6 +180,7 @@ def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    public_mode(fd)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for ex in examples:

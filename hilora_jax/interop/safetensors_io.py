@@ -18,6 +18,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from hilora_jax._fs import public_mode
+
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
@@ -126,6 +128,7 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
     hb = json.dumps(header, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    public_mode(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(hb)))

@@ -1,0 +1,36 @@
+"""Atomic writes (temp file/dir, then rename) leave the modes a plain open/mkdir would give."""
+
+import os
+import stat
+
+import matplotlib
+
+matplotlib.use("Agg")
+from matplotlib.figure import Figure  # noqa: E402
+
+from hilora_jax.checkpoint import atomic_dir  # noqa: E402
+from hilora_jax.eval.tasks import MCExample, write_jsonl  # noqa: E402
+from hilora_jax.viz import save_png  # noqa: E402
+
+
+def _mode(p):
+    return stat.S_IMODE(os.stat(p).st_mode)
+
+
+def test_atomic_outputs_get_the_default_modes(tmp_path):
+    old = os.umask(0o022)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        ex = MCExample("p", ("a", "b"), 0, "t", "c")
+        out = write_jsonl([ex], tmp_path / "x.jsonl")
+        fig = Figure()
+        fig.add_subplot().plot([0, 1])
+        png = save_png(fig, tmp_path / "x.png")
+        with atomic_dir(tmp_path / "model") as d:
+            (d / "f").write_text("y")
+        assert _mode(out) == _mode(png) == _mode(plain) == 0o644
+        assert _mode(tmp_path / "model") == _mode(tmp_path / "plain_dir") == 0o755
+    finally:
+        os.umask(old)
