@@ -69,6 +69,12 @@ def test_oracle_and_base_differ(setup):
     orc = evaluate(eng, tok, pool, build_router("oracle", pool), exs, batch_size=8, progress=False)
     assert orc["routing"]["own_first"] == 1.0
     assert base["tasks"] != orc["tasks"] or base["mean"] != orc["mean"]
+    # per-example correctness: one entry per example, consistent with the per-task accuracy
+    for res in (base, orc):
+        assert len(res["correct"]) == len(exs) and set(res["correct"].values()) <= {0, 1}
+        for task, t in res["tasks"].items():
+            hits = [v for k, v in res["correct"].items() if k.rsplit(":", 1)[0] == task]
+            assert len(hits) == t["n"] and np.mean(hits) == pytest.approx(t["acc"])
 
 
 def test_resume_after_interruption_gives_same_results(setup, tmp_path, monkeypatch):

@@ -338,19 +338,43 @@ def _routing_map(router, pool, examples):
     return {"tasks": tasks, "loras": list(pool.names), "matrix": m.tolist()}
 
 
+def paired_differences(results, ref="hilora", against=("uniform", "retrieval", "arrow",
+                                                         "roc-fixed")):
+    """`{protocol: {baseline: {diff, se, n}}}`: mean per-item accuracy difference of `ref` minus
+    each baseline on the same test items, with the standard error of the paired difference."""
+    out = {}
+    for proto in PROTOCOLS:
+        r = results.get((ref, proto))
+        if r is None or "correct" not in r:
+            continue
+        for b in against:
+            o = results.get((b, proto))
+            if o is None or "correct" not in o:
+                continue
+            keys = sorted(r["correct"])
+            if keys != sorted(o["correct"]):
+                raise ValueError(f"{ref} and {b} under {proto} were scored on different items")
+            d = np.array([r["correct"][k] - o["correct"][k] for k in keys], np.float64)
+            out.setdefault(proto, {})[b] = {"diff": float(d.mean()), "n": len(d),
+                                            "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
+    return out
+
+
 def _write_outputs(res_dir, results, routing_maps, pool, screen, chosen, args, timing):
     import platform
 
     from hilora_jax.eval.runner import write_json_atomic
 
     table = {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"], "tasks": r["tasks"],
-                          "routing": r["routing"], "config": r.get("config", {})}
+                          "routing": r["routing"], "config": r.get("config", {}),
+                          "timing": r.get("timing", {})}
              for (m, p), r in results.items()}
     meta = {"command": "python " + " ".join(sys.argv), "args": vars(args), "timing": timing,
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "pool": list(pool.names), "clusters": {n: pool.clusters[n] for n in pool.names}}
     write_json_atomic(res_dir / "results.json", {"meta": meta, "results": table, "screen": screen,
                                                  "selected": chosen,
+                                                 "paired": paired_differences(results),
                                                  "routing_maps": routing_maps})
     print(render_report(res_dir))
 
@@ -393,6 +417,17 @@ def render_report(res_dir) -> str:
                 continue
             lines.append(f"| {m} | " + " | ".join(
                 f"{r['clusters'][c]['acc']:.3f}" if c in r["clusters"] else "-" for c in clusters) + " |")
+    paired = doc.get("paired") or {}
+    if paired:
+        bl = sorted({b for v in paired.values() for b in v}, key=ROUTERS.index)
+        lines += ["", "HiLoRA minus each baseline on the same test items (acc; +- the standard error "
+                      "of the paired difference):", "",
+                  "| protocol | " + " | ".join(bl) + " |", "|---" * (len(bl) + 1) + "|"]
+        for p in PROTOCOLS:
+            if p in paired:
+                lines.append(f"| {p} | " + " | ".join(
+                    f"{paired[p][b]['diff']:+.3f} +- {paired[p][b]['se']:.3f}" if b in paired[p]
+                    else "-" for b in bl) + " |")
     h = results.get(("hilora", "seen"))
     if h and h.get("routing"):
         lines += ["", f"HiLoRA routing in `seen`: own LoRA among the candidates "

@@ -11,7 +11,8 @@ adapters are *active* for a test task (an array argument: nothing is retraced pe
 
 Output: per-task, per-cluster and mean accuracy (`acc` by summed log-prob, `acc_norm` by per-token
 log-prob), routing statistics (how often the task's own adapter is among the candidates / ranked
-first, for routers that select per sequence), the exact configuration, and timing.
+first, for routers that select per sequence), per-example correctness (`correct`, by example key,
+for paired comparisons of routers on the same items), the exact configuration, and timing.
 
 Resumable: finished examples are appended to `<out>.partial.jsonl` (one record per example, keyed
 by task and index, tagged with a fingerprint of the configuration and of the examples) and
@@ -286,6 +287,7 @@ def evaluate(
 
 def summarize(records, config: dict) -> dict:
     """Per-task / per-cluster / mean accuracies and routing statistics from per-example records."""
+    records = list(records)
     per_task: dict[str, dict] = defaultdict(lambda: {"acc": [], "acc_norm": [], "routing": []})
     clusters = {}
     for r in records:
@@ -321,7 +323,11 @@ def summarize(records, config: dict) -> dict:
     if with_stats:
         routing = {k: float(np.mean([e[k] for e in with_stats]))
                    for k in ("own_in_candidates", "own_first", "mean_candidates")}
-    return {"config": config, "mean": mean, "clusters": cl, "tasks": tasks, "routing": routing}
+    # per-example correctness (by key) for paired comparisons of routers on the same items
+    correct = {r["key"]: int(np.argmax(np.asarray(r["logprob"])) == r["answer"])
+               for r in sorted(records, key=lambda r: r["key"])}
+    return {"config": config, "mean": mean, "clusters": cl, "tasks": tasks, "routing": routing,
+            "correct": correct}
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
