@@ -1,12 +1,17 @@
-"""File-mode helper for atomic writes.
+"""Atomic file writes.
 
-`tempfile.mkstemp`/`mkdtemp` create private files (0600) and directories (0700); renamed into place
-they would keep those modes. `public_mode` gives them the mode a plain `open`/`mkdir` would have
-(0666/0777 minus the process umask)."""
+`atomic_file(path)` yields a file object on a temp file in `path`'s folder and renames it into
+place only when the block succeeds; on any error the temp file is removed and `path` is untouched.
+`tempfile.mkstemp`/`mkdtemp` create private files (0600) and directories (0700); `public_mode`
+gives them the mode a plain `open`/`mkdir` would have (0666/0777 minus the process umask), so
+renamed outputs do not keep the private mode."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from pathlib import Path
 
 
 def _umask() -> int:
@@ -21,3 +26,19 @@ def public_mode(fd_or_path: int | str | os.PathLike, *, directory: bool = False)
         os.fchmod(fd_or_path, mode)
     else:
         os.chmod(fd_or_path, mode)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w"):
+    """`with atomic_file(p, "wb") as f: ...` -- write to a temp file, rename to `p` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        public_mode(fd)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

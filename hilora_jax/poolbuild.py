@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hilora_jax._fs import atomic_file
 from hilora_jax.eval.tasks import Example
 
 
@@ -55,9 +56,8 @@ def _group(examples: Sequence[Example]) -> dict[str, list[Example]]:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def build_task_pool(
@@ -119,10 +119,9 @@ def build_task_pool(
             old = prev.get(task, {})  # keep the training record of a reused adapter
             summary[task] = {**old, "reused": True} if "steps" in old else {"reused": True}
         sfile = out / "samples" / f"{task}.jsonl"
-        with open(sfile.with_suffix(".tmp"), "w") as f:
+        with atomic_file(sfile) as f:
             for ex in samp[task]:
                 f.write(json.dumps({"text": ex.prompt}) + "\n")
-        os.replace(sfile.with_suffix(".tmp"), sfile)
         entries[task] = {"path": f"adapters/{task}", "samples_file": f"samples/{task}.jsonl",
                          "cluster": exs[0].cluster}
     manifest = {"base": base_name, "adapters": entries}

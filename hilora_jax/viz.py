@@ -20,7 +20,6 @@ never leaves a truncated image behind. In Jupyter a returned figure renders inli
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from hilora_jax._fs import public_mode
+from hilora_jax._fs import atomic_file
 
 __all__ = ["plot_results", "plot_routing", "plot_routing_heatmap", "plot_training_curves",
            "routing_fractions", "save_png", "sequence_usage", "trace_usage"]
@@ -39,16 +38,8 @@ __all__ = ["plot_results", "plot_routing", "plot_routing_heatmap", "plot_trainin
 def save_png(fig: Figure, path: str | os.PathLike, *, dpi: int = 110) -> Path:
     """Write `fig` as PNG to `path` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    public_mode(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 

@@ -87,5 +87,7 @@ def test_write_splits_with_generated_tasks(tmp_path):
     assert [e for e in test if e.task == "gym.add"] == alone["test"]
     with pytest.raises(ValueError, match="collides"):
         bb.write_splits({"toy": "math"}, root, tmp_path / "x", extra={"toy": extra["gym.add"]})
+    with pytest.raises(ValueError, match="'gym.none' has no examples"):
+        bb.write_splits({}, root, tmp_path / "z", extra={"gym.none": []})
     with pytest.raises(ValueError, match="other tasks"):
         bb.write_splits({}, root, tmp_path / "y", extra={"gym.other": extra["gym.add"]})

@@ -6,8 +6,10 @@ import stat
 import matplotlib
 
 matplotlib.use("Agg")
+import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from hilora_jax._fs import atomic_file  # noqa: E402
 from hilora_jax.checkpoint import atomic_dir  # noqa: E402
 from hilora_jax.eval.tasks import MCExample, write_jsonl  # noqa: E402
 from hilora_jax.viz import save_png  # noqa: E402
@@ -34,3 +36,18 @@ def test_atomic_outputs_get_the_default_modes(tmp_path):
         assert _mode(tmp_path / "model") == _mode(tmp_path / "plain_dir") == 0o755
     finally:
         os.umask(old)
+
+
+def test_atomic_file_leaves_nothing_half_written(tmp_path):
+    target = tmp_path / "sub" / "out.json"
+    with atomic_file(target) as f:
+        f.write("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_file(target) as f:
+            f.write("partial new content")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"  # the previous file is untouched
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.json"]  # no temp left over
+    with atomic_file(tmp_path / "b.bin", "wb") as f:
+        f.write(b"\x00\x01")
+    assert (tmp_path / "b.bin").read_bytes() == b"\x00\x01"

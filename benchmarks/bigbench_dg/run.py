@@ -33,6 +33,7 @@ import numpy as np
 
 ROUTERS = ["base", "oracle", "uniform", "retrieval", "arrow", "roc-fixed", "hilora"]
 PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+MAX_TRAIN, N_SAMPLES, MAX_LEN = 256, 20, 256  # train items per LoRA, m, tokens per item
 # reasoning-gym generators screened next to BIG-bench (short prompts, answers a LoRA can learn).
 GYM_DEFAULT = ["gcd", "lcm", "products", "basic_arithmetic", "count_bits", "prime_factorization",
                "calendar_arithmetic", "fraction_simplification", "spell_backward",
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     data = out / "data"
     cands = find_candidates(root, tok, args)
     names = list(cands)[: args.max_candidates]
-    n_need = args.n_test + 20 + 256 + args.n_dev + args.n_holdout
+    n_need = args.n_test + N_SAMPLES + MAX_TRAIN + args.n_dev + args.n_holdout
     gyms = gym_candidates(tok, args, size=n_need + 30) if args.gym else {}
     log(f"{len(cands)} BIG-bench candidate tasks; using {len(names)}; "
         f"{len(gyms)} reasoning-gym tasks")
@@ -249,8 +250,8 @@ def main(argv=None) -> int:
         # when other candidates are added or a cluster label changes.
         log("writing splits" + (" (candidate set changed)" if have else ""))
         write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
-                     n_test=args.n_test, max_train=256 + args.n_dev, n_holdout=args.n_holdout,
-                     extra=gyms)
+                     n_samples=N_SAMPLES, n_test=args.n_test, max_train=MAX_TRAIN + args.n_dev,
+                     n_holdout=args.n_holdout, extra=gyms)
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
@@ -260,7 +261,7 @@ def main(argv=None) -> int:
         by = defaultdict(list)
         for ex in exs:
             by[ex.task].append(ex)
-        return [e for t in sorted(by) for e in fitting(by[t], tok, 256)]
+        return [e for t in sorted(by) for e in fitting(by[t], tok, MAX_LEN)]
 
     train = load_tasks(data / "train_fit.jsonl")
     dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / "holdout.jsonl"))
@@ -270,7 +271,8 @@ def main(argv=None) -> int:
     layers = list(range(L - args.top_layers, L))
     t0 = time.time()
     build_task_pool(model, tok, train, samples, out / "candidates", base_name=str(args.model),
-                    layers=layers, steps=args.steps, lr=args.lr, max_train=256, seed=args.seed)
+                    layers=layers, steps=args.steps, lr=args.lr, max_train=MAX_TRAIN,
+                    max_len=MAX_LEN, seed=args.seed)
     t_train = time.time() - t0
     cand_pool = load_pool(out / "candidates" / "pool", model=model)
 

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from hilora_jax._fs import atomic_file
 from hilora_jax.eval.tasks import MCExample, write_jsonl
 
 DEFAULT_INPUT_PREFIX = "\nQ: "
@@ -263,6 +264,8 @@ def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str
         manifest[t.slug] = {"bigbench": name, "cluster": cluster, "keywords": list(t.keywords),
                             **{k: len(v) for k, v in sp.items()}, **dataclasses.asdict(st)}
     for task, exs in (extra or {}).items():
+        if not exs:
+            raise ValueError(f"extra task {task!r} has no examples")
         if task in manifest:
             raise ValueError(f"extra task {task!r} collides with a BIG-bench task")
         bad = {e.task for e in exs} - {task}
@@ -272,11 +275,10 @@ def write_splits(tasks: Mapping[str, str], root: str | os.PathLike, out_dir: str
                             max_train=max_train, n_holdout=n_holdout)
         for k, v in sp.items():
             splits[k].extend(v)
-        manifest[task] = {"cluster": exs[0].cluster if exs else "",
+        manifest[task] = {"cluster": exs[0].cluster,
                           **{k: len(v) for k, v in sp.items()}}
     for k, v in splits.items():
         write_jsonl(v, out_dir / f"{k}.jsonl")
-    from hilora_jax.eval.runner import write_json_atomic  # lazy: runner imports the model stack
-
-    write_json_atomic(out_dir / "manifest.json", manifest)
+    with atomic_file(out_dir / "manifest.json") as f:
+        f.write(json.dumps(manifest, indent=2) + "\n")
     return manifest

@@ -12,8 +12,8 @@ Every item becomes a multiple-choice example whose prompt is ``"Question: " + qu
 "\\nAnswer:"`` (the layout of our BIG-bench prompts) and whose choices are the item's answer plus
 ``n_choices - 1`` distractors: answers of *other* items of the same generator, preferring ones of
 the same shape (numeric or not, same number of words) so that the shape never gives the answer
-away (then of the same kind, then any). Distractors are drawn with a per-item seeded RNG and the choice order is shuffled the same
-way. Duplicate questions are dropped (first kept); so are items whose answer is empty. A generator
+away, then of the same kind, then any. Distractors are drawn with a per-item seeded RNG and the
+choice order is shuffled the same way. Duplicate questions are dropped (first kept); so are items whose answer is empty. A generator
 with fewer than two distinct answers cannot make a multiple-choice task and raises.
 
 Generation (`generate`) imports reasoning-gym lazily; without it the error says how to install it.
@@ -106,9 +106,7 @@ def generate(name: str, *, size: int, seed: int = 0, cluster: str | None = None,
 
     `cluster` defaults to ``"gym-" + family(name)``. Extra keyword arguments go to the generator's
     config (e.g. ``min_value``)."""
-    rg, datasets = _import_gym()
-    if name not in datasets:
-        raise KeyError(f"unknown reasoning-gym generator {name!r}; known: {sorted(datasets)}")
+    cluster = cluster or f"gym-{family(name)}"  # family() also rejects an unknown name
+    rg, _ = _import_gym()
     items = rg.create_dataset(name, seed=seed, size=size, **config)
-    return to_mc_examples(list(items), f"gym.{name}", cluster or f"gym-{family(name)}",
-                          n_choices=n_choices, seed=seed)
+    return to_mc_examples(list(items), f"gym.{name}", cluster, n_choices=n_choices, seed=seed)

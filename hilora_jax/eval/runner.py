@@ -37,6 +37,7 @@ import numpy as np
 
 from hilora_jax import distributed as dist
 from hilora_jax import sharding as shd
+from hilora_jax._fs import atomic_file
 from hilora_jax.eval.tasks import MCExample, mc_batches, tail_logprobs
 from hilora_jax.lora.pool import LoraPool
 from hilora_jax.routing.routers import Router
@@ -287,7 +288,7 @@ def evaluate(
 
 def summarize(records, config: dict) -> dict:
     """Per-task / per-cluster / mean accuracies and routing statistics from per-example records."""
-    records = list(records)
+    correct: dict[str, int] = {}  # per example, for paired comparisons of routers
     per_task: dict[str, dict] = defaultdict(lambda: {"acc": [], "acc_norm": [], "routing": []})
     clusters = {}
     for r in records:
@@ -295,6 +296,7 @@ def summarize(records, config: dict) -> dict:
         nt = np.asarray(r["n_tokens"], np.float64)
         t = per_task[r["task"]]
         t["acc"].append(float(np.argmax(lp) == r["answer"]))
+        correct[r["key"]] = int(t["acc"][-1])
         t["acc_norm"].append(float(np.argmax(lp / np.maximum(nt, 1)) == r["answer"]))
         t["routing"].append(r.get("routing") or {})
         clusters[r["task"]] = r["cluster"]
@@ -323,19 +325,14 @@ def summarize(records, config: dict) -> dict:
     if with_stats:
         routing = {k: float(np.mean([e[k] for e in with_stats]))
                    for k in ("own_in_candidates", "own_first", "mean_candidates")}
-    # per-example correctness (by key) for paired comparisons of routers on the same items
-    correct = {r["key"]: int(np.argmax(np.asarray(r["logprob"])) == r["answer"])
-               for r in sorted(records, key=lambda r: r["key"])}
     return {"config": config, "mean": mean, "clusters": cl, "tasks": tasks, "routing": routing,
-            "correct": correct}
+            "correct": dict(sorted(correct.items()))}
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_np_default))
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=_np_default))
     return path
 
 

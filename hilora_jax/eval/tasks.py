@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -47,7 +46,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax import sharding as shd
-from hilora_jax._fs import public_mode
+from hilora_jax._fs import atomic_file
 from hilora_jax.inference import Engine, bucket_length, pad_batch
 from hilora_jax.nn.layers import log_softmax_gather
 from hilora_jax.nn.model import CausalLM
@@ -178,18 +177,9 @@ def load_tasks(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[E
 def write_jsonl(examples: Iterable[Example], path: str | os.PathLike) -> Path:
     """Write examples as JSONL atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    public_mode(fd)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for ex in examples:
-                f.write(json.dumps(example_to_dict(ex), ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as f:
+        for ex in examples:
+            f.write(json.dumps(example_to_dict(ex), ensure_ascii=False) + "\n")
     return path
 
 
