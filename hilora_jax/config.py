@@ -1,16 +1,23 @@
 """Model configuration: one frozen dataclass for the Llama family, read strictly from HF configs.
 
 `ModelConfig.from_hf_config` reads both the transformers 4.x layout (`rope_theta`, `rope_scaling`,
-`torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`, `layer_types`). Every field of the HF
-config falls in exactly one of three sets:
+`torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`, `layer_types`). The policy for every field
+of a `config.json` (the same one `interop.peft.check_config` applies to `adapter_config.json`):
 
-* handled: it changes the maths and we implement it (e.g. `num_key_value_heads`, `rope_scaling`);
-* ignored: it does not change inference maths (e.g. `initializer_range`, `use_cache`, label maps);
-* value-checked: allowed only at values that keep the maths we implement (e.g. `pretraining_tp == 1`,
-  `hidden_act == "silu"`, `rope_interleaved == False`).
+* read: a field we implement is read (`hidden_size`, `num_key_value_heads`, `rope_scaling`, ...);
+* value-checked: a known field is allowed only at values that keep the maths we implement
+  (`hidden_act == "silu"`, `pretraining_tp == 1`, `use_mrope == false`, no `quantization_config`, ...);
+  any other value is refused naming the field and the value;
+* metadata: fields that cannot touch the forward maths are ignored (`*_token_id`, names and paths,
+  `transformers_version`, `torch_dtype` / `dtype`, `use_cache`, generation defaults and the other keys
+  `PretrainedConfig.to_dict()` adds when saving, training-tool stamps such as `unsloth_version`);
+* unknown: a field unknown to us whose value is unset (null, false, "", [] or {}) is accepted with one
+  `UnknownFieldWarning` line per config (as transformers and PEFT do); with any other value it is
+  refused naming the field and the value.
 
-Anything else raises `UnsupportedConfigError` naming the field, so a checkpoint whose architecture
-differs in a way we do not implement can never load silently with wrong results (penzai's habit).
+Configs of other architectures are refused naming the reason (fused qkv, mixture of experts, Gemma's
+norm/embedding/activation differences, multimodal wrappers, remote code, non-causal-LM heads), so a
+checkpoint that differs in a way we do not implement can never load silently with wrong results.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,31 +38,110 @@ class UnsupportedConfigError(ValueError):
     """A config field (or value) would change the model's maths in a way we do not implement."""
 
 
+class UnknownFieldWarning(UserWarning):
+    """A config field unknown to hilora-jax was accepted because its value is unset."""
+
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
-# Fields that do not change inference maths.
-_IGNORED = {
-    "architectures", "transformers_version", "torch_dtype", "dtype", "initializer_range",
-    "use_cache", "attention_dropout", "output_hidden_states", "output_attentions", "return_dict",
-    "chunk_size_feed_forward", "is_encoder_decoder", "id2label", "label2id", "problem_type",
-    "_name_or_path", "name_or_path", "tokenizer_class", "prefix", "task_specific_params",
-    "is_llama_config", "transformers.js_config", "pad_token_id", "bos_token_id", "eos_token_id",
-    "sep_token_id", "decoder_start_token_id", "tie_encoder_decoder", "torchscript", "_commit_hash",
-    "_attn_implementation_autoset", "max_window_layers", "finetuning_task", "quantization_config",
-    "model_type", "layer_types", "use_sliding_window", "sliding_window", "rope_parameters",
-    "rope_theta", "rope_scaling", "head_dim", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-    "max_position_embeddings", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "pretraining_tp", "hidden_act", "rope_interleaved", "use_bfloat16", "embd_pdrop",
-    "resid_pdrop", "bad_words_ids", "begin_suppress_tokens", "forced_bos_token_id",
-    "forced_eos_token_id", "suppress_tokens", "cross_attention_hidden_size", "add_cross_attention",
-    "is_decoder", "pruned_heads", "tf_legacy_loss", "output_scores", "return_dict_in_generate",
-    "remove_invalid_values", "exponential_decay_length_penalty", "typical_p", "top_k", "top_p",
-    "temperature", "do_sample", "num_beams", "num_beam_groups", "diversity_penalty",
-    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
-    "min_length", "max_length", "early_stopping", "num_return_sequences", "bad_words",
-    "tie_word_embeddings_", "use_return_dict", "auto_map", "_auto_class", "custom_pipelines",
+# Causal-LM classes per model_type. `LLaMAForCausalLM` is the name of transformers' pre-release
+# 4.27.0.dev0 conversion (same maths).
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "LLaMAForCausalLM"),
+    "mistral": ("MistralForCausalLM",),
+    "qwen2": ("Qwen2ForCausalLM",),
+    "qwen3": ("Qwen3ForCausalLM",),
 }
+
+# Why other architectures are refused, by model_type.
+_FUSED_QKV = ("phi3", "phi", "gpt_neox", "gpt_neox_japanese", "bloom", "falcon", "gpt2", "chatglm",
+              "glm", "qwen", "internlm2", "baichuan", "mpt", "gpt_bigcode", "dbrx", "starcoder2",
+              "persimmon", "codegen", "gptj", "stablelm", "olmo", "olmo2", "cohere", "exaone")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "qwen3_next", "deepseek_v2", "deepseek_v3", "jamba",
+        "olmoe", "granitemoe", "granitemoeshared", "phimoe", "llama4", "llama4_text", "gpt_oss",
+        "glm4_moe", "hunyuan_v1_moe", "kimi_k2", "minimax", "ernie4_5_moe", "dots1", "bailing_moe",
+        "switch_transformers", "nllb_moe", "qwen3_5_moe", "qwen35_moe")
+_GEMMA = ("gemma", "gemma2", "gemma3", "gemma3_text", "gemma3n", "gemma3n_text", "recurrent_gemma",
+          "paligemma", "shieldgemma2")
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size",
+                "num_experts_per_tok")
+_SUBMODEL_KEYS = ("text_config", "vision_config", "audio_config", "encoder", "decoder")
+
+
+def _other_architecture(cfg: Mapping[str, Any], mt: Any) -> str:
+    if mt in _MOE or any(cfg.get(k) for k in _EXPERT_KEYS):
+        return "a mixture-of-experts model (routed expert MLPs are not implemented)"
+    if mt in _GEMMA:
+        return ("Gemma (RMSNorm scaled by 1 + w, embeddings scaled by sqrt(hidden_size), GeGLU MLP "
+                "are not implemented)")
+    if any(k in cfg for k in _SUBMODEL_KEYS):
+        return "a multimodal / composite model (only decoder-only text models are implemented)"
+    if mt in _FUSED_QKV:
+        return ("an architecture with a fused qkv projection or other block layout "
+                "(only separate q/k/v/o and gate/up/down projections are implemented)")
+    return "an architecture hilora-jax does not implement"
+
+
+# Fields we read (each is validated where it is read).
+_READ = {
+    "model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size",
+    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
+    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
+    "tie_word_embeddings", "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window",
+    "max_window_layers", "layer_types", "bos_token_id", "eos_token_id", "pad_token_id",
+}
+# Known fields allowed only at values that keep the maths we implement: field -> (ok(value), why).
+_VALUE_CHECKED: dict[str, tuple[Any, str]] = {
+    "hidden_act": (lambda v: v in ("silu", None), "only the SiLU-gated MLP is implemented"),
+    "pretraining_tp": (lambda v: v in (1, None), "only pretraining_tp=1 is implemented"),
+    "rope_interleaved": (lambda v: not v, "only rotate-half RoPE is implemented"),
+    "use_mrope": (lambda v: not v, "multimodal (3-D) RoPE is not implemented"),
+    "quantization_config": (lambda v: not v, "quantized checkpoints are not supported; use a "
+                            "dequantized (fp32/bf16/fp16) checkpoint"),
+    "is_encoder_decoder": (lambda v: not v, "only decoder-only models are implemented"),
+    "add_cross_attention": (lambda v: not v, "cross-attention is not implemented"),
+    "cross_attention_hidden_size": (lambda v: v is None, "cross-attention is not implemented"),
+    "pruned_heads": (lambda v: not v, "pruned attention heads are not implemented"),
+    "auto_map": (lambda v: not any(str(k).startswith("AutoModel") for k in (v or {})),
+                 "the model's maths is in custom remote code"),
+}
+# Metadata: cannot change the forward maths.
+_METADATA = {
+    # names, paths, versions, dtypes, implementation choices
+    "transformers_version", "torch_dtype", "dtype", "use_bfloat16", "name_or_path", "tokenizer_class",
+    "prefix", "task_specific_params", "finetuning_task", "problem_type", "id2label", "label2id",
+    "custom_pipelines", "use_cache", "torchscript", "tf_legacy_loss", "chunk_size_feed_forward",
+    "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "is_decoder",
+    "tie_encoder_decoder", "initializer_range",
+    # dropouts (inactive at inference)
+    "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
+    # generation defaults that PretrainedConfig.to_dict() writes (transformers <= 4.40)
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+    # exporters and training tools
+    "transformers.js_config", "is_llama_config", "unsloth_version", "unsloth_fixed",
+    # LLaMA-1 conversions (transformers 4.27/4.28) stamped the training context length; Llama's
+    # modelling code never reads it (max_position_embeddings is what RoPE uses)
+    "max_sequence_length",
+}
+_METADATA_RE = re.compile(r"^_.*|.*_token_ids?$")  # _name_or_path, _commit_hash, ...; *_token_id(s)
+
+
+def _unset(v: Any) -> bool:
+    return v is None or v is False or (isinstance(v, (str, list, tuple, dict)) and len(v) == 0)
+
+
+def unknown_fields_warning(where: str, fields: Mapping[str, Any]) -> None:
+    """One `UnknownFieldWarning` line for all the unset unknown fields of one file."""
+    if fields:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(fields.items()))
+        warnings.warn(f"{where}: accepting field(s) unknown to hilora-jax because they are unset: "
+                      f"{listed}", UnknownFieldWarning, stacklevel=3)
+
+
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -140,14 +228,22 @@ class ModelConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any] | Any, *, source: str = "config") -> ModelConfig:
         """Build from a HF config (dict, `PretrainedConfig`, or path to `config.json`).
 
-        Raises `UnsupportedConfigError` naming any field outside the allowlist or any value that
-        would change the maths in a way not implemented.
+        Applies the module's field policy: raises `UnsupportedConfigError` naming the file, the
+        field and the value for an unknown field with a value, a known field at a value whose maths
+        is not implemented, or another architecture (with the reason); warns once
+        (`UnknownFieldWarning`) about unknown fields that are unset.
         """
         if isinstance(cfg, (str, Path)):
             source = str(cfg)
-            cfg = json.loads(Path(cfg).read_text())
+            try:
+                cfg = json.loads(Path(cfg).read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise UnsupportedConfigError(f"{source}: unreadable config ({e})") from e
         elif not isinstance(cfg, Mapping):
             cfg = cfg.to_dict()
+        if not isinstance(cfg, Mapping):
+            raise UnsupportedConfigError(f"{source}: a config must be a JSON object, got "
+                                         f"{type(cfg).__name__}")
         cfg = dict(cfg)
 
         def bad(field: str, why: str) -> UnsupportedConfigError:
@@ -155,20 +251,40 @@ class ModelConfig:
 
         mt = cfg.get("model_type", "llama")
         if mt not in SUPPORTED_MODEL_TYPES:
-            raise bad("model_type", f"= {mt!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})")
-        unknown = sorted(k for k in cfg if k not in _IGNORED)
-        if unknown:
-            raise bad(unknown[0], f"is not handled by hilora-jax (all unhandled fields: {unknown}); "
-                      "it may change the model's maths")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise bad("hidden_act", f"= {act!r}: only 'silu' is implemented")
-        if cfg.get("pretraining_tp", 1) not in (1, None):
-            raise bad("pretraining_tp", f"= {cfg['pretraining_tp']}: only 1 is implemented")
-        if cfg.get("rope_interleaved", False):
-            raise bad("rope_interleaved", "= true: only rotate-half RoPE is implemented")
-        if cfg.get("is_decoder") is False or cfg.get("add_cross_attention"):
-            raise bad("add_cross_attention", "is not supported for a decoder-only model")
+            raise bad("model_type", f"= {mt!r}: {_other_architecture(cfg, mt)} "
+                      f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        archs = cfg.get("architectures") or []
+        if not isinstance(archs, list) or any(a not in _ARCHITECTURES[mt] for a in archs):
+            raise bad("architectures", f"= {archs!r}: only {' / '.join(_ARCHITECTURES[mt])} is "
+                      f"implemented for model_type {mt!r}")
+        unset_unknown: dict[str, Any] = {}
+        for k in sorted(cfg):
+            v = cfg[k]
+            if k in _READ or k in _METADATA or _METADATA_RE.fullmatch(k):
+                continue
+            if k in _VALUE_CHECKED:
+                ok, why = _VALUE_CHECKED[k]
+                if not ok(v):
+                    raise bad(k, f"= {_short_repr(v)}: {why}")
+                continue
+            if _unset(v):
+                unset_unknown[k] = v
+                continue
+            if k in _EXPERT_KEYS:
+                raise bad(k, f"= {_short_repr(v)}: {_other_architecture(cfg, mt)}")
+            raise bad(k, f"= {_short_repr(v)} is not known to hilora-jax and may change the "
+                      "model's maths; refusing (unknown fields are accepted only when unset)")
+        missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                               "num_attention_heads") if k not in cfg]
+        if missing:
+            raise bad(missing[0], f"is required and missing (all missing: {missing})")
+        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "max_position_embeddings"):
+            v = cfg.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+                raise bad(k, f"= {v!r} must be a positive integer")
+        unknown_fields_warning(source, unset_unknown)
 
         rope = _read_rope(cfg, bad)
         heads = int(cfg["num_attention_heads"])
@@ -210,6 +326,11 @@ class ModelConfig:
         d["rope"] = RopeConfig(**d["rope"])
         d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
         return cls(**d)
+
+
+def _short_repr(v: Any, limit: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _read_rope(cfg: dict, bad) -> RopeConfig:

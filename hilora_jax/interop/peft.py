@@ -18,9 +18,16 @@ Config handling follows peft 0.21 exactly (`peft/tuners/tuners_utils.py::check_t
 * scale `s = alpha / r`, or `alpha / sqrt(r)` with `use_rslora`, with that module's r and alpha.
 
 The tensor keys are the truth about which modules and layers are adapted; the set the config predicts
-is cross-checked against them and any difference is an error. Config fields go through an allowlist:
-fields that cannot change the maths are ignored explicitly, a few are allowed at harmless values only,
-and anything else raises `AdapterError` naming the adapter and the field.
+is cross-checked against them and any difference is an error.
+
+`adapter_config.json` fields follow the same policy as model configs (`hilora_jax.config`): a field we
+implement is read and validated (`r`, `lora_alpha`, `use_rslora`, `target_modules`, patterns, ...); a
+known field is allowed only at values that keep plain-LoRA maths (`use_dora`, `lora_bias`, `bias`,
+`init_lora_weights`, ... else `AdapterError` naming field and value); metadata (`base_model_name_or_path`,
+`revision`, `task_type`, `inference_mode`, `peft_version`, ...) is ignored; an unknown field whose value
+is unset (null, false, empty) is accepted with one `UnknownFieldWarning` line (as PEFT does, e.g.
+`enable_lora: null` of old PEFT, `astra_config: null` of new PEFT); an unknown field with a value is
+refused. `target_modules: null` means PEFT's default for every supported model type, `q_proj, v_proj`.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from hilora_jax.config import ModelConfig
+from hilora_jax.config import ModelConfig, unknown_fields_warning
 from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile
 
 
@@ -50,16 +57,21 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
          "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
-# Config fields that do not change inference maths.
+# PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for llama, mistral, qwen2 and qwen3: the
+# modules adapted when `target_modules` is null.
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+# Fields read (and validated) by `check_config`.
+_READ = {"peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
+         "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"}
+# Metadata and training-only settings: cannot change the adapter's inference maths.
 _IGNORED = {
     "task_type", "auto_mapping", "peft_version", "revision", "inference_mode", "lora_dropout",
     "base_model_name_or_path", "eva_config", "runtime_config", "qalora_group_size",
     "ensure_weight_tying", "megatron_core",
-    # read below
-    "peft_type", "r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern",
-    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    "merge_weights",  # PEFT <= 0.2: merge into the base at eval time (same function)
 }
-# Fields allowed only at values that keep plain LoRA maths: field -> predicate on the value.
+# Known fields allowed only at values that keep plain LoRA maths: field -> predicate on the value.
 _MUST_BE_OFF = {
     "use_dora": lambda v: not v,
     "lora_bias": lambda v: not v,
@@ -68,6 +80,7 @@ _MUST_BE_OFF = {
     "layer_replication": lambda v: not v,
     "target_parameters": lambda v: not v,
     "fan_in_fan_out": lambda v: not v,  # Llama-family projections are nn.Linear ([out, in])
+    "enable_lora": lambda v: not v,  # PEFT <= 0.3 MergedLinear (fused qkv of GPT-2 style models)
     "trainable_token_indices": lambda v: not v,
     "megatron_config": lambda v: not v,
     "loftq_config": lambda v: not v,  # LoftQ pairs the adapter with a quantized base
@@ -85,6 +98,9 @@ _MUST_BE_OFF = {
     "init_lora_weights": lambda v: v in (True, False, None, "gaussian", "eva")
     or (isinstance(v, str) and v.lower() in ("true", "false", "gaussian", "eva")),
 }
+# Llama-family modules that exist but that hilora-jax does not adapt.
+_NOT_ADAPTED = ("lm_head", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
+                "q_norm", "k_norm", "rotary_emb")
 
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
@@ -156,32 +172,136 @@ def module_rank_alpha(cfg: Mapping[str, Any], key: str) -> tuple[int, float, flo
     return r, alpha, scale
 
 
-def check_config(cfg: Mapping[str, Any], name: str) -> dict:
-    """Validate an `adapter_config.json` dict; returns it as a plain dict.
+def _check_target_entry(entry: Any) -> str | None:
+    """Why a `target_modules` list entry cannot be applied to a Llama-family model, or None."""
+    if not isinstance(entry, str) or not entry:
+        return "is not a module name"
+    last = entry.rsplit(".", 1)[-1]
+    if last in _NOT_ADAPTED:
+        return (f"adapts {last!r}, which hilora-jax does not adapt (only the q/k/v/o and gate/up/down "
+                "projections)")
+    if last not in MODULES:
+        return ("names no projection of a Llama-family model (a fused qkv projection or another "
+                "architecture's module)")
+    if "." in entry and not re.fullmatch(rf"(?:(?:model\.)?layers\.\d+\.)?{BLOCK[last]}\.{last}", entry):
+        return f"does not match the Llama-family module path '...layers.<i>.{BLOCK[last]}.{last}'"
+    return None
 
-    Raises `AdapterError` naming the adapter and the first offending field (unknown fields too).
+
+def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None) -> dict:
+    """Validate an `adapter_config.json` dict under the field policy; returns it as a plain dict.
+
+    `target_modules: null` is resolved to PEFT's default (`DEFAULT_TARGETS`). Raises `AdapterError`
+    naming the adapter (and `source`, the file, when given), the first offending field and its value;
+    warns once (`UnknownFieldWarning`) about unknown fields that are unset.
     """
+    where = f"adapter {name!r}" + (f" ({source})" if source else "")
+
+    def bad(field: str, why: str) -> AdapterError:
+        return AdapterError(f"{where}: field {field!r} {why}")
+
+    if not isinstance(cfg, Mapping):
+        raise AdapterError(f"{where}: the config must be a JSON object, got {type(cfg).__name__}")
     cfg = dict(cfg)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise AdapterError(f"adapter {name!r}: field 'peft_type' = {cfg['peft_type']!r}; only LORA "
-                           "adapters are supported")
+        raise bad("peft_type", f"= {cfg['peft_type']!r}; only LORA adapters are supported")
+    unset_unknown: dict[str, Any] = {}
     for f in sorted(cfg):
-        if f in _IGNORED:
+        v = cfg[f]
+        if f in _IGNORED or f in _READ:
             continue
         if f in _MUST_BE_OFF:
-            if not _MUST_BE_OFF[f](cfg[f]):
-                raise AdapterError(f"adapter {name!r}: field {f!r} = {cfg[f]!r} changes the LoRA maths "
-                                   "and is not supported")
+            if not _MUST_BE_OFF[f](v):
+                raise bad(f, f"= {_repr_short(v)} changes the LoRA maths and is not supported")
             continue
-        raise AdapterError(f"adapter {name!r}: field {f!r} is not handled by hilora-jax (it may "
-                           "change the maths); refusing to convert")
+        if _is_unset(v):
+            unset_unknown[f] = v
+            continue
+        raise bad(f, f"= {_repr_short(v)} is not known to hilora-jax (it may change the maths); refusing "
+                  "(unknown fields are accepted only when unset)")
     for f in ("r", "lora_alpha"):
         v = cfg.get(f, 8)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-            raise AdapterError(f"adapter {name!r}: field {f!r} = {v!r} must be a positive number")
-    if cfg.get("target_modules") is None:
-        raise AdapterError(f"adapter {name!r}: field 'target_modules' is missing")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
+            raise bad(f, f"= {v!r} must be a positive number")
+    if not isinstance(cfg.get("use_rslora", False), (bool, type(None))):
+        raise bad("use_rslora", f"= {cfg['use_rslora']!r} must be true or false")
+    tm = cfg.get("target_modules")
+    if tm is None:
+        cfg["target_modules"] = list(DEFAULT_TARGETS)
+    elif isinstance(tm, str):
+        if tm.lower() != "all-linear":
+            try:
+                rx = re.compile(tm)
+            except re.error as e:
+                raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
+            hit = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
+            if hit:
+                raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
+                          "adapt")
+    elif isinstance(tm, list) and tm:
+        for entry in tm:
+            why = _check_target_entry(entry)
+            if why:
+                raise bad("target_modules", f"entry {entry!r} {why} (target_modules = {_repr_short(tm)})")
+    else:
+        raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
+    ex = cfg.get("exclude_modules")
+    if ex is not None and not isinstance(ex, str) and not (
+            isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
+        raise bad("exclude_modules", f"= {_repr_short(ex)} must be null, a string or a list of strings")
+    idx = cfg.get("layers_to_transform")
+    if idx is not None:
+        ints = [idx] if isinstance(idx, int) else idx
+        if not isinstance(ints, list) or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ints):
+            raise bad("layers_to_transform", f"= {_repr_short(idx)} must be null, a layer index or a list "
+                      "of layer indices")
+        if isinstance(tm, str) and ints:
+            raise bad("layers_to_transform", f"= {_repr_short(idx)} cannot be used with a string "
+                      "target_modules (PEFT refuses it too)")
+    pat = cfg.get("layers_pattern")
+    if pat is not None and not isinstance(pat, str) and not (
+            isinstance(pat, list) and all(isinstance(x, str) for x in pat)):
+        raise bad("layers_pattern", f"= {_repr_short(pat)} must be null, a string or a list of strings")
+    for f in ("rank_pattern", "alpha_pattern"):
+        pats = cfg.get(f)
+        if pats is None:
+            continue
+        if not isinstance(pats, dict):
+            raise bad(f, f"= {_repr_short(pats)} must be a mapping of module pattern -> number")
+        for k, v in pats.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+                raise bad(f, f"entry {k!r}: {v!r} must be a positive number")
+            try:
+                re.compile(k)
+            except re.error as e:
+                raise bad(f, f"entry {k!r} is not a valid regular expression ({e})") from e
+    unknown_fields_warning(where, unset_unknown)
     return cfg
+
+
+def read_adapter_config(path: str | os.PathLike, name: str | None = None) -> dict:
+    """Read and check `adapter_config.json` (a file, or a directory holding it); see `check_config`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "adapter_config.json"
+    name = name or (p.parent.name if p.name == "adapter_config.json" else p.stem)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError as e:
+        raise AdapterError(f"adapter {name!r}: {p} does not exist") from e
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"adapter {name!r}: {p}: unreadable ({e})") from e
+    return check_config(raw, name, source=str(p))
+
+
+def _is_unset(v: Any) -> bool:
+    return v is None or v is False or (isinstance(v, (str, list, tuple, dict)) and len(v) == 0)
+
+
+def _repr_short(v: Any, limit: int = 120) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 @dataclass
@@ -248,14 +368,7 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
     """
     d = resolve_adapter_dir(src, name or str(src))
     name = name or d.name
-    cpath = d / "adapter_config.json"
-    try:
-        raw = json.loads(cpath.read_text())
-    except FileNotFoundError as e:
-        raise AdapterError(f"adapter {name!r}: {cpath} does not exist") from e
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"adapter {name!r}: {cpath}: unreadable ({e})") from e
-    cfg = check_config(raw, name)
+    cfg = read_adapter_config(d / "adapter_config.json", name)
     declared = cfg.get("base_model_name_or_path")
     if base and declared and _short(declared) != _short(base):
         warnings.warn(f"adapter {name!r} was trained on {declared!r}, the pool's base is {base!r}",
