@@ -87,6 +87,9 @@ def test_truncated_safetensors_is_named(hf_dir):
         ("pretraining_tp", 2, "pretraining_tp"),
         ("some_new_field", 1, "some_new_field"),
         ("model_type", "gpt2", "model_type"),
+        ("use_mrope", True, r"'use_mrope' = True"),
+        ("quantization_config", {"quant_method": "awq", "bits": 4}, r"'quantization_config' = \{'quant_method': 'awq'"),
+        ("some_new_field", {"on": 1}, r"'some_new_field' = \{'on': 1\} is not known"),
     ],
 )
 def test_unsupported_config_field_is_named(hf_dir, field, value, match):
@@ -96,6 +99,23 @@ def test_unsupported_config_field_is_named(hf_dir, field, value, match):
     p.write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedConfigError, match=match):
         load_model(hf_dir, progress=False)
+
+
+def test_unset_unknown_fields_load_with_one_warning(hf_dir):
+    """Published configs carry fields transformers accepts when unset (e.g. Qwen2.5's
+    `use_mrope: false`); an unknown one that is null/false/empty loads with one warning line."""
+    from hilora_jax.config import UnknownFieldWarning
+
+    p = hf_dir / "config.json"
+    cfg = json.loads(p.read_text())
+    ref = load_model(hf_dir, progress=False).config
+    p.write_text(json.dumps({**cfg, "use_mrope": False, "future_a": None, "future_b": []}))
+    with pytest.warns(UnknownFieldWarning) as rec:
+        got = load_model(hf_dir, progress=False).config
+    assert got == ref
+    msgs = [str(w.message) for w in rec if issubclass(w.category, UnknownFieldWarning)]
+    assert len(msgs) == 1 and "future_a=None" in msgs[0] and "future_b=[]" in msgs[0]
+    assert str(p) in msgs[0] and "use_mrope" not in msgs[0]
 
 
 def test_qwen2_per_layer_sliding_window_rejected():

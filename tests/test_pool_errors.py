@@ -63,7 +63,8 @@ REJECTED = [
     ("init_lora_weights", "pissa"), ("init_lora_weights", "olora"), ("loftq_config", {"bits": 4}),
     ("alora_invocation_tokens", [5, 6]), ("trainable_token_indices", [1, 2]),
     ("arrow_config", {"top_k": 3}), ("use_qalora", True), ("megatron_config", {"x": 1}),
-    ("some_future_field", 1), ("peft_type", "IA3"),
+    ("some_future_field", 1), ("peft_type", "IA3"), ("astra_config", {"rank": 4}),
+    ("enable_lora", [True, False, True]), ("target_modules", ["q_proj", "lm_head"]),
 ]
 
 
@@ -78,8 +79,22 @@ def test_rejected_fields(good, tmp_path, field, value):
 def test_harmless_fields_accepted(good, tmp_path):
     d = _copy(good, tmp_path)
     _edit_config(d, lora_dropout=0.3, inference_mode=False, init_lora_weights="gaussian",
-                 revision="main", eva_config=None)
+                 revision="main", eva_config=None, enable_lora=None, merge_weights=False)
     read_adapter(d, _cfg(good))
+
+
+def test_unset_unknown_field_converts_with_one_warning(good, tmp_path):
+    """Current PEFT's `astra_config: null` (unknown to us, unset) converts, with one warning line."""
+    from hilora_jax.config import UnknownFieldWarning
+
+    d = _copy(good, tmp_path)
+    _edit_config(d, astra_config=None)
+    manifest = {"adapters": {"ok": {"path": str(good / "good")}, "bad": {"path": str(d)}}}
+    with pytest.warns(UnknownFieldWarning) as rec:
+        convert_pool(manifest, good / "base", tmp_path / "pool", progress=False)
+    msgs = [str(w.message) for w in rec if issubclass(w.category, UnknownFieldWarning)]
+    assert len(msgs) == 1 and msgs[0].startswith("adapter 'bad'") and "astra_config=None" in msgs[0]
+    assert (tmp_path / "pool").is_dir()
 
 
 def _cfg(good):
