@@ -24,6 +24,7 @@ from hilora_jax.interop.peft import (
     DEFAULT_TARGETS,
     MODULES,
     AdapterError,
+    UnmatchedTargetWarning,
     check_config,
     is_targeted,
     module_key,
@@ -66,8 +67,9 @@ ADAPTER_REFUSALS = {
     "REFUSE_llama-3.2-3b_mica-init_peft-bench.json": ("init_lora_weights", "mica"),
     "REFUSE_mistral-7b_lm-head-target.json": ("target_modules", "lm_head"),
     "REFUSE_qwen-7b-v1_c-attn.json": ("target_modules", "c_proj"),
-    "REFUSE_qwen3.5-hybrid_mixed-targets.json": ("target_modules", "linear_fc2"),
 }
+# Plain-LoRA files with target_modules entries no Llama module has (PEFT ignores them): one warning.
+UNMATCHED_TARGETS = {"qwen3.5-hybrid_mixed-targets.json": "linear_fc2"}
 
 
 def test_corpus_size_and_sources():
@@ -105,6 +107,9 @@ def test_published_config_loads_and_agrees_with_transformers(path, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         tc = AutoConfig.from_pretrained(tmp_path)
+    # the same file re-read through transformers 5 (its to_dict() layout) gives the same config
+    again, unknown = _load_quiet(ModelConfig.from_hf_config, tc)
+    assert again == ours and unknown == []
     raw = json.loads(path.read_text())
     assert ours.model_type == tc.model_type == raw.get("model_type", "llama")
     assert ours.vocab_size == tc.vocab_size
@@ -194,8 +199,15 @@ def _our_modules(cfg, layers=32) -> dict[tuple[int, str], tuple[int, float]]:
 
 @pytest.mark.parametrize("path", GOOD_ADAPTERS, ids=lambda p: p.stem)
 def test_published_adapter_config_loads_and_agrees_with_peft(path, tmp_path, llama32):
-    cfg, unknown = _load_quiet(read_adapter_config, path)
-    assert unknown == []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = read_adapter_config(path)
+    assert not [w for w in caught if issubclass(w.category, UnknownFieldWarning)]
+    unmatched = [str(w.message) for w in caught if issubclass(w.category, UnmatchedTargetWarning)]
+    if path.name in UNMATCHED_TARGETS:
+        assert len(unmatched) == 1 and UNMATCHED_TARGETS[path.name] in unmatched[0]
+    else:
+        assert unmatched == []
     raw = json.loads(path.read_text())
     assert cfg["r"] == raw["r"] and cfg["lora_alpha"] == raw["lora_alpha"]
     d = tmp_path / "adapter"
@@ -400,5 +412,15 @@ def test_adapter_target_entries_accept_llama_paths():
     for entry in ["q_proj", "self_attn.q_proj", "mlp.down_proj", "model.layers.5.self_attn.v_proj",
                   "layers.5.mlp.up_proj"]:
         check_config({**BASE_ADAPTER, "target_modules": [entry]}, "a")
-    with pytest.raises(AdapterError, match="does not match"):
+    with pytest.raises(AdapterError, match=r"no entry names a projection .*'mlp\.q_proj' matches no"):
         check_config({**BASE_ADAPTER, "target_modules": ["mlp.q_proj"]}, "a")
+
+
+def test_adapter_targets_no_llama_module_has_are_ignored_with_one_warning():
+    """PEFT ignores list entries that match nothing as long as one matches; so do we, saying so."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cfg = check_config({**BASE_ADAPTER, "target_modules": ["q_proj", "c_attn", "W_pack"]}, "a")
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UnmatchedTargetWarning)]
+    assert len(msgs) == 1 and "'c_attn', 'W_pack'" in msgs[0] and msgs[0].startswith("adapter 'a': ")
+    assert _our_modules(cfg, layers=2) == {(0, "q_proj"): (16, 2.0), (1, "q_proj"): (16, 2.0)}

@@ -52,6 +52,10 @@ class AdapterError(CheckpointError):
     """A PEFT adapter is malformed, unsupported, or does not fit the base model."""
 
 
+class UnmatchedTargetWarning(UserWarning):
+    """Some `target_modules` entries match no module of a Llama-family model (PEFT ignores them)."""
+
+
 # The adaptable projections, in the order pools store them, and the block holding each.
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
@@ -100,7 +104,7 @@ _MUST_BE_OFF = {
 }
 # Llama-family modules that exist but that hilora-jax does not adapt.
 _NOT_ADAPTED = ("lm_head", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
-                "q_norm", "k_norm", "rotary_emb")
+                "q_norm", "k_norm", "rotary_emb", "self_attn", "mlp", "act_fn")
 
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
@@ -172,19 +176,21 @@ def module_rank_alpha(cfg: Mapping[str, Any], key: str) -> tuple[int, float, flo
     return r, alpha, scale
 
 
-def _check_target_entry(entry: Any) -> str | None:
-    """Why a `target_modules` list entry cannot be applied to a Llama-family model, or None."""
+def _target_entry_status(entry: Any) -> tuple[str, str] | None:
+    """None when a `target_modules` list entry names an adaptable projection; else
+    `("refuse", why)` when PEFT would adapt (or fail on) a Llama module we do not adapt, or
+    `("ignore", why)` when it matches no module of a Llama-family model (PEFT ignores such entries
+    as long as another entry matches)."""
     if not isinstance(entry, str) or not entry:
-        return "is not a module name"
+        return "refuse", "is not a module name"
     last = entry.rsplit(".", 1)[-1]
     if last in _NOT_ADAPTED:
-        return (f"adapts {last!r}, which hilora-jax does not adapt (only the q/k/v/o and gate/up/down "
-                "projections)")
+        return "refuse", (f"adapts {last!r}, which hilora-jax does not adapt (only the q/k/v/o and "
+                          "gate/up/down projections)")
     if last not in MODULES:
-        return ("names no projection of a Llama-family model (a fused qkv projection or another "
-                "architecture's module)")
+        return "ignore", "names no module of a Llama-family model"
     if "." in entry and not re.fullmatch(rf"(?:(?:model\.)?layers\.\d+\.)?{BLOCK[last]}\.{last}", entry):
-        return f"does not match the Llama-family module path '...layers.<i>.{BLOCK[last]}.{last}'"
+        return "ignore", f"matches no Llama-family module path '...layers.<i>.{BLOCK[last]}.{last}'"
     return None
 
 
@@ -239,10 +245,19 @@ def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None
                 raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
                           "adapt")
     elif isinstance(tm, list) and tm:
-        for entry in tm:
-            why = _check_target_entry(entry)
-            if why:
-                raise bad("target_modules", f"entry {entry!r} {why} (target_modules = {_repr_short(tm)})")
+        status = [(e, _target_entry_status(e)) for e in tm]
+        for e, st in status:
+            if st and st[0] == "refuse":
+                raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
+        ignored = [(e, st[1]) for e, st in status if st]
+        if len(ignored) == len(tm):
+            raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
+                      f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
+                      "or another architecture's modules)")
+        if ignored:
+            warnings.warn(f"{where}: target_modules entries {[e for e, _ in ignored]} match no module "
+                          "of a Llama-family model and are ignored, as PEFT ignores them",
+                          UnmatchedTargetWarning, stacklevel=3)
     else:
         raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
     ex = cfg.get("exclude_modules")
