@@ -112,7 +112,10 @@ _METADATA = {
     "prefix", "task_specific_params", "finetuning_task", "problem_type", "id2label", "label2id",
     "custom_pipelines", "use_cache", "torchscript", "tf_legacy_loss", "chunk_size_feed_forward",
     "output_hidden_states", "output_attentions", "return_dict", "use_return_dict", "is_decoder",
-    "tie_encoder_decoder", "initializer_range",
+    "tie_encoder_decoder", "initializer_range", "initializer_factor", "model_max_length",
+    # attention kernel / training switches (same maths)
+    "attn_implementation", "use_flash_attention_2", "use_flash_attn", "use_sdpa",
+    "gradient_checkpointing",
     # dropouts (inactive at inference)
     "attention_dropout", "hidden_dropout", "embd_pdrop", "resid_pdrop",
     # generation defaults that PretrainedConfig.to_dict() writes (transformers <= 4.40)

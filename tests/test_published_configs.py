@@ -351,6 +351,7 @@ def test_known_field_at_unsupported_value_is_refused(base_cfg, field, value, rea
     ("_name_or_path", "/some/where"), ("decoder_start_token_id", 3), ("sep_token_id", 7),
     ("unsloth_version", "2025.5.3"), ("transformers_version", "4.99"), ("torch_dtype", "float16"),
     ("temperature", 0.7), ("use_cache", False), ("max_sequence_length", 2048), ("is_decoder", False),
+    ("attn_implementation", "flash_attention_2"), ("model_max_length", 4096),
 ])
 def test_known_harmless_values_and_metadata_load_silently(base_cfg, field, value):
     cfg, msgs = _warnings_of(lambda: ModelConfig.from_hf_config({**base_cfg, field: value}))
