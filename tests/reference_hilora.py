@@ -12,7 +12,7 @@ encodes are the project's [choice]s documented in the routing modules:
 * Overflow above r_i goes, unit by unit, to the most likely candidate that still has room.
 * PCA basis: distinct sample rows of the adapters in ``basis_from`` (default all).
 * Calibration: leave-one-out log-likelihoods (dense refit on m - 1 samples, PCA basis fixed),
-  loc = median, scale = 1.4826 * MAD (std, then 1, if 0); c = (ll - loc) / scale.
+  loc = median, scale = standard deviation with ddof 1 (1 if 0); c = (ll - loc) / scale.
 """
 
 from __future__ import annotations
@@ -105,9 +105,8 @@ def fit(samples, estimator="ledoit_wolf", ridge_eps=1e-3, var_floor=1e-6, pca_di
                 mean, cov = _cov(np.delete(x, k, 0), estimator, ridge_eps, var_floor)
                 loo.append(_log_density(x[k], mean, cov))
             loc = float(np.median(loo))
-            scale = 1.4826 * float(np.median(np.abs(np.array(loo) - loc)))
-            if not scale > 0:
-                scale = float(np.std(loo)) or 1.0
+            mean = sum(loo) / len(loo)
+            scale = math.sqrt(sum((v - mean) ** 2 for v in loo) / (len(loo) - 1)) or 1.0
             cal_loc.append(loc)
             cal_scale.append(scale)
     return dict(means=means, covs=covs, proj=proj, proj_mean=proj_mean, cal_loc=cal_loc,

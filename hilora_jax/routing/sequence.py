@@ -29,7 +29,7 @@ Rules (the method doc, with this module's resolutions marked [choice]):
 
 Calibrated rule (:func:`calibrated_decisions`, issue 13) [choice], on calibrated scores
 ``c_i`` (``gaussian.calibrated_scores``: 0 = as typical of LoRA i as the median of its own
-held-out samples, in units of their robust spread):
+held-out samples, in units of their standard deviation):
 
 1'. Eligible as above. Candidates ``C(x) = {i : c_i >= floor and c_i >= max_j c_j - margin}``
     (sorted, at most ``max_candidates`` kept): few LoRAs when one clearly covers the input, a mix
