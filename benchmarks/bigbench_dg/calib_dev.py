@@ -182,6 +182,8 @@ def decision_metrics(info, own, active, clusters_arr, dev_cluster, rank=8):
     own_n = np.where(valid & (idx == own[:, None]), n, 0).sum(1)
     same_cl = np.where(valid & (clusters_arr[idx] == dev_cluster[:, None]), n, 0).sum(1)
     kap = info["kappa"]
+    per_item = {"own_roc_share": np.where(tot > 0, own_n / np.maximum(tot, 1), 0.0),
+                "capacity": tot / rank, "candidates": size.astype(np.float64)}
     hist = {str(k): float(np.mean(size == k)) for k in range(0, 4)}
     hist["4+"] = float(np.mean(size >= 4))
     return {
@@ -195,7 +197,12 @@ def decision_metrics(info, own, active, clusters_arr, dev_cluster, rank=8):
         "capacity": float(np.mean(tot / rank)),  # total ROCs in units of one LoRA's rank
         "scaled_capacity": float(np.mean(kap * tot / rank)),
         "no_lora": float(np.mean(tot == 0)),
-    }
+    }, per_item
+
+
+def _paired(a, b):
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    return {"diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(len(d)))}
 
 
 def _decide_all(bank, z, ranks, masks, rule_cfg):
@@ -300,12 +307,21 @@ def decisions(args):
                     for fl in (-3.0, -5.0, -8.0):
                         rules[f"cal f{fl:g} m3"] = _rule(fl, 3.0)
                 decs = None
+                items = {}
                 for rule_label, cfg in rules.items():
                     decs, s, cal = _decide_all(bank, z, ranks, masks, cfg)
                     row = {"embedder": label, "n_dev": len(dev_e), "m": m, "estimator": est, "pca_dim": pca_dim,
                            "rule": rule_label, "config": cfg, "fit_s": round(fit_s, 2)}
+                    items[rule_label] = {}
                     for proto, info in decs.items():
-                        row[proto] = decision_metrics(info, own, masks[proto], cl_arr, dev_cl)
+                        row[proto], items[rule_label][proto] = decision_metrics(
+                            info, own, masks[proto], cl_arr, dev_cl)
+                    if rule_label != "paper-raw":  # per item: this rule minus the paper's rule
+                        row["paired_vs_raw"] = {
+                            proto: {k: _paired(items[rule_label][proto][k],
+                                               items["paper-raw"][proto][k])
+                                    for k in ("own_roc_share", "capacity", "candidates")}
+                            for proto in decs}
                     row["calibration"] = calibration_curve(cal, own)
                     rows.append(row)
                 log(f"{emb_name} m={m} {est}: {len(rules)} rules ({time.time() - t0:.0f}s)")
@@ -325,7 +341,7 @@ def _write_rows(args, rows, names, clusters, t0):
     res.mkdir(parents=True, exist_ok=True)
     write_json_atomic(res / "decisions.json", {"pool": names, "clusters": clusters, "rows": rows,
                                                "seconds": round(time.time() - t0, 1)})
-    text = render_decisions(rows)
+    text = render_decisions(rows) + render_paired(rows)
     (res / "decisions.md").write_text(text)
     return text
 
@@ -338,6 +354,22 @@ def _plot_curves(args, cal, own, names, emb_name):
     tag = emb_name.replace(":", "-").replace(" (carved dev)", "-carved")
     plot_calibration(cal, own, names, save=res / f"calibration_{tag}.png",
                      title=f"calibrated scores ({emb_name}, Ledoit-Wolf, m=20): own-task inputs vs others")
+
+
+def render_paired(rows):
+    lines = ["", "Paired per-item differences, calibrated rule minus the paper's rule on the same "
+             "bank (mean +- standard error over dev items): own LoRA's ROC share in `seen`; "
+             "capacity (total ROCs / 8) per protocol.", "",
+             "| embedder | m | estimator | rule | own share (seen) | capacity seen | "
+             "capacity within | capacity cross |", "|---|---|---|---|---|---|---|---|"]
+    f = lambda x: f"{x['diff']:+.3f} +- {x['se']:.3f}"
+    for r in rows:
+        p = r.get("paired_vs_raw")
+        if p:
+            lines.append(f"| {r['embedder']} | {r['m']} | {r['estimator']} | {r['rule']} | "
+                         f"{f(p['seen']['own_roc_share'])} | {f(p['seen']['capacity'])} | "
+                         f"{f(p['unseen-within']['capacity'])} | {f(p['unseen-cross']['capacity'])} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_decisions(rows):
