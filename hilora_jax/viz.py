@@ -330,3 +330,58 @@ def plot_training_curves(curves: Mapping[str, Sequence[float]], *, title: str = 
     if curves:
         ax.legend(fontsize=8)
     return _finish(fig, save)
+
+
+# -- calibration ---------------------------------------------------------------------------------
+def calibration_matrix(cal, own, n_adapters: int | None = None) -> np.ndarray:
+    """``[A, A]`` median calibrated score of LoRA j (column) over the inputs of task i (row)."""
+    cal = np.asarray(cal, np.float64)
+    own = np.asarray(own)
+    if cal.ndim != 2 or own.shape != (cal.shape[0],):
+        raise ValueError(f"cal must be [N, A] and own [N], got {cal.shape} and {own.shape}")
+    a = cal.shape[1] if n_adapters is None else n_adapters
+    m = np.full((a, cal.shape[1]), np.nan)
+    for i in range(a):
+        if (own == i).any():
+            m[i] = np.median(cal[own == i], axis=0)
+    return m
+
+
+def plot_calibration(cal, own, names: Sequence[str], *, floor: float | None = -3.0,
+                     title: str = "calibrated scores: own-task inputs vs others",
+                     save: str | os.PathLike | None = None) -> Figure:
+    """Calibration curves of HiLoRA's calibrated scores ``c_i(x)`` (``Routing.info['cal_scores']``).
+
+    ``cal`` [N, A] for N inputs whose own adapter index is ``own`` [N]. Left: the empirical CDF of
+    the own LoRA's score (own-task inputs) and of the best *other* LoRA's score, clipped to
+    [-30, 10] (0 = as typical as the LoRA's own held-out samples; the dotted line is the rule's
+    ``floor``). Right: task x LoRA median calibrated score (clipped at -30).
+    """
+    cal = np.asarray(cal, np.float64)
+    own = np.asarray(own)
+    if len(names) != cal.shape[1]:
+        raise ValueError(f"{len(names)} names for {cal.shape[1]} adapters")
+    rows = np.arange(len(own))
+    own_c = cal[rows, own]
+    others = cal.copy()
+    others[rows, own] = -np.inf
+    best_other = others.max(1)
+    fig = Figure(figsize=(11.0, max(3.6, 0.35 * len(names) + 1.8)), layout="constrained")
+    ax, ax2 = fig.subplots(1, 2, width_ratios=[1.0, 1.3])
+    for v, label in ((own_c, "own LoRA"), (best_other, "best other LoRA")):
+        v = np.sort(np.clip(v[np.isfinite(v)], -30, 10))
+        ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), label=label)
+    if floor is not None:
+        ax.axvline(floor, ls=":", color="k", label=f"floor {floor:g}")
+    ax.axvline(0.0, ls="--", color="gray", lw=0.8)
+    ax.set_xlabel("calibrated score c (clipped to [-30, 10])")
+    ax.set_ylabel("fraction of inputs <= c")
+    ax.legend(fontsize=8)
+    ax.set_title("CDF")
+    m = np.clip(calibration_matrix(cal, own, len(names)), -30, None)
+    _heatmap(ax2, m, [_short(n, 28) for n in names], [_short(n, 18) for n in names],
+             cmap="magma", fmt="{:.0f}", cbar_label="median c")
+    ax2.set_xlabel("LoRA")
+    ax2.set_ylabel("inputs of task")
+    fig.suptitle(title)
+    return _finish(fig, save)

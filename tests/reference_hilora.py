@@ -10,6 +10,9 @@ encodes are the project's [choice]s documented in the routing modules:
 * round(x) is round-half-up on the exact decimal value of gamma.
 * Non-finite scores and inactive adapters are ineligible; no eligible adapter -> no candidates.
 * Overflow above r_i goes, unit by unit, to the most likely candidate that still has room.
+* PCA basis: distinct sample rows of the adapters in ``basis_from`` (default all).
+* Calibration: leave-one-out log-likelihoods (dense refit on m - 1 samples, PCA basis fixed),
+  loc = median, scale = standard deviation with ddof 1 (1 if 0); c = (ll - loc) / scale.
 """
 
 from __future__ import annotations
@@ -38,8 +41,35 @@ def lw_shrinkage(x):
     return 0.0 if b2 == 0 else b2 / d2
 
 
-def fit(samples, estimator="ledoit_wolf", ridge_eps=1e-3, var_floor=1e-6, pca_dim=None):
-    """Returns dict(means=[...], covs=[...] (D x D), proj=None|[E,D], proj_mean=None|[E])."""
+def _cov(x, estimator, ridge_eps, var_floor):
+    """(mean, D x D covariance) of one adapter's samples under ``estimator``."""
+    m, d = x.shape
+    mean = x.mean(0)
+    s = (x - mean).T @ (x - mean) / (m - 1)
+    mu = np.trace(s) / d
+    if estimator in ("ledoit_wolf", "pca"):
+        delta = lw_shrinkage(x)
+        cov = (1 - delta) * s + max(delta * mu, var_floor * mu) * np.eye(d)
+    elif estimator == "ridge":
+        cov = s + max(ridge_eps, var_floor) * mu * np.eye(d)
+    elif estimator == "diag":
+        cov = np.diag(np.diag(s) + var_floor * mu)
+    else:
+        raise ValueError(estimator)
+    return mean, cov
+
+
+def _log_density(y, mean, cov):
+    diff = y - mean
+    _, logdet = np.linalg.slogdet(cov)
+    maha = diff @ np.linalg.solve(cov, diff)
+    return -0.5 * (len(mean) * math.log(2 * math.pi) + logdet + maha)
+
+
+def fit(samples, estimator="ledoit_wolf", ridge_eps=1e-3, var_floor=1e-6, pca_dim=None,
+        calibrate=False, basis_from=None):
+    """Returns dict(means=[...], covs=[...] (D x D), proj=None|[E,D], proj_mean=None|[E],
+    cal_loc=None|[A], cal_scale=None|[A])."""
     xs = [np.asarray(x, np.float64) for x in samples]
     for i, x in enumerate(xs):
         if x.shape[0] < 2:
@@ -48,7 +78,13 @@ def fit(samples, estimator="ledoit_wolf", ridge_eps=1e-3, var_floor=1e-6, pca_di
             raise ValueError(f"adapter {i}: non-finite")
     proj = proj_mean = None
     if estimator == "pca":
-        pooled = np.concatenate(xs)
+        use = [x for i, x in enumerate(xs) if basis_from is None or basis_from[i]]
+        pooled = np.concatenate(use)
+        distinct = []  # drop repeated rows (a duplicated adapter adds nothing)
+        for row in pooled:
+            if not any(np.array_equal(row, q) for q in distinct):
+                distinct.append(row)
+        pooled = np.array(distinct)
         dim = pca_dim if pca_dim is not None else min(pooled.shape[1], pooled.shape[0] - 1, 64)
         proj_mean = pooled.mean(0)
         cov_pooled = (pooled - proj_mean).T @ (pooled - proj_mean)
@@ -57,22 +93,24 @@ def fit(samples, estimator="ledoit_wolf", ridge_eps=1e-3, var_floor=1e-6, pca_di
         xs = [(x - proj_mean) @ proj for x in xs]
     means, covs = [], []
     for x in xs:
-        m, d = x.shape
-        mean = x.mean(0)
-        s = (x - mean).T @ (x - mean) / (m - 1)
-        mu = np.trace(s) / d
-        if estimator in ("ledoit_wolf", "pca"):
-            delta = lw_shrinkage(x)
-            cov = (1 - delta) * s + max(delta * mu, var_floor * mu) * np.eye(d)
-        elif estimator == "ridge":
-            cov = s + max(ridge_eps, var_floor) * mu * np.eye(d)
-        elif estimator == "diag":
-            cov = np.diag(np.diag(s) + var_floor * mu)
-        else:
-            raise ValueError(estimator)
+        mean, cov = _cov(x, estimator, ridge_eps, var_floor)
         means.append(mean)
         covs.append(cov)
-    return dict(means=means, covs=covs, proj=proj, proj_mean=proj_mean)
+    cal_loc = cal_scale = None
+    if calibrate:
+        cal_loc, cal_scale = [], []
+        for x in xs:
+            loo = []
+            for k in range(x.shape[0]):
+                mean, cov = _cov(np.delete(x, k, 0), estimator, ridge_eps, var_floor)
+                loo.append(_log_density(x[k], mean, cov))
+            loc = float(np.median(loo))
+            mean = sum(loo) / len(loo)
+            scale = math.sqrt(sum((v - mean) ** 2 for v in loo) / (len(loo) - 1)) or 1.0
+            cal_loc.append(loc)
+            cal_scale.append(scale)
+    return dict(means=means, covs=covs, proj=proj, proj_mean=proj_mean, cal_loc=cal_loc,
+                cal_scale=cal_scale)
 
 
 def log_likelihood(model, z):
@@ -83,11 +121,13 @@ def log_likelihood(model, z):
         if model["proj"] is not None:
             y = (y - model["proj_mean"]) @ model["proj"]
         for i, (mean, cov) in enumerate(zip(model["means"], model["covs"], strict=True)):
-            diff = y - mean
-            _, logdet = np.linalg.slogdet(cov)
-            maha = diff @ np.linalg.solve(cov, diff)
-            out[b, i] = -0.5 * (len(mean) * math.log(2 * math.pi) + logdet + maha)
+            out[b, i] = _log_density(y, mean, cov)
     return out
+
+
+def calibrated_scores(model, z):
+    ll = log_likelihood(model, z)
+    return (ll - np.array(model["cal_loc"])[None]) / np.array(model["cal_scale"])[None]
 
 
 # ----------------------------------------------------------------------------- sequence level
@@ -168,6 +208,33 @@ def sequence_decision(
     )
 
 
+def calibrated_decision(cal, ranks, active, floor=-3.0, margin=3.0, full_at=0.0, tau=1.0,
+                        max_candidates=8, allocation="relative", gamma=0.4):
+    """One sequence under the calibrated rule (sequence.py rules 1'-3'), float64 and loops."""
+    elig = [i for i in range(len(cal)) if active[i] and np.isfinite(cal[i])]
+    ordered = sorted(elig, key=lambda i: (-cal[i], i))
+    if not ordered:
+        return dict(cand=[], n=[], budget=0, n_selected=0, cap_binds=False, pi=[], coverage=0.0)
+    c_max = cal[ordered[0]]
+    chosen = [i for i in ordered if cal[i] >= floor and cal[i] >= c_max - margin]
+    n_selected = len(chosen)
+    cand = chosen[:max_candidates]
+    if not cand:
+        return dict(cand=[], n=[], budget=0, n_selected=0, cap_binds=False, pi=[], coverage=0.0)
+    g = min(max((c_max - floor) / (full_at - floor), 0.0), 1.0)
+    r = [int(ranks[i]) for i in cand]
+    pi = softmax([cal[i] for i in cand], tau)
+    if allocation == "relative":
+        n = [min(ri, math.floor(g * ri * math.exp((cal[i] - c_max) / tau) + 0.5))
+             for i, ri in zip(cand, r, strict=True)]
+        budget = sum(n)
+    else:
+        budget = min(math.floor(g * float(Fraction(str(gamma))) * sum(r) + 0.5), sum(r))
+        n = enforce_capacity(largest_remainder(budget, pi), r)
+    return dict(cand=cand, n=n, budget=budget, n_selected=n_selected,
+                cap_binds=n_selected > max_candidates, pi=list(pi), coverage=g)
+
+
 def per_module_count(n, adapter_rank, module_rank):
     if n == 0 or module_rank == 0:
         return 0
@@ -199,7 +266,9 @@ def kappa(n_row, mode):
     count = sum(1 for v in n_row if v > 0)
     if mode == "none" or count == 0:
         return 1.0
-    return 1.0 / math.sqrt(count) if mode == "sqrt" else 1.0 / count
+    if mode.endswith("-eff"):  # participation ratio of the ROC counts
+        count = sum(n_row) ** 2 / sum(v * v for v in n_row)
+    return 1.0 / math.sqrt(count) if mode.startswith("sqrt") else 1.0 / count
 
 
 def roc_fixed_gates(u, roc_valid, budget):

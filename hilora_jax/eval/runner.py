@@ -11,7 +11,9 @@ adapters are *active* for a test task (an array argument: nothing is retraced pe
 
 Output: per-task, per-cluster and mean accuracy (`acc` by summed log-prob, `acc_norm` by per-token
 log-prob), routing statistics (how often the task's own adapter is among the candidates / ranked
-first, for routers that select per sequence), per-example correctness (`correct`, by example key,
+first, for routers that select per sequence; for HiLoRA also the candidate-set size distribution,
+how often the `max_candidates` cap bound, the own adapter's share of the ROCs, the total ROCs and
+the coverage), per-example correctness (`correct`, by example key,
 for paired comparisons of routers on the same items), the exact configuration, and timing.
 
 Resumable: finished examples are appended to `<out>.partial.jsonl` (one record per example, keyed
@@ -158,20 +160,46 @@ def _append_partial(path: Path, records: Sequence[dict]) -> None:
 
 
 def _routing_rows(info: dict, rows: np.ndarray, own: int | None) -> list[dict]:
-    """Per-row routing statistics (own adapter among candidates / ranked first)."""
+    """Per-row routing statistics: candidate count (adapters that get ROCs / weight); for HiLoRA
+    also the budget, total ROCs, whether the max_candidates cap bound, the coverage; with a known
+    own adapter, whether it is a candidate / ranked first and its share of the ROCs."""
     out = []
     for r in rows:
         d = {}
-        if own is not None and "cand_idx" in info:
-            cands = info["cand_idx"][r][info["cand_valid"][r] & (info["n_rocs"][r] > 0)]
-            d = {"own_in_candidates": bool(own in cands.tolist()),
-                 "own_first": bool(len(cands) and cands[0] == own),
-                 "n_candidates": int(len(cands)), "budget": int(info["budget"][r])}
-        elif own is not None and "weights" in info:
+        if "cand_idx" in info:
+            used = info["cand_valid"][r] & (info["n_rocs"][r] > 0)
+            cands = info["cand_idx"][r][used]
+            n = info["n_rocs"][r][used]
+            d = {"n_candidates": int(len(cands)), "budget": int(info["budget"][r]),
+                 "total_rocs": int(n.sum()), "cap_binds": bool(info["cap_binds"][r])}
+            if "coverage" in info:
+                d["coverage"] = float(info["coverage"][r])
+            if own is not None:
+                d.update(own_in_candidates=bool(own in cands.tolist()),
+                         own_first=bool(len(cands) and cands[0] == own),
+                         own_roc_share=float(n[cands == own].sum() / n.sum()) if n.sum() else 0.0)
+        elif "weights" in info:
             w = info["weights"][r]
-            d = {"own_in_candidates": bool(w[own] > 0), "own_first": bool(np.argmax(w) == own),
-                 "n_candidates": int((w > 0).sum())}
+            d = {"n_candidates": int((w > 0).sum())}
+            if own is not None:
+                d.update(own_in_candidates=bool(w[own] > 0), own_first=bool(np.argmax(w) == own))
         out.append(d)
+    return out
+
+
+def _routing_summary(rs: Sequence[dict]) -> dict:
+    """Aggregate per-example routing statistics (keys absent from old records are skipped)."""
+    out = {}
+    for k in ("own_in_candidates", "own_first", "own_roc_share", "cap_binds", "coverage",
+              "total_rocs"):
+        v = [x[k] for x in rs if k in x]
+        if v:
+            out[k] = float(np.mean(v))
+    sizes = [x["n_candidates"] for x in rs if "n_candidates" in x]
+    if sizes:
+        out["mean_candidates"] = float(np.mean(sizes))
+        counts = np.bincount(np.asarray(sizes, np.int64))
+        out["candidates_hist"] = {str(k): int(c) for k, c in enumerate(counts) if c}
     return out
 
 
@@ -305,11 +333,9 @@ def summarize(records, config: dict) -> dict:
         t = per_task[name]
         entry = {"acc": float(np.mean(t["acc"])), "acc_norm": float(np.mean(t["acc_norm"])),
                  "n": len(t["acc"]), "cluster": clusters[name]}
-        rs = [x for x in t["routing"] if "own_in_candidates" in x]
+        rs = [x for x in t["routing"] if x]
         if rs:
-            entry["own_in_candidates"] = float(np.mean([x["own_in_candidates"] for x in rs]))
-            entry["own_first"] = float(np.mean([x["own_first"] for x in rs]))
-            entry["mean_candidates"] = float(np.mean([x["n_candidates"] for x in rs]))
+            entry.update(_routing_summary(rs))
         tasks[name] = entry
     by_cluster: dict[str, list] = defaultdict(list)
     for e in tasks.values():
@@ -321,10 +347,17 @@ def summarize(records, config: dict) -> dict:
             "acc_norm": float(np.mean([e["acc_norm"] for e in tasks.values()])),
             "tasks": len(tasks), "examples": sum(e["n"] for e in tasks.values())}
     routing = {}
-    with_stats = [e for e in tasks.values() if "own_in_candidates" in e]
-    if with_stats:
-        routing = {k: float(np.mean([e[k] for e in with_stats]))
-                   for k in ("own_in_candidates", "own_first", "mean_candidates")}
+    with_stats = [e for e in tasks.values() if "mean_candidates" in e]
+    if with_stats:  # mean over tasks of the per-task means; the histogram over all examples
+        keys = sorted({k for e in with_stats for k in e} & {
+            "own_in_candidates", "own_first", "own_roc_share", "cap_binds", "coverage",
+            "total_rocs", "mean_candidates"})
+        routing = {k: float(np.mean([e[k] for e in with_stats if k in e])) for k in keys}
+        hist: dict[str, int] = defaultdict(int)
+        for e in with_stats:
+            for k, c in e.get("candidates_hist", {}).items():
+                hist[k] += c
+        routing["candidates_hist"] = dict(sorted(hist.items(), key=lambda kv: int(kv[0])))
     return {"config": config, "mean": mean, "clusters": cl, "tasks": tasks, "routing": routing,
             "correct": dict(sorted(correct.items()))}
 

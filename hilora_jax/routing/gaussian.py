@@ -20,8 +20,10 @@ Estimators ([choice], method §2.1; S is the sample covariance with 1/(m-1), mu 
   so it is invariant to the embedding's scale).
 * ``diag``: ``Sigma = diag(S) + var_floor * mu`` (floor relative to the mean variance).
 * ``pca``: project every embedding onto the top ``d'`` principal directions of the pooled samples
-  of *all* adapters (centred on the pooled mean), then Ledoit-Wolf in ``d'`` dims; ``d~ = d'``.
-  Default ``d' = min(E, total_samples - 1, 64)``.
+  (centred on the pooled mean), then Ledoit-Wolf in ``d'`` dims; ``d~ = d'``. [choice] The basis is
+  fitted on the *distinct* sample rows of the adapters in ``basis_from`` (default: all), so a
+  protocol's held-out adapters can be kept out of it and a duplicated adapter does not move it.
+  Default ``d' = min(E, distinct_samples - 1, 64)``.
   For LW and ridge the isotropic part ``c = delta mu`` (resp. ``ridge_eps mu``) is floored at
   ``var_floor * mu`` so that a zero shrinkage intensity never yields a singular covariance.
 
@@ -40,6 +42,22 @@ and the matrix determinant lemma without ever forming a D x D matrix::
     logdet = 2 sum log scale_i + sum_k log1p(gain_k)           the cancellation of |w|^2 - ...)
 
 Scoring cost is O(B A D W). Einsums use ``precision=HIGHEST`` (TPU default would be bf16 passes).
+
+Calibration [choice] (``calibrate=True``; issue 13): the raw score's scale depends on the embedder,
+its dimension and the estimator, so thresholds on it mean nothing fixed. Each adapter's scale is
+derived from its own samples, training- and label-free: the leave-one-out log-likelihoods
+``l_k = log N(x_k; fit without x_k)`` of its m samples (the same estimator refitted m times on
+m - 1 samples, float64; the PCA basis is kept fixed), summarised by ``cal_loc = median_k l_k`` and
+``cal_scale = std_k(l_k)`` (ddof 1; 1 if that is 0). [choice, dev] The sample standard deviation,
+not 1.4826 * MAD: with m = 20 the MAD of some adapters' LOO values came out 3-5x too small, which
+put up to 40% of their own dev inputs below a floor of -3 (benchmarks/bigbench_dg/README.md,
+"Calibrated sequence stage"). The calibrated score (:func:`calibrated_scores`)::
+
+    c_i(x) = (log N(z; mu_i, Sigma_i) - cal_loc_i) / cal_scale_i
+
+is 0 for an input exactly as typical of LoRA i as the median of its own held-out samples, about
+-1 at one standard deviation below, and it does not depend on other adapters (except
+through a PCA basis). Needs m_i >= 3.
 
 Non-finite embeddings: :func:`check_embeddings` raises on host (callers outside jit must use it);
 inside jit, a row of ``z`` with any non-finite entry gets ``-inf`` for every adapter, which
@@ -80,6 +98,8 @@ class GaussianBank:
       shrinkage: [A] Ledoit-Wolf intensity delta_i (0 for ridge / diag).
       proj:      [E, D] PCA projection (``pca`` only, else None).
       proj_mean: [E] pooled mean subtracted before projecting (``pca`` only, else None).
+      cal_loc:   [A] median leave-one-out log-likelihood of each adapter's samples (or None).
+      cal_scale: [A] standard deviation of those log-likelihoods, > 0 (or None; module docstring).
       estimator: static name of the estimator.
     """
 
@@ -91,6 +111,8 @@ class GaussianBank:
     shrinkage: Float[Array, " A"]
     proj: Float[Array, "E D"] | None = None
     proj_mean: Float[Array, " E"] | None = None
+    cal_loc: Float[Array, " A"] | None = None
+    cal_scale: Float[Array, " A"] | None = None
     estimator: str = flax.struct.field(pytree_node=False, default="ledoit_wolf")
 
     @property
@@ -102,6 +124,10 @@ class GaussianBank:
         """d~: the dimension of z as modelled (E, or d' after PCA)."""
         return self.mean.shape[1]
 
+    @property
+    def calibrated(self) -> bool:
+        return self.cal_loc is not None
+
     def low_rank_factor(self) -> tuple[np.ndarray, np.ndarray]:
         """(diag [A, D], U [A, D, W]) with ``Sigma_i = diag(diag_i) + U_i U_i^T`` (float64, host)."""
         scale = np.asarray(self.scale, np.float64)
@@ -112,7 +138,8 @@ class GaussianBank:
     def to_dict(self) -> dict[str, Any]:
         """Plain NumPy arrays + the estimator name (for orbax / npz storage with the pool)."""
         out: dict[str, Any] = {"estimator": self.estimator}
-        for name in ("mean", "scale", "basis", "gain", "logdet", "shrinkage", "proj", "proj_mean"):
+        for name in ("mean", "scale", "basis", "gain", "logdet", "shrinkage", "proj", "proj_mean",
+                     "cal_loc", "cal_scale"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = np.asarray(value)
@@ -133,12 +160,14 @@ class GaussianBank:
         proj_mean = d.get("proj_mean")
         if (proj is None) != (estimator != "pca") or (proj is None) != (proj_mean is None):
             raise ValueError("proj/proj_mean must be present exactly for the 'pca' estimator")
-        return cls(
-            **arrays,
-            proj=None if proj is None else np.asarray(proj, np.float32),
-            proj_mean=None if proj_mean is None else np.asarray(proj_mean, np.float32),
-            estimator=estimator,
-        )
+        cal_loc, cal_scale = d.get("cal_loc"), d.get("cal_scale")
+        if (cal_loc is None) != (cal_scale is None):
+            raise ValueError("cal_loc and cal_scale must be stored together (or neither)")
+        if cal_scale is not None and not np.all(np.asarray(cal_scale) > 0):
+            raise ValueError("cal_scale must be > 0 for every adapter")
+        f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+        return cls(**arrays, proj=f32(proj), proj_mean=f32(proj_mean), cal_loc=f32(cal_loc),
+                   cal_scale=f32(cal_scale), estimator=estimator)
 
 
 # ----------------------------------------------------------------------------- fitting (host)
@@ -201,6 +230,44 @@ def _fit_one(
     return mean, np.sqrt(scale2), basis, gain, logdet, delta
 
 
+def log_likelihood_np(fit: tuple[np.ndarray, ...], y: np.ndarray) -> np.ndarray:
+    """float64 ``log N(y_b; .)`` [n] of rows ``y`` [n, D] under one :func:`_fit_one` result."""
+    mean, scale, basis, gain, logdet, _ = fit
+    w = (np.asarray(y, np.float64) - mean) / scale
+    p = w @ basis
+    perp = w - p @ basis.T
+    maha = np.sum(perp**2, -1) + np.sum(p**2 / (1.0 + gain), -1)
+    return -0.5 * (mean.shape[0] * _LOG_2PI + logdet + maha)
+
+
+def loo_log_likelihoods(
+    x: np.ndarray, estimator: str = "ledoit_wolf", *, ridge_eps: float = 1e-3,
+    var_floor: float = 1e-6, label: str = "adapter",
+) -> np.ndarray:
+    """Leave-one-out log-likelihoods [m] of an adapter's (projected) samples ``x`` [m, D]:
+    ``l_k = log N(x_k; estimator fitted on the other m - 1 samples)`` (float64)."""
+    x = np.asarray(x, np.float64)
+    m, d = x.shape
+    if m < 3:
+        raise ValueError(f"{label}: calibration (leave-one-out) needs at least 3 samples, got {m}")
+    width = 1 if estimator == "diag" else max(1, min(m - 2, d))
+    out = np.empty(m)
+    for k in range(m):
+        fit = _fit_one(np.delete(x, k, 0), estimator, ridge_eps, var_floor, width,
+                       f"{label} without sample {k}")
+        out[k] = log_likelihood_np(fit, x[k : k + 1])[0]
+    return out
+
+
+def calibration_stats(loo: np.ndarray) -> tuple[float, float]:
+    """(loc, scale) of leave-one-out log-likelihoods: median and standard deviation (ddof 1;
+    1.0 where that is 0)."""
+    loo = np.asarray(loo, np.float64)
+    loc = float(np.median(loo))
+    scale = float(np.std(loo, ddof=1))
+    return loc, scale if scale > 0 else 1.0
+
+
 def fit_gaussians(
     samples: Sequence[np.ndarray],
     estimator: str = "ledoit_wolf",
@@ -209,6 +276,8 @@ def fit_gaussians(
     var_floor: float = 1e-6,
     pca_dim: int | None = None,
     names: Sequence[str] | None = None,
+    calibrate: bool = False,
+    basis_from: Sequence[bool] | None = None,
 ) -> GaussianBank:
     """Fit one Gaussian per adapter from its sample embeddings (host-side, float64).
 
@@ -219,10 +288,13 @@ def fit_gaussians(
       var_floor: floor on the isotropic / diagonal variance, as a fraction of the mean variance.
       pca_dim: ``d'`` for ``pca`` (default ``min(E, total_samples - 1, 64)``).
       names: optional adapter names, used in error messages.
+      calibrate: also store the leave-one-out calibration (module docstring; needs m_i >= 3).
+      basis_from: ``pca`` only: [A] bool, the adapters whose samples shape the PCA basis (e.g. the
+        active adapters of a protocol); default all.
 
     Raises:
-      ValueError: fewer than 2 samples, non-finite values, zero variance, or inconsistent E
-        (the message names the adapter index, and its name if given).
+      ValueError: fewer than 2 samples (3 with ``calibrate``), non-finite values, zero variance,
+        or inconsistent E (the message names the adapter index, and its name if given).
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -243,16 +315,25 @@ def fit_gaussians(
             raise ValueError(f"{_label(i, names)}: samples contain NaN or inf")
         if x.shape[1] != np.shape(samples[0])[1]:
             raise ValueError(f"{_label(i, names)}: embedding dim {x.shape[1]} != {xs[0].shape[1]}")
+        if calibrate and x.shape[0] < 3:
+            raise ValueError(f"{_label(i, names)}: calibration (leave-one-out) needs at least 3 "
+                             f"samples, got {x.shape[0]}")
         xs.append(x)
     e = xs[0].shape[1]
+    if basis_from is not None:
+        basis_from = np.asarray(basis_from, bool)
+        if basis_from.shape != (len(xs),) or not basis_from.any():
+            raise ValueError(f"basis_from must be {len(xs)} bools with at least one True, "
+                             f"got shape {basis_from.shape}")
 
     proj = proj_mean = None
     if estimator == "pca":
-        pooled = np.concatenate(xs, 0)
+        use = [x for i, x in enumerate(xs) if basis_from is None or basis_from[i]]
+        pooled = np.unique(np.concatenate(use, 0), axis=0)  # distinct rows: duplicates add nothing
         max_dim = min(e, pooled.shape[0] - 1)
         dim = min(max_dim, 64) if pca_dim is None else int(pca_dim)
         if not 1 <= dim <= max_dim:
-            raise ValueError(f"pca_dim must be in [1, min(E, total_samples - 1) = {max_dim}]")
+            raise ValueError(f"pca_dim must be in [1, min(E, distinct_samples - 1) = {max_dim}]")
         proj_mean = pooled.mean(0)
         _, _, vt = np.linalg.svd(pooled - proj_mean, full_matrices=False)
         proj = vt[:dim].T  # [E, d']
@@ -265,6 +346,12 @@ def fit_gaussians(
         for i, x in enumerate(xs)
     ]
     mean, scale, basis, gain, logdet, delta = (np.stack(f) for f in zip(*fits, strict=True))
+    cal_loc = cal_scale = None
+    if calibrate:
+        stats = [calibration_stats(loo_log_likelihoods(x, estimator, ridge_eps=ridge_eps,
+                                                       var_floor=var_floor, label=_label(i, names)))
+                 for i, x in enumerate(xs)]
+        cal_loc, cal_scale = (np.asarray(v) for v in zip(*stats, strict=True))
     f32 = lambda a: None if a is None else np.asarray(a, np.float32)
     return GaussianBank(
         mean=f32(mean),
@@ -275,6 +362,8 @@ def fit_gaussians(
         shrinkage=f32(delta),
         proj=f32(proj),
         proj_mean=f32(proj_mean),
+        cal_loc=f32(cal_loc),
+        cal_scale=f32(cal_scale),
         estimator=estimator,
     )
 
@@ -311,3 +400,11 @@ def log_likelihood(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "
 def scores(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "B A"]:
     """HiLoRA sequence scores ``s_i(x) = log N(z; mu_i, Sigma_i) / d~`` (method §2.2)."""
     return log_likelihood(bank, z) / bank.dim
+
+
+def calibrated_scores(bank: GaussianBank, z: Float[Array, "B E"]) -> Float[Array, "B A"]:
+    """Calibrated scores ``c_i(x) = (log N(z; mu_i, Sigma_i) - cal_loc_i) / cal_scale_i``
+    (module docstring; ``-inf`` for non-finite rows). The bank must be fitted with ``calibrate``."""
+    if bank.cal_loc is None:
+        raise ValueError("this GaussianBank has no calibration: fit it with calibrate=True")
+    return (log_likelihood(bank, z) - bank.cal_loc[None]) / bank.cal_scale[None]

@@ -38,7 +38,7 @@ from hilora_jax.routing.hooks import (
     genknowsub,
     trim_slots,
 )
-from hilora_jax.routing.sequence import sequence_decisions
+from hilora_jax.routing.sequence import ALLOCATIONS, calibrated_decisions, sequence_decisions
 from hilora_jax.routing.token import KAPPA_MODES, kappa
 
 
@@ -57,8 +57,9 @@ class Routing:
             parts = [f"{self.names[a]}:{n}" for a, v, n in
                      zip(inf["cand_idx"][i], inf["cand_valid"][i], inf["n_rocs"][i], strict=True) if v and n > 0]
             cap = " (max_candidates cap bound)" if inf["cap_binds"][i] else ""
+            cov = f", coverage {float(inf['coverage'][i]):.2f}" if "coverage" in inf else ""
             return (f"[hilora] budget {int(inf['budget'][i])} ROCs over {len(parts)} LoRAs: "
-                    f"{', '.join(parts) or 'none (base model)'}{cap}")
+                    f"{', '.join(parts) or 'none (base model)'}{cap}{cov}")
         if "weights" in inf:
             w = inf["weights"][i]
             parts = [f"{self.names[a]}:{w[a]:.2f}" for a in np.argsort(-w) if w[a] > 0]
@@ -278,21 +279,41 @@ class RocFixedRouter(Router):
                        {"router": self.name}, self.pool.names)
 
 
+RULES = ("paper", "calibrated")
+_RAW = dict(rule="paper", k=3, gamma=0.4, tau=1.0, mode="expected", kappa="sqrt", max_candidates=8,
+            floor=-3.0, margin=3.0, full_at=0.0, allocation="relative")
 PRESETS = {
-    "default": dict(k=3, gamma=0.4, tau=1.0, mode="expected", kappa="sqrt", max_candidates=8),
-    "paper": dict(k=3, gamma=0.4, tau=1.0, mode="sample", kappa="sqrt", max_candidates=8),
+    # the paper's rule on raw scores (method doc §2.3-2.5), deterministic allocation
+    "raw": dict(_RAW),
+    # the paper's rule with its sampled allocation
+    "paper": dict(_RAW, mode="sample"),
+    # calibrated scores, adaptive candidate set and capacity, no dilution (sequence.py rules 1'-3')
+    "calibrated": dict(_RAW, rule="calibrated", kappa="sqrt-eff"),
 }
+PRESETS["default"] = dict(PRESETS["raw"])
 
 
 class HiLoRARouter(_EmbeddingRouter):
-    """HiLoRA (method doc §2-3): Gaussian sequence stage + token-level top-n ROCs."""
+    """HiLoRA (method doc §2-3): Gaussian sequence stage + token-level top-n ROCs.
+
+    ``rule="paper"`` applies the paper's selection to raw scores ``s_i``; ``rule="calibrated"``
+    applies ``sequence.calibrated_decisions`` to calibrated scores (``gaussian`` module docstring;
+    thresholds ``floor``, ``margin``, ``full_at`` in calibrated units, ``tau`` too). Both record
+    in ``info``: candidates, ROCs, budget, ``n_selected`` and ``cap_binds`` (the max_candidates cap
+    removed candidates), ``coverage``, raw ``scores`` and, where the bank is calibrated (always
+    for ``calibrated``; for ``paper`` when every adapter has >= 3 samples), ``cal_scores``.
+    With ``estimator="pca"`` the basis is fitted on the active adapters only (one bank per
+    active set, cached), so a protocol's held-out adapters do not shape it.
+    """
 
     name = "hilora"
 
     def __init__(self, pool, *, preset: str = "default", k: int | None = None,
                  gamma: float | None = None, tau: float | None = None,
                  max_candidates: int | None = None, mode: str | None = None,
-                 kappa: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
+                 kappa: str | None = None, rule: str | None = None, floor: float | None = None,
+                 margin: float | None = None, full_at: float | None = None,
+                 allocation: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
                  strategy: str = "gathered", min_budget: int = 1, pca_dim: int | None = None,
                  trim: bool = True, embedder=None, **options):
         super().__init__(pool, embedder=embedder, **options)
@@ -300,62 +321,102 @@ class HiLoRARouter(_EmbeddingRouter):
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         p = dict(PRESETS[preset])
         for name, v in dict(k=k, gamma=gamma, tau=tau, max_candidates=max_candidates, mode=mode,
-                            kappa=kappa).items():
+                            kappa=kappa, rule=rule, floor=floor, margin=margin, full_at=full_at,
+                            allocation=allocation).items():
             if v is not None:
                 p[name] = v
         if p["kappa"] not in KAPPA_MODES:
             raise ValueError(f"kappa must be one of {KAPPA_MODES}, got {p['kappa']!r}")
+        if p["rule"] not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {p['rule']!r}")
+        if p["allocation"] not in ALLOCATIONS:
+            raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {p['allocation']!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if estimator not in gs.ESTIMATORS:
+            raise ValueError(f"estimator must be one of {gs.ESTIMATORS}, got {estimator!r}")
         if not 0 < float(p["gamma"]) <= 1:
             raise ValueError(f"gamma must be in (0, 1], got {p['gamma']}")
+        if not float(p["floor"]) < float(p["full_at"]):
+            raise ValueError(f"need floor < full_at, got floor={p['floor']}, full_at={p['full_at']}")
+        if not float(p["margin"]) >= 0:
+            raise ValueError(f"margin must be >= 0, got {p['margin']}")
         if int(min_budget) < 0:
             raise ValueError("min_budget must be >= 0")
         self.params = {**p, "k": int(p["k"]), "gamma": float(p["gamma"]), "tau": float(p["tau"]),
-                       "max_candidates": int(p["max_candidates"])}
+                       "max_candidates": int(p["max_candidates"]), "floor": float(p["floor"]),
+                       "margin": float(p["margin"]), "full_at": float(p["full_at"])}
+        self.preset, self.estimator, self.pca_dim = preset, estimator, pca_dim
         self.seed, self.strategy, self.min_budget = int(seed), strategy, int(min_budget)
         self.trim = bool(trim)
-        cache = pool.__dict__.setdefault("_route_cache", {})
-        key = ("gaussians", _embedder_key(self.embedder), estimator, pca_dim)
-        if key not in cache:
-            cache[key] = gs.fit_gaussians([self.sample_embeddings[n] for n in pool.names],
-                                          estimator, pca_dim=pca_dim, names=pool.names)
-        self.bank = cache[key]
+        m_min = min(len(self.sample_embeddings[n]) for n in pool.names)
+        # calibration is needed by the calibrated rule; for the paper rule it is a diagnostic
+        self.calibrate = self.params["rule"] == "calibrated" or m_min >= 3
+        self.bank = self._bank_for(self._active)
         self._decide = jax.jit(functools.partial(
-            _decide, k=self.params["k"], gamma=self.params["gamma"],
+            _decide, rule=self.params["rule"], k=self.params["k"], gamma=self.params["gamma"],
             max_candidates=self.params["max_candidates"], mode=self.params["mode"],
-            kappa_mode=self.params["kappa"], min_budget=self.min_budget))
+            kappa_mode=self.params["kappa"], min_budget=self.min_budget,
+            floor=self.params["floor"], margin=self.params["margin"],
+            full_at=self.params["full_at"], allocation=self.params["allocation"]))
+
+    def _bank_for(self, active: np.ndarray) -> gs.GaussianBank:
+        """The Gaussians for this active set (only ``pca`` depends on it: the basis)."""
+        cache = self.pool.__dict__.setdefault("_route_cache", {})
+        act = np.asarray(active, bool)
+        sub = act.tobytes() if self.estimator == "pca" else None
+        key = ("gaussians", _embedder_key(self.embedder), self.estimator, self.pca_dim,
+               self.calibrate, sub)
+        if key not in cache:
+            cache[key] = gs.fit_gaussians(
+                [self.sample_embeddings[n] for n in self.pool.names], self.estimator,
+                pca_dim=self.pca_dim, names=self.pool.names, calibrate=self.calibrate,
+                basis_from=act if self.estimator == "pca" else None)
+        return cache[key]
 
     def route(self, texts, *, embeddings: np.ndarray | None = None, active=None,
               **kw) -> Routing:
         z = self.embed(texts, embeddings)
         keys = None  # one key per sequence, from its text: only sample mode draws
-        if self.params["mode"] == "sample":
+        if self.params["mode"] == "sample" and self.params["rule"] == "paper":
             keys = jnp.stack([jax.random.fold_in(jax.random.key(self.seed),
                                                  zlib.crc32(t.encode()) & 0x7FFFFFFF)
                               for t in texts])
         arr = self.pool.arrays
+        bank = self.bank
         if active is not None:
-            arr = arr.replace(active=jnp.asarray(self._active_for(active)))
-        dec, scores, kap = self._decide(self.bank, jnp.asarray(z), arr.ranks, arr.active,
-                                        jnp.float32(self.params["tau"]), keys)
+            act = self._active_for(active)
+            arr = arr.replace(active=jnp.asarray(act))
+            bank = self._bank_for(act)
+        dec, scores, cal, kap = self._decide(bank, jnp.asarray(z), arr.ranks, arr.active,
+                                             jnp.float32(self.params["tau"]), keys)
         info = {k: np.asarray(v) for k, v in dataclasses.asdict(dec).items()}
         # only the slots that hold ROCs in this batch go to the token stage (exact: later slots
         # have n = 0); at most log2(max_candidates)+1 shape variants
         c = trim_slots(info["n_rocs"]) if self.trim else info["n_rocs"].shape[1]
         hook = HiLoRAHook(arr, dec.cand_idx[:, :c], dec.cand_valid[:, :c], dec.n_rocs[:, :c], kap,
                           strategy=self.strategy)
-        info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap))
+        info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap),
+                    rule=self.params["rule"])
+        if cal is not None:
+            info["cal_scores"] = np.asarray(cal)
         return Routing(hook, info, self.pool.names)
 
 
-def _decide(bank, z, ranks, active, tau, keys, *, k, gamma, max_candidates, mode, kappa_mode,
-            min_budget):
-    s = gs.scores(bank, z)  # B A
-    dec = sequence_decisions(s, ranks, active, k=k, gamma=gamma, tau=tau,
-                             max_candidates=max_candidates, mode=mode, key=keys,
-                             min_budget=min_budget)
-    return dec, s, kappa(dec.n_rocs, kappa_mode)
+def _decide(bank, z, ranks, active, tau, keys, *, rule, k, gamma, max_candidates, mode,
+            kappa_mode, min_budget, floor, margin, full_at, allocation):
+    ll = gs.log_likelihood(bank, z)  # B A
+    s = ll / bank.dim
+    cal = None if bank.cal_loc is None else (ll - bank.cal_loc[None]) / bank.cal_scale[None]
+    if rule == "calibrated":
+        dec = calibrated_decisions(cal, ranks, active, floor=floor, margin=margin,
+                                   full_at=full_at, tau=tau, max_candidates=max_candidates,
+                                   allocation=allocation, gamma=gamma)
+    else:
+        dec = sequence_decisions(s, ranks, active, k=k, gamma=gamma, tau=tau,
+                                 max_candidates=max_candidates, mode=mode, key=keys,
+                                 min_budget=min_budget)
+    return dec, s, cal, kappa(dec.n_rocs, kappa_mode)
 
 
 ROUTERS = {r.name: r for r in (BaseRouter, OracleRouter, UniformRouter, RetrievalRouter,

@@ -27,6 +27,24 @@ Rules (the method doc, with this module's resolutions marked [choice]):
    overflow to the next most likely LoRA with room" whenever overflow comes from the most likely
    LoRA (the usual case); it is order-independent otherwise. Since ``O <= sum_C r_i`` it always fits.
 
+Calibrated rule (:func:`calibrated_decisions`, issue 13) [choice], on calibrated scores
+``c_i`` (``gaussian.calibrated_scores``: 0 = as typical of LoRA i as the median of its own
+held-out samples, in units of their standard deviation):
+
+1'. Eligible as above. Candidates ``C(x) = {i : c_i >= floor and c_i >= max_j c_j - margin}``
+    (sorted, at most ``max_candidates`` kept): few LoRAs when one clearly covers the input, a mix
+    when several are about as typical, none when no LoRA's score reaches ``floor``.
+2'. Coverage ``g(x) = clip((max c - floor) / (full_at - floor), 0, 1)``: 1 when the best LoRA finds
+    the input at least as typical as ``full_at`` (default 0, its median held-out sample), falling
+    linearly to 0 at the floor.
+3'. ``pi = softmax(c_C / tau)``. Allocation ``relative`` (default): every candidate gets
+    ``n_i = min(r_i, round(g r_i pi_i / max pi))`` ROCs (round-half-up; ``pi_i / max pi`` computed
+    as ``exp((c_i - max c) / tau)``): the best candidate gets its full rank when the input is
+    covered, a decisive expert (``pi ~ 1``) acts like its own LoRA, and each other candidate gets
+    the share of its rank its likelihood ratio to the best one gives it. Allocation ``budget``:
+    the paper's rule 3-5 with ``O = round(g gamma sum_C r_i)`` (may be 0).
+    ``budget`` = ``sum n``; rows with no candidate get nothing (base model).
+
 Keys for ``sample`` mode: either one key per row (``[B]`` typed keys or ``[B, 2]`` uint32 raw keys,
 e.g. derived from a sequence id: the row's result then depends on nothing else), or a single key
 that is folded with the row index (the result then depends on the row's position, never on the
@@ -46,6 +64,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 MODES = ("expected", "sample")
+ALLOCATIONS = ("relative", "budget")
 
 
 @flax.struct.dataclass
@@ -61,6 +80,7 @@ class SequenceDecision:
       cap_binds:  [B] bool, the max_candidates cap removed candidates.
       probs:      [B, C] float32 pi = softmax(s_C / tau) (0 in unused slots).
       cand_scores:[B, C] float32 s_i of each slot (-inf in unused slots).
+      coverage:   [B] float32 g(x) of the calibrated rule (paper rule: 1 where any candidate).
     """
 
     cand_idx: Int[Array, "B C"]
@@ -71,6 +91,7 @@ class SequenceDecision:
     cap_binds: Bool[Array, " B"]
     probs: Float[Array, "B C"]
     cand_scores: Float[Array, "B C"]
+    coverage: Float[Array, " B"]
 
 
 def _gamma_fraction(gamma: float) -> Fraction:
@@ -217,6 +238,87 @@ def sequence_decisions(
         cap_binds=n_selected > c,
         probs=probs,
         cand_scores=cand_scores,
+        coverage=any_cand.astype(jnp.float32),
+    )
+
+
+def calibrated_decisions(
+    cal: Float[Array, "B A"],
+    ranks: Int[Array, " A"] | Int[Array, "B A"],
+    active: Bool[Array, " A"] | Bool[Array, "B A"],
+    *,
+    floor: float = -3.0,
+    margin: float = 3.0,
+    full_at: float = 0.0,
+    tau: float = 1.0,
+    max_candidates: int = 8,
+    allocation: str = "relative",
+    gamma: float = 0.4,
+) -> SequenceDecision:
+    """Calibrated, adaptive sequence decision (module docstring, rules 1'-3'); pure and jittable.
+
+    Args:
+      cal: [B, A] calibrated scores ``c_i(x)`` (``gaussian.calibrated_scores``).
+      ranks, active: as in :func:`sequence_decisions`.
+      floor, margin, full_at: static thresholds in calibrated units (``floor < full_at``,
+        ``margin >= 0``); tau may be traced.
+      allocation: ``relative`` | ``budget`` (``gamma`` is used by ``budget`` only).
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if max_candidates < 1:
+        raise ValueError("max_candidates must be >= 1")
+    if not float(floor) < float(full_at):
+        raise ValueError(f"need floor < full_at, got floor={floor}, full_at={full_at}")
+    if not float(margin) >= 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
+    frac = _gamma_fraction(gamma)
+    cal = jnp.asarray(cal, jnp.float32)
+    b, a = cal.shape
+    c = min(max_candidates, a)
+    ranks = jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), (b, a))
+    eligible = jnp.broadcast_to(jnp.asarray(active, bool), (b, a)) & jnp.isfinite(cal)
+    masked = jnp.where(eligible, jnp.where(cal == 0, 0.0, cal), -jnp.inf)
+    top_s, top_idx = jax.lax.top_k(masked, c)  # [B, C]; equal scores: lower index first
+    c_max = top_s[:, :1]  # [B, 1]
+    chosen = eligible & (masked >= floor) & (masked >= c_max - margin)  # [B, A]
+    n_selected = chosen.sum(-1).astype(jnp.int32)
+    n_cand = jnp.minimum(n_selected, c)
+    cand_valid = jnp.arange(c)[None, :] < n_cand[:, None]
+    cand_idx = jnp.where(cand_valid, top_idx, 0).astype(jnp.int32)
+    cand_scores = jnp.where(cand_valid, top_s, -jnp.inf)
+    cand_rank = jnp.where(cand_valid, jnp.take_along_axis(ranks, cand_idx, -1), 0)
+    any_cand = n_cand > 0
+    finite_max = jnp.where(any_cand, c_max[:, 0], floor)
+    coverage = jnp.clip((finite_max - floor) / (full_at - floor), 0.0, 1.0)
+    coverage = jnp.where(any_cand, coverage, 0.0).astype(jnp.float32)
+
+    logits = jnp.where(cand_valid, cand_scores / tau, -jnp.inf)
+    logits = jnp.where(any_cand[:, None], logits, 0.0)
+    probs = jnp.where(cand_valid, jax.nn.softmax(logits, -1), 0.0)
+    if allocation == "relative":
+        rel = jnp.exp(jnp.where(cand_valid, (cand_scores - finite_max[:, None]) / tau, -jnp.inf))
+        x = coverage[:, None] * cand_rank.astype(jnp.float32) * rel
+        n_rocs = jnp.minimum(jnp.floor(x + 0.5).astype(jnp.int32), cand_rank)
+        n_rocs = jnp.where(cand_valid, n_rocs, 0)
+        budget = n_rocs.sum(-1).astype(jnp.int32)
+    else:
+        rank_sum = cand_rank.sum(-1)
+        full = coverage * (frac.numerator * rank_sum).astype(jnp.float32) / frac.denominator
+        budget = jnp.minimum(jnp.floor(full + 0.5).astype(jnp.int32), rank_sum)
+        budget = jnp.where(any_cand, budget, 0).astype(jnp.int32)
+        n_rocs = enforce_capacity(largest_remainder(budget, probs, cand_valid), cand_rank,
+                                  cand_valid)
+    return SequenceDecision(
+        cand_idx=cand_idx,
+        cand_valid=cand_valid,
+        n_rocs=n_rocs,
+        budget=budget,
+        n_selected=n_selected,
+        cap_binds=n_selected > c,
+        probs=probs,
+        cand_scores=cand_scores,
+        coverage=coverage,
     )
 
 

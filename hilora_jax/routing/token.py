@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-KAPPA_MODES = ("none", "sqrt", "mean")
+KAPPA_MODES = ("none", "sqrt", "mean", "sqrt-eff", "mean-eff")
 
 
 def roc_ranks(
@@ -69,13 +69,22 @@ def topn_gates(
 
 def kappa(n: Int[Array, "B C"], mode: str = "sqrt") -> Float[Array, " B"]:
     """Output normalisation [choice]: with L = #{i : n_i > 0}, ``none`` -> 1, ``sqrt`` ->
-    1/sqrt(L), ``mean`` -> 1/L. Rows with L = 0 get 1 (they add nothing anyway)."""
+    1/sqrt(L), ``mean`` -> 1/L. The ``-eff`` modes count *effective* LoRAs by their ROC shares,
+    ``L_eff = (sum_i n_i)^2 / sum_i n_i^2`` (1 for a single LoRA, L for L equal shares, ~1 when one
+    LoRA holds almost all ROCs), so a decisive expert is not shrunk: ``sqrt-eff`` -> 1/sqrt(L_eff),
+    ``mean-eff`` -> 1/L_eff. Rows with L = 0 get 1 (they add nothing anyway)."""
     if mode not in KAPPA_MODES:
         raise ValueError(f"kappa mode must be one of {KAPPA_MODES}, got {mode!r}")
-    count = jnp.maximum(jnp.sum(jnp.asarray(n) > 0, -1), 1).astype(jnp.float32)  # [B]
+    n = jnp.asarray(n)
+    if mode.endswith("-eff"):
+        nf = n.astype(jnp.float32)
+        tot, sq = jnp.sum(nf, -1), jnp.sum(nf * nf, -1)
+        count = jnp.where(sq > 0, tot * tot / jnp.maximum(sq, 1.0), 1.0)
+    else:
+        count = jnp.maximum(jnp.sum(n > 0, -1), 1).astype(jnp.float32)  # [B]
     if mode == "none":
         return jnp.ones_like(count)
-    if mode == "sqrt":
+    if mode.startswith("sqrt"):
         return jax.lax.rsqrt(count)
     return 1.0 / count
 
