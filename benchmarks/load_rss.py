@@ -238,8 +238,8 @@ def main(argv=None) -> None:
     md = Path(__file__).resolve().parent / "results" / f"{a.name}.md"
     with atomic_file(md, "w") as f:
         f.write(f"# {a.name}\n\n`{payload['command']}`: {a.size} Llama, bf16, {a.shards} "
-                  f"shards, mesh {a.mesh} on 8 fake CPU devices; peak RSS = ru_maxrss of the "
-                f"loading subprocess.\n\n{table}\n")
+                  f"shards, mesh {a.mesh} on 8 fake CPU devices; peak RSS = VmHWM of the "
+                f"loading subprocess (ru_maxrss beside it in the JSON).\n\n{table}\n")
 
 
 if __name__ == "__main__":
