@@ -63,12 +63,22 @@ def test_routing_respects_protocol(setup, protocol):
     assert set(res["clusters"]) == {"c0", "c1"}
 
 
-def test_oracle_and_base_differ(setup):
+def test_oracle_and_base_differ(setup, tmp_path):
     _, _, eng, pool, emb, tok, exs = setup
-    base = evaluate(eng, tok, pool, build_router("base", pool), exs, batch_size=8, progress=False)
-    orc = evaluate(eng, tok, pool, build_router("oracle", pool), exs, batch_size=8, progress=False)
+    base = evaluate(eng, tok, pool, build_router("base", pool), exs, batch_size=8, progress=False,
+                    out=tmp_path / "base.json")
+    orc = evaluate(eng, tok, pool, build_router("oracle", pool), exs, batch_size=8, progress=False,
+                   out=tmp_path / "oracle.json")
     assert orc["routing"]["own_first"] == 1.0
-    assert base["tasks"] != orc["tasks"] or base["mean"] != orc["mean"]
+    # the oracle applies each task's own adapter: every choice's log-probability of every example
+    # moves away from the base model's (the per-example records keep them)
+    def logprobs(name):
+        recs = [json.loads(line) for line in (tmp_path / f"{name}.json.partial.jsonl").open()]
+        return {r["key"]: np.asarray(r["logprob"]) for r in recs}
+
+    lb, lo = logprobs("base"), logprobs("oracle")
+    assert sorted(lb) == sorted(lo) and len(lb) == len(exs)
+    assert all(np.abs(lo[k] - lb[k]).min() > 1e-3 for k in lb)
     # per-example correctness: one entry per example, consistent with the per-task accuracy
     for res in (base, orc):
         assert len(res["correct"]) == len(exs) and set(res["correct"].values()) <= {0, 1}

@@ -14,6 +14,7 @@ from hilora_jax.loading import load_model
 from hilora_jax.lora.pool import GatedHook
 from hilora_jax.routing import build_router
 from hilora_jax.routing.hooks import HiLoRAHook
+from hilora_jax.routing.routers import pool_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -205,11 +206,24 @@ def test_protocol_subsets_exclude_adapters_without_recompiling(tiny):
     n = eng._forward._cache_size()
     eng.forward(ids, mask, lora=held.hook)
     assert eng._forward._cache_size() == n
+    # every router ignores the held-out adapter: under the view, lora1's weights can change
+    # without changing the logits; on the full pool the same change does change them
+    arr = pool.arrays
+    pert = pool._replace(arr.replace(
+        A={m: v.at[:, 1].multiply(-3.0) for m, v in arr.A.items()},
+        B={m: v.at[:, 1].multiply(2.0) for m, v in arr.B.items()}))
+    pert_view = pert.subset([n for n in pool.names if n != "lora1"])
     for name in ("uniform", "retrieval", "arrow", "roc-fixed"):
-        r = build_router(name, view, options=dict(embedder=emb) if name == "retrieval" else {})
-        h = r.route(texts)
-        if "weights" in h.info:
-            assert (h.info["weights"][:, 1] == 0).all()
+        opts = dict(embedder=emb) if name == "retrieval" else {}
+
+        def logits(p, name=name, opts=opts):
+            h = build_router(name, p, options=opts).route(texts)
+            if "weights" in h.info:
+                assert (h.info["weights"][:, 1] == 0).all() == (not p.arrays.active[1])
+            return np.asarray(eng.forward(ids, mask, lora=h.hook))
+
+        assert np.abs(logits(pert) - logits(pool)).max() > 1e-3, name  # lora1 matters when active
+        np.testing.assert_array_equal(logits(pert_view), logits(view), err_msg=name)
 
 
 def test_routing_trace(tiny):
@@ -314,3 +328,16 @@ def test_trimmed_slots_and_sparse_mixtures_are_exact(tiny):
         a = np.asarray(eng.forward(ids, mask, lora=r.hook))
         b = np.asarray(eng.forward(ids, mask, lora=dense))
         assert np.abs(a - b).max() <= 1e-5, name
+
+
+def test_pool_fingerprint_sees_every_element(tiny):
+    _, model, _ = tiny
+    pool, _, _ = random_pool(model.config, seed=13)
+    fp = pool_fingerprint(pool)
+    assert fp == pool_fingerprint(random_pool(model.config, seed=13)[0])  # content, not identity
+    a = np.array(pool.arrays.A["down_proj"])
+    assert a[:-1].nbytes > 4096  # the changed element lies past the first 4 KB
+    a[-1, -1, 1, -3] += 1e-3  # one element deep inside the array (far past its first 4 KB)
+    changed = pool._replace(pool.arrays.replace(A={**pool.arrays.A, "down_proj": jnp.asarray(a)}))
+    assert pool_fingerprint(changed) != fp
+    assert pool_fingerprint(pool.subset(pool.names[1:])) != fp  # the active set counts

@@ -26,7 +26,13 @@ from jax.sharding import Mesh
 
 from hilora_jax import sharding as shd
 from hilora_jax.config import ModelConfig
-from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile, checkpoint_files
+from hilora_jax.interop.safetensors_io import (
+    CheckpointError,
+    SafetensorsFile,
+    all_finite,
+    checkpoint_files,
+    place_tensor,
+)
 from hilora_jax.nn.model import CausalLM
 
 _T = lambda a: np.swapaxes(a, -1, -2)
@@ -118,16 +124,15 @@ def build_model(
             problems.append(f"tensor {key!r} in {src} has shape {tuple(arr.shape)}, expected "
                             f"{want[::-1] if fn is _T else want} for {target}")
             continue
-        arr = np.asarray(arr, dtype=np.float32) if arr.dtype != np.float32 else np.asarray(arr)
-        if not np.all(np.isfinite(arr)):
+        if not all_finite(arr):  # in the file's dtype: no float32 copy
             bad_targets.add(target)
             problems.append(f"tensor {key!r} in {src} contains NaN or inf")
             continue
-        host = arr.astype(jnp.dtype(dtype))
-        if mesh is not None:
-            filled[target] = jax.device_put(host, shd.param_sharding(target, want, mesh))
-        else:
-            filled[target] = jnp.asarray(host)
+        # cast per device shard straight onto the target sharding; the host tensor is freed
+        # before the next one is read
+        filled[target] = place_tensor(arr, jnp.dtype(dtype), shd.param_sharding(
+            target, want, mesh) if mesh is not None else None)
+        del arr
         seen_from[target] = src
     missing = sorted(set(flat) - set(filled) - bad_targets)
     for t in missing:

@@ -1,9 +1,10 @@
 """Torch-free safetensors reading and writing (NumPy, memory-mapped, bf16 via ml_dtypes).
 
 We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) so that
-bf16 checkpoints read without torch, tensors are memory-mapped (one tensor copied at a time while
-streaming into device memory), and a truncated or corrupt file fails with an error naming the file
-and tensor instead of a low-level exception.
+bf16 checkpoints read without torch, tensors are read one at a time with a positioned read into a
+fresh buffer (streaming into device memory: no memory map, whose touched pages would stay in the
+process's resident set, and no second copy of the file), and a truncated or corrupt file fails
+with an error naming the file and tensor instead of a low-level exception.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ _DTYPES = {
     "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_FLOAT_EXT = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn),
+              np.dtype(ml_dtypes.float8_e5m2)}
 
 
 class CheckpointError(ValueError):
@@ -32,7 +35,11 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsFile(Mapping):
-    """Read-only mapping `name -> np.ndarray` over one `.safetensors` file (memory-mapped)."""
+    """Read-only mapping `name -> np.ndarray` over one `.safetensors` file.
+
+    Only the header is read up front; each `st[name]` reads that tensor's bytes into a new array
+    owned by the caller (freed with it), so a loader holds one tensor at a time on the host.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -63,16 +70,29 @@ class SafetensorsFile(Mapping):
                     f"{self.path}: tensor {name!r} is truncated or inconsistent "
                     f"(offsets {start}..{end}, data section {data_len} bytes, expected {want} bytes)"
                 )
-        self._mm = np.memmap(self.path, dtype=np.uint8, mode="r") if data_len > 0 else None
 
     def __getitem__(self, name: str) -> np.ndarray:
         info = self._header[name]
         start, end = info["data_offsets"]
-        dt = np.dtype(_DTYPES[info["dtype"]])
+        out = np.empty(info["shape"], np.dtype(_DTYPES[info["dtype"]]))
         if end == start:
-            return np.zeros(info["shape"], dt)
-        buf = self._mm[self._offset + start : self._offset + end]
-        return buf.view(dt).reshape(info["shape"])
+            return out
+        view = memoryview(out.reshape(-1).view(np.uint8))
+        got = 0
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset + start)
+                while got < end - start:
+                    n = f.readinto(view[got:])
+                    if not n:
+                        break
+                    got += n
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot read tensor {name!r} ({e})") from e
+        if got != end - start:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is truncated (read {got} of "
+                                  f"{end - start} bytes)")
+        return out
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._header[name]["shape"])
@@ -82,6 +102,41 @@ class SafetensorsFile(Mapping):
 
     def __len__(self) -> int:
         return len(self._header)
+
+
+def all_finite(arr: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """No NaN/inf in `arr`, checked in its own dtype (bf16 included) in chunks of `chunk`
+    elements, so no float32 copy and at most `chunk` bytes of temporaries."""
+    if not np.issubdtype(arr.dtype, np.inexact) and arr.dtype not in _FLOAT_EXT:
+        return True
+    flat = arr.reshape(-1) if arr.flags.c_contiguous else arr.ravel(order="K")
+    if flat.dtype == ml_dtypes.bfloat16:  # NaN/inf <=> all 8 exponent bits set (native ops)
+        bits = flat.view(np.uint16)
+        return all(((bits[i : i + chunk] & 0x7F80) != 0x7F80).all()
+                   for i in range(0, bits.size, chunk))
+    return all(np.isfinite(flat[i : i + chunk]).all() for i in range(0, flat.size, chunk))
+
+
+def place_tensor(arr: np.ndarray, dtype, sharding=None):
+    """Put a host tensor onto device(s) in `dtype`. With a `Sharding`, device by device: copy
+    that device's slice (cast to `dtype`), `device_put` it, wait, drop the copy, next device;
+    so the host memory beyond `arr` and the device buffers is one shard at a time
+    (`jax.make_array_from_callback` would materialise every shard first). Without, one cast
+    copy on the default device."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = np.dtype(dtype)
+    if sharding is None:
+        return jnp.asarray(np.asarray(arr, dtype))
+    shards = []
+    for dev, idx in sharding.addressable_devices_indices_map(arr.shape).items():
+        # order "K": a plain copy in the source layout (a transposed torch weight is F-ordered);
+        # device_put lays it out, far faster than a NumPy transposing copy of bf16
+        host = np.array(arr[idx], dtype=dtype, order="K", copy=True)
+        shards.append(jax.block_until_ready(jax.device_put(host, dev)))
+        del host
+    return jax.make_array_from_single_device_arrays(arr.shape, sharding, shards)
 
 
 def checkpoint_files(model_dir: str | os.PathLike) -> list[Path]:

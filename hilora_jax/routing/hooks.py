@@ -188,53 +188,100 @@ class FusionHook(_Hook):
         return delta, {}
 
 
-def arrow_prototypes(arrays: PoolArrays, method: str = "svd", *, iters: int = 15,
+def arrow_prototypes(arrays: PoolArrays, method: str = "power", *, iters: int = 15,
                      init: np.ndarray | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Top right singular vector of `dW = B A` per module, layer and adapter: `{m: [L, A, D]}`.
+    """Arrow prototypes: top right singular vector of `dW = B A` per module, layer and adapter,
+    `{m: [L, A, D]}` (in the dtype of the pool's A, as PEFT stores them).
 
-    `method="svd"` (default) computes it exactly in float64 from the small `r x r` problem: with
-    `A^T = Q R_a`, `dW^T dW = Q (R_a^T (B^T B) R_a) Q^T`, so the top eigenvector e of the `r x r`
-    matrix gives `v = Q e`. `method="power"` reproduces PEFT's `top_right_singular_vec_from_BA`:
-    `iters` float32 power iterations of `v -> A^T (B^T B) (A v)` from the start vector `init [D]`
-    (PEFT draws it with `torch.randn(D)` from a generator seeded with `rng_seed`; without `init` a
-    NumPy normal vector from `seed` is used). Arrow's logits use `|x . v|`, so signs never matter.
-    Adapters absent from a module/layer get a zero prototype.
+    `method="power"` (default) is PEFT 0.21's `ArrowLoraLinearLayer.build_prototypes` as
+    `create_arrow_model(..., ArrowConfig(rng_seed=seed))` runs it: on the unscaled A and B (after
+    GenKnowSub when used), `iters` (PEFT: 15) float32 power iterations `v -> A^T (B^T B) (A v)`,
+    each normalised as `w / (|w| + 1e-8)`, from the start vector `v0 / (|v0| + 1e-8)` with
+    `v0 = torch.randn(D, generator=torch.Generator().manual_seed(seed))`. PEFT seeds a fresh
+    generator for every adapter and module, so all adapters of a module start from the same `v0`;
+    `torch_randn` draws it in NumPy (torch's MT19937 stream and Box-Muller transform; equal to
+    torch to 1 float32 ulp). `init [D]` overrides the start vector. PEFT's own default
+    `rng_seed=None` draws from torch's global RNG and is not reproducible; `seed=0` reproduces
+    `rng_seed=0`.
+    `method="svd"` computes the exact top singular vector in float64 from the small `r x r`
+    problem: with `A^T = Q R_a`, `dW^T dW = Q (R_a^T (B^T B) R_a) Q^T`, so the top eigenvector e
+    of the `r x r` matrix gives `v = Q e` (equal to "power" where PEFT's 15 iterations converged).
+    Arrow's logits use `|x . v|`, so signs never matter. Adapters absent from a module/layer get
+    a zero prototype.
     """
     if method not in ("svd", "power"):
         raise ValueError(f"prototype method must be 'svd' or 'power', got {method!r}")
     out = {}
+    eps = np.float32(1e-8)
     for m in arrays.modules:
-        A = np.asarray(arrays.A[m], np.float64)  # L A R D
-        B = np.asarray(arrays.B[m], np.float64)  # L A R E
-        mask = np.asarray(arrays.mask[m])
-        L, N, _, D = A.shape
+        mask = np.asarray(arrays.mask[m])  # L A R
+        L, N, _, D = arrays.A[m].shape
         if method == "power":
-            v0 = (np.asarray(init, np.float32) if init is not None
-                  else np.random.default_rng(seed).standard_normal(D).astype(np.float32))
+            v0 = (np.asarray(init, np.float32) if init is not None else torch_randn(D, seed))
             if v0.shape != (D,):
                 raise ValueError(f"power-iteration init must have shape ({D},) for {m}")
-        protos = np.zeros((L, N, D), np.float32)
-        for li in range(L):
-            for i in range(N):
-                r = int(mask[li, i].sum())
-                if r == 0:
-                    continue
-                a, b = A[li, i, :r], B[li, i, :r]  # [r, D], [r, E] (rows b_ij)
-                if method == "svd":
+            # padded ROCs are zeroed, so they add exact zeros to every sum below
+            a = np.asarray(arrays.A[m], np.float32) * mask[..., None]  # L A R D
+            b = np.asarray(arrays.B[m], np.float32) * mask[..., None]  # L A R E
+            c = np.einsum("lnre,lnse->lnrs", b, b)  # B^T B in PEFT's [out, r] layout
+            v = np.broadcast_to(v0 / (np.linalg.norm(v0) + eps), (L, N, D))
+            for _ in range(iters):
+                w = np.einsum("lnrd,lnr->lnd", a, np.einsum(
+                    "lnrs,lns->lnr", c, np.einsum("lnrd,lnd->lnr", a, v)))
+                v = w / (np.linalg.norm(w, axis=-1, keepdims=True) + eps)
+            protos = np.where(mask.any(-1)[..., None], v, 0).astype(np.float32)
+        else:
+            A = np.asarray(arrays.A[m], np.float64)  # L A R D
+            B = np.asarray(arrays.B[m], np.float64)  # L A R E
+            protos = np.zeros((L, N, D), np.float32)
+            for li in range(L):
+                for i in range(N):
+                    r = int(mask[li, i].sum())
+                    if r == 0:
+                        continue
+                    a, b = A[li, i, :r], B[li, i, :r]  # [r, D], [r, E] (rows b_ij)
                     q, ra = np.linalg.qr(a.T)  # D r, r r
                     small = ra @ (b @ b.T) @ ra.T  # b @ b.T = B^T B in PEFT's layout
                     _, evecs = np.linalg.eigh((small + small.T) / 2)
                     v = q @ evecs[:, -1]
                     protos[li, i] = v / (np.linalg.norm(v) + 1e-12)
-                else:
-                    a32, c32 = a.astype(np.float32), (b @ b.T).astype(np.float32)
-                    v = v0 / (np.linalg.norm(v0) + np.float32(1e-8))
-                    for _ in range(iters):
-                        w = a32.T @ (c32 @ (a32 @ v))
-                        v = w / (np.linalg.norm(w) + np.float32(1e-8))
-                    protos[li, i] = v
-        out[m] = protos
+        out[m] = protos.astype(arrays.A[m].dtype)
     return out
+
+
+def torch_randn(n: int, seed: int) -> np.ndarray:
+    """`torch.randn(n, generator=torch.Generator().manual_seed(seed))` on CPU, in NumPy.
+
+    torch's CPU generator is MT19937 seeded like NumPy's legacy `RandomState(seed)` (same uint32
+    stream). For `n >= 16` torch fills `n` uniforms `(u32 & (2^24-1)) / 2^24` (plus 16 more that
+    redo the last 16 values when `16 ∤ n`) and applies Box-Muller to blocks of 16 (first 8 are
+    `u1`, last 8 `u2`: `r = sqrt(-2 log(1 - u1))`, outputs `r cos(2 pi u2)`, `r sin(2 pi u2)`) in
+    float32 (torch's SIMD log/sin/cos may differ by 1 ulp). For `n < 16` it draws doubles (two
+    uint32 each, 53 bits) and uses the cached polar pair `r cos`, `r sin` with
+    `r = sqrt(-2 log1p(-u2))`, `theta = 2 pi u1`.
+    """
+    rs = np.random.RandomState(int(seed))
+    if n >= 16:
+        u = (rs.randint(0, 2**32, size=n + (16 if n % 16 else 0), dtype=np.uint32)
+             & 0xFFFFFF).astype(np.float32) * np.float32(2.0**-24)
+        data = u[:n].copy()
+
+        def box_muller(blocks):  # [k, 16] -> [k, 16]
+            r = np.sqrt(np.float32(-2) * np.log(np.float32(1) - blocks[:, :8]))
+            theta = np.float32(2.0 * np.pi) * blocks[:, 8:]
+            return np.concatenate([r * np.cos(theta), r * np.sin(theta)], axis=1)
+
+        full = n - n % 16
+        data[:full] = box_muller(data[:full].reshape(-1, 16)).reshape(-1)
+        if n % 16:
+            data[n - 16:] = box_muller(u[n:].reshape(1, 16))[0]
+        return data.astype(np.float32)
+    raw = rs.randint(0, 2**32, size=4 * ((n + 1) // 2), dtype=np.uint32).astype(np.uint64)
+    pairs = ((raw[0::2] << np.uint64(32)) | raw[1::2]) & np.uint64(2**53 - 1)
+    uni = pairs.astype(np.float64) * 2.0**-53  # u1, u2, u1, u2, ...
+    r = np.sqrt(-2.0 * np.log1p(-uni[1::2]))
+    theta = 2.0 * np.pi * uni[0::2]
+    return np.stack([r * np.cos(theta), r * np.sin(theta)], axis=1).reshape(-1)[:n].astype(np.float32)
 
 
 def genknowsub(arrays: PoolArrays, general: np.ndarray) -> PoolArrays:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -235,14 +236,26 @@ class RetrievalRouter(_EmbeddingRouter, _WeightsRouter):
 
 
 class ArrowRouter(Router):
-    """PEFT's Arrow: per-token top-k over |x . prototype|; optional GenKnowSub."""
+    """PEFT's Arrow: per-token top-k over |x . prototype|; optional GenKnowSub.
+
+    The defaults reproduce PEFT's `create_arrow_model` with `ArrowConfig(top_k=3,
+    router_temperature=1.0, rng_seed=0)`: prototypes by 15 float32 power iterations from
+    `torch.randn(D)` seeded with `seed` (`arrow_prototypes`). `prototypes="svd"` uses the exact
+    top singular vectors instead; `power_init` overrides the start vector.
+    """
 
     name = "arrow"
 
     def __init__(self, pool, *, top_k: int = 3, temperature: float = 1.0,
-                 general: Sequence[str] = (), prototypes: str = "svd", power_iters: int = 15,
+                 general: Sequence[str] = (), prototypes: str = "power", power_iters: int = 15,
                  power_init: np.ndarray | None = None, seed: int = 0, **options):
         super().__init__(pool, **options)
+        if prototypes not in ("power", "svd"):
+            raise ValueError(f"router 'arrow': prototypes must be 'power' or 'svd', "
+                             f"got {prototypes!r}")
+        if int(top_k) < 1 or float(temperature) <= 0 or int(power_iters) < 1:
+            raise ValueError(f"router 'arrow': need top_k >= 1, temperature > 0 and "
+                             f"power_iters >= 1 (got {top_k}, {temperature}, {power_iters})")
         self.top_k, self.temperature = int(top_k), float(temperature)
         arrays = pool.arrays
         self._general = np.zeros(len(pool), bool)
@@ -252,7 +265,7 @@ class ArrowRouter(Router):
         cache = pool.__dict__.setdefault("_route_cache", {})
         init_key = None if power_init is None else hashlib.sha1(
             np.asarray(power_init, np.float32).tobytes()).hexdigest()
-        key = ("arrow_protos", tuple(general), prototypes, power_iters, init_key, seed)
+        key = ("arrow_protos", tuple(general), prototypes, int(power_iters), init_key, int(seed))
         if key not in cache:
             protos = arrow_prototypes(arrays, prototypes, iters=power_iters, init=power_init,
                                       seed=seed)
@@ -462,8 +475,15 @@ def build_router(name: str, pool: LoraPool | str | None, *, options: dict | None
 
 
 def pool_fingerprint(pool: LoraPool) -> str:
-    """Short content hash of a pool's names and arrays (for caches and result files)."""
-    h = hashlib.sha1(",".join(pool.names).encode())
-    for leaf in jax.tree.leaves(pool.arrays):
-        h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes()[:4096])
+    """Short content hash of a pool: its names and the *whole* content of every array.
+
+    Each array is hashed with its pytree path, dtype and shape, in the pytree's fixed order, so
+    one changed element anywhere (a retrained adapter), a changed active set or a reshaped pool
+    gives a new fingerprint (caches keyed by it: eval resume, the benchmark's screen cache).
+    """
+    h = hashlib.sha1(json.dumps(list(pool.names)).encode())
+    for path, leaf in jax.tree_util.tree_flatten_with_path(pool.arrays)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"|{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
     return h.hexdigest()[:12]
