@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from hilora_jax._fs import atomic_file
+from hilora_jax.errors import HiloraUserError
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -27,7 +28,7 @@ _DTYPES = {
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HiloraUserError, ValueError):
     """A checkpoint file is malformed, incomplete or inconsistent with the model."""
 
 
