@@ -473,3 +473,35 @@ def test_quickstart_runs_verbatim(ws):
     assert r.returncode == 0, r.stderr[-4000:]
     lines = [ln for ln in r.stdout.splitlines() if "[hilora] budget" in ln]
     assert len(lines) == 2, r.stdout
+
+
+# -- multi-host start-up: only when asked ------------------------------------------------------
+def test_distributed_initialize_is_opt_in(monkeypatch):
+    import jax
+
+    from hilora_jax import distributed as dist
+    from hilora_jax.errors import UsageError
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)  # keep this process's settings
+    for k in dist.ENV_VARS:
+        monkeypatch.delenv(k, raising=False)
+    assert dist.initialize() is False and calls == []  # a plain machine: nothing starts
+    assert dist.initialize(auto=True) is True  # --multihost: JAX's cluster auto-detection
+    assert calls == [((None,), {"num_processes": None, "process_id": None})]
+    monkeypatch.setenv("HILORA_COORDINATOR", "10.0.0.1:1234")
+    with pytest.raises(UsageError, match="HILORA_NUM_PROCESSES, HILORA_PROCESS_ID not set"):
+        dist.initialize()
+    monkeypatch.setenv("HILORA_NUM_PROCESSES", "2")
+    monkeypatch.setenv("HILORA_PROCESS_ID", "x")
+    with pytest.raises(UsageError, match="HILORA_PROCESS_ID='x' is not an integer"):
+        dist.initialize()
+    monkeypatch.setenv("HILORA_PROCESS_ID", "2")
+    with pytest.raises(UsageError, match="not in 0..1"):
+        dist.initialize()
+    monkeypatch.setenv("HILORA_PROCESS_ID", "1")
+    assert dist.initialize() is True
+    assert calls[-1] == (("10.0.0.1:1234",), {"num_processes": 2, "process_id": 1})
+    monkeypatch.setenv("HILORA_NUM_PROCESSES", "1")
+    assert dist.initialize() is False and len(calls) == 2  # one process: a no-op
