@@ -108,6 +108,13 @@ def check_router(name: str, options: dict) -> None:
         have = ", ".join(sorted(allowed)) if allowed else "none"
         raise UsageError(f"router {name!r} has no option {', '.join(map(repr, bad))} "
                          f"(its options: {have})")
+    emb = options.get("embedder")
+    if emb and emb != "minilm" and not emb.startswith("llm"):  # a checkpoint dir or a hub id
+        from hilora_jax.loading import looks_like_hub_id
+
+        if not Path(emb).expanduser().exists() and not looks_like_hub_id(emb):
+            raise MissingPathError(f"--router-option embedder={emb}: no such directory (expected "
+                                   "minilm, llm[:LAYER], a sentence-transformers folder or a hub id)")
 
 
 class PoolInfo:
@@ -183,7 +190,7 @@ def build_router_checked(name: str, pool, options: dict, **kw):
 
     try:
         return build_router(name, pool, options=options, **kw)
-    except (ValueError, TypeError) as e:
+    except ValueError as e:
         if isinstance(e, HiloraUserError):
             raise
         raise UsageError(f"router {name!r} with options {options}: {e}") from e

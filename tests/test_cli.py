@@ -338,6 +338,8 @@ ERRORS = {
                                 ["router 'hilora'", "kappa", "'bogus'"], None, {}),
     "router-needs-samples": ([*GEN, "--pool", "src/adapters", "--router", "retrieval"],
                              ["'retrieval'", "samples", "src/adapters"], None, {}),
+    "embedder-path-missing": ([*GEN, "--pool", POOL, "--router-option", "embedder=src/minilm"],
+                              ["embedder=src/minilm", "no such directory"], None, {}),
     "router-without-pool": ([*GEN, "--router", "arrow"], ["--pool"], None, {}),
     "pool-missing": ([*EV, "--out", "out.json", "--pool", "artifacts/demo/pol"],
                      ["artifacts/demo/pol", "no such file"], "out.json", {}),
