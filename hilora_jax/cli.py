@@ -20,6 +20,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from hilora_jax.errors import (
@@ -490,6 +491,10 @@ def _one_line(msg) -> str:
     return " ".join(str(msg).split())
 
 
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"hilora: warning: {category.__name__}: {_one_line(message)}", file=sys.stderr)
+
+
 def user_error_types() -> tuple[type[BaseException], ...]:
     """What the CLI reports as one line: `HiloraUserError` and the config-field refusals."""
     from hilora_jax.config import UnsupportedConfigError
@@ -502,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
     debug = args.debug or os.environ.get("HILORA_DEBUG", "") not in ("", "0")
+    if not debug:  # a warning is one line too (the library's warnings name the file and field)
+        warnings.showwarning = _warning_line
     try:
         return args.fn(args)
     except user_error_types() as e:

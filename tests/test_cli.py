@@ -406,7 +406,7 @@ def error_runs(ws):
     for case, (args, extra) in DEBUG.items():
         jobs[f"debug:{case}"] = (args, extra)
     before = _tree(root)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 2)) as ex:
+    with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as ex:
         futures = {c: ex.submit(hilora, root, *a, env=user_env(**e)) for c, (a, e) in jobs.items()}
         results = {c: f.result() for c, f in futures.items()}
     return results, before, _tree(root)
