@@ -10,9 +10,18 @@ ART ?= artifacts
 
 .PHONY: setup test demo assets lint bench bench-dg clean
 
+# torch (tests only) is PyTorch's CPU build, from PyTorch's wheel index as its install docs describe;
+# installed first and on its own, so only this one step looks at that index (a short retry budget:
+# where the index cannot be reached pip says so and falls back to the other indexes). TORCH_INDEX=
+# skips it.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_PIN := $(shell grep -E '^torch==' constraints.txt)
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/pip install --quiet --no-deps --retries 1 --timeout 30 \
+	  $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[tests,eval]"
 	touch $(STAMP)
 

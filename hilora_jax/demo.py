@@ -27,6 +27,14 @@ DEMO_TASKS = {
 }
 
 
+def demo_paths(out: str | os.PathLike = "artifacts/demo") -> dict[str, Path]:
+    """Where the demo writes: task splits, the pool manifest (PEFT adapters + samples), the pool.
+
+    `make demo` uses `--out artifacts/demo`; the README's Quickstart loads `pool` from there."""
+    out = Path(out)
+    return {"data": out / "data", "manifest": out / "manifest.json", "pool": out / "pool"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="artifacts/demo")
@@ -49,17 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     from hilora_jax.routing import build_router
 
     out = Path(args.out)
+    where = demo_paths(out)
     t0 = time.time()
     model = load_model(args.model)
     tok = load_tokenizer(args.model)
     eng = Engine(model)
-    data = out / "data"
+    data = where["data"]
     if not (data / "test.jsonl").exists():
         write_splits(DEMO_TASKS, bigbench_tasks_dir(), data, n_test=50, max_train=256)
     train, samples = load_tasks(data / "train.jsonl"), load_tasks(data / "samples.jsonl")
     test = load_tasks(data / "test.jsonl")
     L = model.config.num_layers
-    pool_dir = out / "pool"
+    pool_dir = where["pool"]
     if not (pool_dir / "pool.json").exists():
         build_task_pool(model, tok, train, samples, out, base_name=str(args.model),
                         layers=list(range(L - args.top_layers, L)), steps=args.steps)
@@ -106,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in rows:
         cells = [f"{res['tasks'][t]['acc']:.2f}" for t in tasks]
         print(f"| {name} | " + " | ".join(cells) + f" | {res['mean']['acc']:.3f} |")
-    print(f"\n(demo finished in {time.time() - t0:.0f}s; pool and data cached in {out})")
+    print(f"\n(demo finished in {time.time() - t0:.0f}s)\n"
+          f"pool:     {where['pool']}  (hj.load_pool / --pool)\n"
+          f"manifest: {where['manifest']}  (the PEFT adapters and their samples)\n"
+          f"tasks:    {where['data']}/{{train,samples,test}}.jsonl  (hilora eval --tasks)")
     return 0
 
 

@@ -16,28 +16,52 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from hilora_jax.errors import UsageError
+
+ENV_VARS = ("HILORA_COORDINATOR", "HILORA_NUM_PROCESSES", "HILORA_PROCESS_ID")
+
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None) -> None:
-    """`jax.distributed.initialize`, with gloo CPU collectives; arguments default to the env vars
-    `HILORA_COORDINATOR`, `HILORA_NUM_PROCESSES`, `HILORA_PROCESS_ID` (or JAX's auto-detection on
-    TPU pods / SLURM when all are unset). A single process is a no-op."""
-    coordinator = coordinator or os.environ.get("HILORA_COORDINATOR")
+               process_id: int | None = None, *, auto: bool = False) -> bool:
+    """Start `jax.distributed` (gloo CPU collectives) when asked to; returns whether it started.
+
+    One machine is the default: with no arguments and none of `HILORA_COORDINATOR`,
+    `HILORA_NUM_PROCESSES`, `HILORA_PROCESS_ID` set, nothing happens. Arguments default to those
+    variables; without `auto` all three are needed. `auto=True` (`hilora eval --multihost`) lets
+    JAX detect the cluster (TPU pods, SLURM, ...) and fill in whatever was not given. A single
+    process (`num_processes=1`) is a no-op.
+    """
+    coordinator = coordinator or os.environ.get("HILORA_COORDINATOR") or None
     num_processes = num_processes or _int_env("HILORA_NUM_PROCESSES")
     process_id = process_id if process_id is not None else _int_env("HILORA_PROCESS_ID")
+    given = {"HILORA_COORDINATOR": coordinator, "HILORA_NUM_PROCESSES": num_processes,
+             "HILORA_PROCESS_ID": process_id}
     if num_processes == 1:
-        return
+        return False
+    if not auto:
+        if all(v is None for v in given.values()):
+            return False  # one machine
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise UsageError(f"multi-host evaluation needs all of {', '.join(ENV_VARS)}; "
+                             f"{', '.join(missing)} not set (or pass --multihost to let JAX "
+                             "detect the cluster)")
+    if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
+        raise UsageError(f"HILORA_PROCESS_ID={process_id} is not in 0..{num_processes - 1}")
     # only affects the CPU backend; must not query the backend before initialisation
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if coordinator is None and num_processes is None:
-        jax.distributed.initialize()
-    else:
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+    return True
 
 
 def _int_env(name: str) -> int | None:
-    v = os.environ.get(name)
-    return int(v) if v else None
+    v = os.environ.get(name, "").strip()
+    if not v:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise UsageError(f"{name}={v!r} is not an integer") from None
 
 
 def process_index() -> int:

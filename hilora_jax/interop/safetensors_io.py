@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from hilora_jax._fs import atomic_file
+from hilora_jax.errors import HiloraUserError
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -30,7 +31,7 @@ _FLOAT_EXT = {np.dtype(ml_dtypes.bfloat16), np.dtype(ml_dtypes.float8_e4m3fn),
               np.dtype(ml_dtypes.float8_e5m2)}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(HiloraUserError, ValueError):
     """A checkpoint file is malformed, incomplete or inconsistent with the model."""
 
 

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hilora_jax.errors import HiloraUserError
 from hilora_jax.interop.peft import AdapterError
 
 
-class ManifestError(ValueError):
+class ManifestError(HiloraUserError, ValueError):
     """A pool manifest is malformed."""
 
 
