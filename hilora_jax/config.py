@@ -33,8 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from hilora_jax.errors import HiloraUserError
 
-class UnsupportedConfigError(ValueError):
+
+class UnsupportedConfigError(HiloraUserError, ValueError):
     """A config field (or value) would change the model's maths in a way we do not implement."""
 
 

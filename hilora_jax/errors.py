@@ -7,7 +7,7 @@ keeps its traceback. Every class here also derives from the builtin a caller wou
 
 The library's own input errors derive from `HiloraUserError` as well: `ManifestError` (pool
 manifests), `TaskFormatError` (task files), `CheckpointError` and its `AdapterError` (weights and
-adapter files), `GGUFError`. `UnsupportedConfigError` (config fields) is treated as one by the CLI.
+adapter files), `GGUFError`, `UnsupportedConfigError` (config fields).
 """
 
 from __future__ import annotations
