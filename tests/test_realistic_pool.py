@@ -114,3 +114,16 @@ def test_dg_tables_render_paired_rows(rp):
     lines = rp.dg.paired_table(paired)
     assert lines[2] == "| protocol | base | uniform |"
     assert lines[4] == "| seen | +0.300 +- 0.050 | +0.100 +- 0.020 |"
+
+
+def test_goal_checks_read_the_issue_criteria(rp):
+    res = {("hilora", "seen"): {"mean": {"acc": 0.58}, "routing": {"mean_candidates": 2.5}},
+           ("oracle", "seen"): {"mean": {"acc": 0.60}}}
+    paired = {"seen": {"arrow": {"diff": 0.05, "se": 0.02}, "uniform": {"diff": 0.03, "se": 0.02}},
+              "unseen-cross": {"base": {"diff": -0.03, "se": 0.02}}}
+    got = {c["goal"]: c["met"] for c in rp.goal_checks(res, paired)}
+    assert got == {"hilora seen >= 0.95x oracle": True,  # 0.967x
+                   "hilora above arrow in seen by >= 2 SE": True,
+                   "hilora above uniform in seen by >= 2 SE": False,
+                   "do no harm: hilora not below base in unseen-cross by > 1 SE": False,
+                   "hilora mean candidate-set size for seen inputs <= 3": True}

@@ -68,6 +68,8 @@ TARGETS = {"qv": ("q_proj", "v_proj"), "all-linear": "all-linear"}
 PROTOCOLS = dg.PROTOCOLS
 ROUTERS = dg.ROUTERS
 VARIANTS = ["hilora-paper=hilora:preset=paper", "hilora-kappa1=hilora:kappa=none"]
+SPLIT_KEYS = ("min_examples", "max_tokens", "per_family", "max_candidates", "n_test", "n_dev",
+              "n_holdout", "gym", "seed")  # dg.add_split_args: frozen, and reused by --test
 TRAIN_VERSION = 1  # bump when the training procedure changes in a way the key cannot see
 
 
@@ -265,6 +267,10 @@ def main(argv=None) -> int:
 
     cache = Path(args.cache) if args.cache else cache_root() / "realistic_pool"
     (cache / "adapters").mkdir(parents=True, exist_ok=True)
+    import jax
+
+    # a resumed run (same adapter, same shapes and constants) reuses its compiled programs
+    jax.config.update("jax_compilation_cache_dir", str(cache / "jax_cache"))
     model, tok = load_model(args.model), load_tokenizer(args.model)
     # the test split is not read here: only --test reads it, after frozen.json exists
     train, dev, samples, _ = dg.prepare_splits(args, tok, out / "data", with_test=False)
@@ -369,8 +375,7 @@ def main(argv=None) -> int:
                                      "lora_dev", "gain", "se")} for r in chosen],
         "protocols": PROTOCOLS, "routers": [x for x in args.routers.split(",") if x],
         "variants": args.variant, "seed": args.seed, "model": args.model,
-        "splits": {"n_test": args.n_test, "n_dev": args.n_dev, "n_holdout": args.n_holdout,
-                   "m_samples": dg.N_SAMPLES, "gym": args.gym},
+        "splits": {**{k: getattr(args, k) for k in SPLIT_KEYS}, "m_samples": dg.N_SAMPLES},
         "train": train_cfg,
     }
     write_json_atomic(res_dir / "frozen.json", frozen)
@@ -412,7 +417,7 @@ def run_test(args, res_dir: Path, out: Path) -> int:
         raise SystemExit(f"--test: {fpath} does not exist; run the training and dev selection first "
                          f"(the test split is read only after the configuration is frozen)")
     frozen = json.loads(fpath.read_text())
-    for k in ("tasks", "routers", "variants", "protocols", "seed"):
+    for k in ("tasks", "routers", "variants", "protocols", "seed", "splits", "model"):
         if k not in frozen:
             raise SystemExit(f"--test: {fpath} has no {k!r} field")
     missing = [t["adapter"] for t in frozen["tasks"]
@@ -423,7 +428,9 @@ def run_test(args, res_dir: Path, out: Path) -> int:
         dg.parse_variant(v)
     t_start = time.time()
     model, tok = load_model(frozen["model"]), load_tokenizer(frozen["model"])
-    args.seed = frozen["seed"]
+    for k in SPLIT_KEYS:  # the frozen splits, whatever the command line says
+        if k in frozen["splits"]:
+            setattr(args, k, frozen["splits"][k])
     _, _, samples, test = dg.prepare_splits(args, tok, out / "data")
     keep = [t["task"] for t in frozen["tasks"]]
     samp = defaultdict(list)
@@ -456,15 +463,45 @@ def run_test(args, res_dir: Path, out: Path) -> int:
     paired = dg.paired_differences(results, ref="hilora", against=against)
     table = {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"], "tasks": r["tasks"],
                           "routing": r["routing"]} for (m, p), r in results.items()}
-    doc = {"frozen": frozen, "results": table, "paired": paired,
+    checks = goal_checks(results, paired)
+    doc = {"frozen": frozen, "results": table, "paired": paired, "goals": checks,
            "timing": {"total_s": round(time.time() - t_start, 1)}}
     write_json_atomic(res_dir / "test_results.json", doc)
     lines = [f"Realistic pool, test split ({len(test_sel)} items, {len(keep)} tasks); frozen "
              f"{frozen['frozen_at']}.", ""] + dg.method_table(results) + [""] + \
-        dg.paired_table(paired)
+        dg.paired_table(paired) + ["", "Issue 13's goals:", ""] + \
+        [f"- {'met' if c['met'] else 'NOT met'}: {c['goal']} ({c['value']})" for c in checks]
     (res_dir / "test_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def goal_checks(results, paired, ref: str = "hilora") -> list[dict]:
+    """Issue 13's "must show" criteria, evaluated from the test results and paired differences."""
+    out = []
+
+    def add(goal, met, value):
+        out.append({"goal": goal, "met": bool(met), "value": value})
+
+    h, o = results.get((ref, "seen")), results.get(("oracle", "seen"))
+    if h and o:
+        ratio = h["mean"]["acc"] / max(o["mean"]["acc"], 1e-12)
+        add(f"{ref} seen >= 0.95x oracle", ratio >= 0.95, f"{ratio:.3f}x")
+    for proto in ("seen", "unseen-within"):
+        for b in ("arrow", "retrieval", "uniform"):
+            d = paired.get(proto, {}).get(b)
+            if d:
+                add(f"{ref} above {b} in {proto} by >= 2 SE", d["diff"] >= 2 * d["se"],
+                    f"{d['diff']:+.3f} +- {d['se']:.3f}")
+    for proto in ("unseen-within", "unseen-cross"):
+        d = paired.get(proto, {}).get("base")
+        if d:
+            add(f"do no harm: {ref} not below base in {proto} by > 1 SE", d["diff"] >= -d["se"],
+                f"{d['diff']:+.3f} +- {d['se']:.3f}")
+    if h and h.get("routing", {}).get("mean_candidates") is not None:
+        mc = h["routing"]["mean_candidates"]
+        add(f"{ref} mean candidate-set size for seen inputs <= 3", mc <= 3, f"{mc:.2f}")
+    return out
 
 
 if __name__ == "__main__":
