@@ -312,6 +312,7 @@ def main(argv=None) -> int:
     base_cache = json.loads(base_path.read_text()) if base_path.exists() else {}
     scr_path = cache / "dev_screen.json"
     scr_cache = json.loads(scr_path.read_text()) if scr_path.exists() else {}
+    _write_progress(res_dir, [], plan, args)  # the plan (tasks, recipes) before any training
     rows, trained_now, t_run = [], 0, time.time()
     for i, q in enumerate(plan):
         t, adir = q["task"], q["dir"]
