@@ -12,6 +12,10 @@ Design
 * The base model is split once (`nnx.split`); the jitted train step is a pure function of
   `(adapter, opt_state, base_state, batch)` and differentiates only the adapter (the base state is
   a non-differentiated argument, so base parameters are frozen by construction).
+* Heterogeneous recipes, as found on model hubs: `targets="all-linear"` (every adaptable
+  projection; saved as PEFT's `"all-linear"`), rsLoRA (`use_rslora`: scale `alpha / sqrt(r)`),
+  and per-module rank / alpha (`rank_pattern` / `alpha_pattern`, keyed by module name such as
+  `"down_proj"`, saved under the same PEFT fields). The scale is then per module.
 * Loss: mean cross-entropy over the answer tokens only (for multiple choice: the correct choice
   after the prompt; for generation examples: the target followed by EOS). Sequences are left-padded
   to one length bucket, so the answer is always in the last `K` positions and only those go through
@@ -50,7 +54,7 @@ from hilora_jax.eval.tasks import (
     pad_id_of,
     tail_logprobs,
 )
-from hilora_jax.inference import bucket_length, pad_batch
+from hilora_jax.inference import pad_batch
 from hilora_jax.nn.model import CausalLM
 
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -66,43 +70,86 @@ class LoraAdapter:
 
     a: dict
     b: dict
-    scale: float = struct.field(pytree_node=False)
+    # one scale for every module, or `((module, scale), ...)` (hashable: it is static)
+    scale: float | tuple[tuple[str, float], ...] = struct.field(pytree_node=False)
     layers: tuple[int, ...] | None = struct.field(pytree_node=False, default=None)  # None: all
+
+    def scale_of(self, name: str) -> float:
+        return dict(self.scale)[name] if isinstance(self.scale, tuple) else self.scale
 
     def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]):
         if name not in self.a or (self.layers is not None and layer not in self.layers):
             return None
         h = jnp.einsum("BTD,DR->BTR", x, self.a[name][layer].astype(x.dtype))
-        return jnp.einsum("BTR,RF->BTF", h, self.b[name][layer].astype(x.dtype)) * self.scale
+        return jnp.einsum("BTR,RF->BTF", h, self.b[name][layer].astype(x.dtype)) * self.scale_of(name)
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(self.a)
 
 
-def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16, targets=("q_proj", "v_proj"),
-              seed: int = 0, layers: Sequence[int] | None = None) -> LoraAdapter:
+def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Target module names: `"all-linear"` = every adaptable projection of `model` (PEFT's
+    meaning: lm_head excluded), else the listed names, checked against the model."""
+    shapes = model.config.module_shapes()
+    if isinstance(targets, str):
+        if targets.lower() != "all-linear":
+            raise ValueError(f"targets: a string must be 'all-linear', got {targets!r} (pass a list "
+                             f"of module names otherwise)")
+        return tuple(m for m in ATTN_MODULES + MLP_MODULES if m in shapes)
+    targets = tuple(targets)
+    bad = [t for t in targets if t not in shapes]
+    if bad or not targets:
+        raise ValueError(f"unknown target module(s) {bad or '(none given)'}; adaptable modules: "
+                         f"{sorted(shapes)}")
+    return targets
+
+
+def module_rank_alpha(name: str, r: int, alpha: float, rank_pattern=None, alpha_pattern=None,
+                      use_rslora: bool = False) -> tuple[int, float, float]:
+    """`(r, alpha, scale)` of module `name`: the pattern's value where it names the module."""
+    rm = int((rank_pattern or {}).get(name, r))
+    am = float((alpha_pattern or {}).get(name, alpha))
+    if rm < 1:
+        raise ValueError(f"rank of {name!r} must be >= 1, got {rm}")
+    return rm, am, am / math.sqrt(rm) if use_rslora else am / rm
+
+
+def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
+              targets: str | Sequence[str] = ("q_proj", "v_proj"), seed: int = 0,
+              layers: Sequence[int] | None = None, use_rslora: bool = False,
+              rank_pattern: dict[str, int] | None = None,
+              alpha_pattern: dict[str, float] | None = None) -> LoraAdapter:
     """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32.
 
-    `layers` (PEFT's `layers_to_transform`) restricts the adapter to those layers; None = all."""
+    `targets`: module names or `"all-linear"`. `layers` (PEFT's `layers_to_transform`) restricts
+    the adapter to those layers; None = all. `use_rslora`: scale `alpha / sqrt(r)` (PEFT's
+    rsLoRA) instead of `alpha / r`. `rank_pattern` / `alpha_pattern`: `{module name: r / alpha}`
+    overriding `r` / `alpha` for those modules (PEFT's fields of the same names)."""
     shapes = model.config.module_shapes()
-    bad = [t for t in targets if t not in shapes]
-    if bad:
-        raise ValueError(f"unknown target module(s) {bad}; adaptable modules: {sorted(shapes)}")
+    targets = resolve_targets(model, targets)
+    for what, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        extra = sorted(set(pat or {}) - set(targets))
+        if extra:
+            raise ValueError(f"{what} names module(s) {extra} that are not targets {list(targets)}")
     n_layers = model.config.num_layers
     key = jax.random.key(seed)
-    a, b = {}, {}
+    a, b, scales = {}, {}, {}
     for i, name in enumerate(targets):
         d_in, d_out = shapes[name]
+        rm, _, scales[name] = module_rank_alpha(name, r, alpha, rank_pattern, alpha_pattern,
+                                                use_rslora)
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
-        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, r), jnp.float32,
+        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, rm), jnp.float32,
                                      -bound, bound)
-        b[name] = jnp.zeros((n_layers, r, d_out), jnp.float32)
+        b[name] = jnp.zeros((n_layers, rm, d_out), jnp.float32)
     if layers is not None:
         layers = tuple(sorted({int(i) for i in layers}))
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
             raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
-    return LoraAdapter(a=a, b=b, scale=float(alpha) / r, layers=layers)
+    vals = set(scales.values())
+    scale = vals.pop() if len(vals) == 1 else tuple(sorted(scales.items()))
+    return LoraAdapter(a=a, b=b, scale=scale, layers=layers)
 
 
 @dataclasses.dataclass
@@ -116,6 +163,10 @@ class TrainedLora:
     losses: list[float]
     seconds: float
     task: str | None = None
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    all_linear: bool = False  # saved as target_modules="all-linear"
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -171,7 +222,7 @@ def train_lora(
     *,
     r: int = 8,
     alpha: float = 16,
-    targets: Sequence[str] = ("q_proj", "v_proj"),
+    targets: str | Sequence[str] = ("q_proj", "v_proj"),
     steps: int = 100,
     lr: float = 1e-3,
     batch_size: int = 8,
@@ -180,8 +231,14 @@ def train_lora(
     warmup: int = 10,
     progress: bool = True,
     layers: Sequence[int] | None = None,
+    use_rslora: bool = False,
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
 ) -> TrainedLora:
     """Train one LoRA on `examples` with AdamW (cosine decay after `warmup` linear steps).
+
+    `targets` (names or `"all-linear"`), `use_rslora`, `rank_pattern`, `alpha_pattern`: see
+    `init_lora`; they are written to the PEFT config by `save_peft`.
 
     `layers` (PEFT `layers_to_transform`) restricts the adapter to those layers. The frozen model
     below the lowest of them does not depend on the adapter, so its hidden states are computed once
@@ -196,18 +253,22 @@ def train_lora(
     """
     if not examples:
         raise ValueError("train_lora needs at least one example")
-    targets = tuple(targets)
+    all_linear = isinstance(targets, str)
+    targets = resolve_targets(model, targets)
     pairs = training_pairs(examples, tokenizer)
     for i, (p, a) in enumerate(pairs):
         if len(p) + len(a) > max_len:
             raise ValueError(f"task {examples[i].task!r} example {i}: {len(p) + len(a)} tokens "
                              f"> max_len={max_len}")
-    length = min(bucket_length(max(len(p) + len(a) for p, a in pairs)), max_len)
-    length = max(length, max(len(p) + len(a) for p, a in pairs))
+    longest = max(len(p) + len(a) for p, a in pairs)
+    # one padded length for every step (one compile): the longest pair rounded up to 16 tokens
+    length = max(min(-(-longest // 16) * 16, max_len), longest)
     tail = min(_pow2(max(len(a) for _, a in pairs)), length - 1)
     pad = pad_id_of(tokenizer)
 
-    adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed, layers=layers)
+    adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed, layers=layers,
+                        use_rslora=use_rslora, rank_pattern=rank_pattern,
+                        alpha_pattern=alpha_pattern)
     start = adapter.layers[0] if adapter.layers is not None else 0
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)),
                                                max(steps, 2), end_value=lr * 0.1)
@@ -261,7 +322,10 @@ def train_lora(
         bar.close()
     task = examples[0].task if len({e.task for e in examples}) == 1 else None
     return TrainedLora(adapter=adapter, r=r, alpha=float(alpha), targets=targets, losses=losses,
-                       seconds=time.time() - t0, task=task)
+                       seconds=time.time() - t0, task=task, use_rslora=bool(use_rslora),
+                       rank_pattern=dict(rank_pattern) if rank_pattern else None,
+                       alpha_pattern=dict(alpha_pattern) if alpha_pattern else None,
+                       all_linear=all_linear)
 
 
 # -- PEFT export -------------------------------------------------------------------------------
@@ -300,10 +364,12 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
         "r": int(trained.r),
         "lora_alpha": trained.alpha,
         "lora_dropout": 0.0,
-        "target_modules": sorted(trained.targets),
+        # PEFT ignores layers_to_transform for a string target_modules: list them then
+        "target_modules": ("all-linear" if trained.all_linear and trained.adapter.layers is None
+                           else sorted(trained.targets)),
         "bias": "none",
         "fan_in_fan_out": False,
-        "use_rslora": False,
+        "use_rslora": bool(trained.use_rslora),
         "use_dora": False,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -311,11 +377,16 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
     }
     if trained.adapter.layers is not None:
         config["layers_to_transform"] = list(trained.adapter.layers)
+    if trained.rank_pattern:
+        config["rank_pattern"] = {k: int(v) for k, v in trained.rank_pattern.items()}
+    if trained.alpha_pattern:
+        config["alpha_pattern"] = {k: float(v) for k, v in trained.alpha_pattern.items()}
     with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(peft_state_dict(trained), tmp / "adapter_model.safetensors",
                   metadata={"format": "pt"})
         meta = {"task": trained.task, "steps": len(trained.losses),
+                "loss_first": trained.losses[0] if trained.losses else None,
                 "final_loss": trained.losses[-1] if trained.losses else None,
                 "seconds": round(trained.seconds, 2)}
         (tmp / "hilora_train.json").write_text(json.dumps(meta, indent=2) + "\n")

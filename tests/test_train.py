@@ -257,3 +257,76 @@ def test_parse_layers():
     assert parse_layers(None) is None
     with pytest.raises(ValueError, match="--layers: 'x-2'"):
         parse_layers("x-2")
+
+
+@pytest.mark.parametrize("recipe", [
+    {"targets": "all-linear", "r": 4, "alpha": 8},
+    {"targets": ("q_proj", "v_proj"), "r": 4, "alpha": 16, "use_rslora": True},
+    {"targets": "all-linear", "r": 4, "alpha": 8, "use_rslora": True,
+     "rank_pattern": {"down_proj": 2, "q_proj": 6}, "alpha_pattern": {"q_proj": 3.0}},
+])
+def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, recipe):
+    """all-linear / rsLoRA / rank_pattern + alpha_pattern: the saved config says so, PEFT loads the
+    adapter with those ranks and scales, and its logits equal ours (fp32, <= 1e-4); our own PEFT
+    reader (`load_pool`) rebuilds the same per-module scales."""
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM
+
+    from hilora_jax.interop.peft import module_rank_alpha as peft_rank_alpha
+    from hilora_jax.train import MLP_MODULES
+
+    path, _, model = tiny
+    tr = train_lora(model, CharTok(), toy_examples(), steps=6, lr=5e-2, batch_size=4,
+                    progress=False, **recipe)
+    all_mods = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP_MODULES
+    assert tr.targets == (all_mods if recipe["targets"] == "all-linear" else recipe["targets"])
+    out = save_peft(tr, tmp_path / "ad", str(path))
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == ("all-linear" if recipe["targets"] == "all-linear"
+                                     else sorted(recipe["targets"]))
+    assert cfg["use_rslora"] is bool(recipe.get("use_rslora"))
+    assert cfg.get("rank_pattern") == recipe.get("rank_pattern")
+    for name in tr.targets:  # our scale per module == PEFT's rule read back from the config
+        r_m, _, s_m = peft_rank_alpha(cfg, f"model.layers.0.{'mlp' if name in MLP_MODULES else 'self_attn'}.{name}")
+        assert tr.adapter.a[name].shape[-1] == r_m
+        assert tr.adapter.scale_of(name) == pytest.approx(s_m)
+    fresh = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
+    pm = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
+    lora_a = {k: v for k, v in pm.state_dict().items() if "lora_A" in k}
+    assert len(lora_a) == len(tr.targets) * model.config.num_layers
+    for name, r_m in (recipe.get("rank_pattern") or {}).items():
+        assert all(v.shape[0] == r_m for k, v in lora_a.items() if f".{name}." in k)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(3, 61, size=(3, 10))
+    mask = np.ones_like(ids)
+    mask[2, :3] = 0
+    with torch.no_grad():
+        ref = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+        with pm.disable_adapter():
+            base = pm(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits.numpy()
+    got = np.asarray(Engine(model).forward(ids, mask, lora=tr.adapter))
+    valid = mask.astype(bool)
+    assert np.abs(ref - base)[valid].max() > 1e-2  # the adapter changes the logits
+    assert np.abs(got - ref)[valid].max() <= 1e-4
+    # the project's own PEFT reader reads back our arrays and per-module scales
+    from hilora_jax.interop.peft import read_adapter
+
+    ad = read_adapter(out, model.config)
+    assert {m for _, m in ad.modules} == set(tr.targets)
+    for (layer, name), (a, b, s) in ad.modules.items():
+        assert s == pytest.approx(tr.adapter.scale_of(name))
+        np.testing.assert_array_equal(a, np.asarray(tr.adapter.a[name][layer]).T)
+        np.testing.assert_array_equal(b, np.asarray(tr.adapter.b[name][layer]).T)
+
+
+def test_recipe_options_are_checked(tiny):
+    _, _, model = tiny
+    with pytest.raises(ValueError, match="must be 'all-linear'"):
+        init_lora(model, targets="all_linear")
+    with pytest.raises(ValueError, match=r"rank_pattern names module\(s\) \['down_proj'\]"):
+        init_lora(model, targets=("q_proj",), rank_pattern={"down_proj": 2})
+    ad = init_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"), use_rslora=True)
+    assert ad.scale == pytest.approx(8 / 2)
+    ad = init_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"), rank_pattern={"v_proj": 2})
+    assert ad.scale_of("q_proj") == 2.0 and ad.scale_of("v_proj") == 4.0
+    assert ad.a["v_proj"].shape[-1] == 2 and ad.b["v_proj"].shape[1] == 2

@@ -146,6 +146,69 @@ def screen_dev(eng, tok, cand_pool, dev, eval_dir):
              "gain": cache[t]["lora_dev"] - cache[t]["base_dev"]} for t in sorted(by_task)]
 
 
+def add_split_args(p) -> None:
+    """The candidate and split options (shared with `benchmarks/realistic_pool/run.py`)."""
+    p.add_argument("--min-examples", type=int, default=200)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--per-family", type=int, default=8)
+    p.add_argument("--max-candidates", type=int, default=48)
+    p.add_argument("--n-test", type=int, default=50)
+    p.add_argument("--n-dev", type=int, default=32)
+    p.add_argument("--n-holdout", type=int, default=64,
+                   help="extra dev items per task from beyond the train cap (where a task has them)")
+    p.add_argument("--gym", default=",".join(GYM_DEFAULT),
+                   help="reasoning-gym generators added as candidates (comma list; '' for none); "
+                        "cluster = gym-<package>, e.g. gym-arithmetic")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def prepare_splits(args, tok, data: Path, *, with_test: bool = True):
+    """Candidates and their seeded splits under `data` (written once, reused while the candidate
+    set is unchanged): `(train, dev, samples, test)` example lists, dev and test without over-long
+    items. `args` needs the candidate and split options of `main` (`--min-examples`,
+    `--max-tokens`, `--per-family`, `--max-candidates`, `--gym`, `--n-test`, `--n-dev`,
+    `--n-holdout`, `--seed`). `with_test=False` does not read the test split (None). Also used by `benchmarks/realistic_pool/run.py`."""
+    from hilora_jax.assets import bigbench_tasks_dir
+    from hilora_jax.eval.bigbench import write_splits
+    from hilora_jax.eval.tasks import load_tasks, write_jsonl
+
+    root = bigbench_tasks_dir()
+    cands = find_candidates(root, tok, args)
+    names = list(cands)[: args.max_candidates]
+    n_need = args.n_test + N_SAMPLES + MAX_TRAIN + args.n_dev + args.n_holdout
+    gyms = gym_candidates(tok, args, size=n_need + 30) if args.gym else {}
+    log(f"{len(cands)} BIG-bench candidate tasks; using {len(names)}; "
+        f"{len(gyms)} reasoning-gym tasks")
+    wanted = {n.replace("/", "."): cands[n] for n in names}
+    wanted.update({t: exs[0].cluster for t, exs in gyms.items()})
+    have = {}
+    if (data / "manifest.json").exists() and (data / "dev.jsonl").exists():
+        have = {k: v["cluster"] for k, v in json.loads((data / "manifest.json").read_text()).items()}
+    if have != wanted or not (data / "holdout.jsonl").exists():
+        # Splits are seeded per task, so a task keeps its split (and its cached LoRA stays valid)
+        # when other candidates are added or a cluster label changes.
+        log("writing splits" + (" (candidate set changed)" if have else ""))
+        write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
+                     n_samples=N_SAMPLES, n_test=args.n_test, max_train=MAX_TRAIN + args.n_dev,
+                     n_holdout=args.n_holdout, extra=gyms)
+        train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
+        write_jsonl(train, data / "train_fit.jsonl")
+        write_jsonl(dev, data / "dev.jsonl")
+    from hilora_jax.poolbuild import fitting
+
+    def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
+        by = defaultdict(list)
+        for ex in exs:
+            by[ex.task].append(ex)
+        return [e for t in sorted(by) for e in fitting(by[t], tok, MAX_LEN)]
+
+    train = load_tasks(data / "train_fit.jsonl")
+    dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / "holdout.jsonl"))
+    samples, test = load_tasks(data / "samples.jsonl"), fit(load_tasks(data / "test.jsonl"))
+
+    return train, dev, samples, test
+
+
 def parse_variant(spec: str):
     """`LABEL=ROUTER[:k=v,k=v]` -> (label, router, options), e.g. `hilora-g1=hilora:gamma=1.0`."""
     label, sep, rest = spec.partition("=")
@@ -179,22 +242,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--out", default="artifacts/bigbench_dg/run")
     p.add_argument("--results", default="benchmarks/bigbench_dg/results")
-    p.add_argument("--min-examples", type=int, default=200)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--per-family", type=int, default=8)
-    p.add_argument("--max-candidates", type=int, default=48)
+    add_split_args(p)
     p.add_argument("--top-layers", type=int, default=4)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-gain", type=float, default=0.15)
-    p.add_argument("--n-test", type=int, default=50)
-    p.add_argument("--n-dev", type=int, default=32)
-    p.add_argument("--n-holdout", type=int, default=64,
-                   help="extra dev items per task from beyond the train cap (where a task has them)")
-    p.add_argument("--gym", default=",".join(GYM_DEFAULT),
-                   help="reasoning-gym generators added as candidates (comma list; '' for none); "
-                        "cluster = gym-<package>, e.g. gym-arithmetic")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--routers", default=",".join(ROUTERS))
     p.add_argument("--variant", action="append", default=[], metavar="LABEL=ROUTER[:k=v,...]",
                    help="an extra configured router, e.g. hilora-g1=hilora:gamma=1.0 (repeatable)")
@@ -208,15 +260,12 @@ def main(argv=None) -> int:
         return 0
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from hilora_jax.assets import bigbench_tasks_dir
-    from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.runner import (
         PrefixScorer,
         evaluate,
         first_adapted_layer,
         write_json_atomic,
     )
-    from hilora_jax.eval.tasks import load_tasks, write_jsonl
     from hilora_jax.inference import Engine
     from hilora_jax.loading import load_model, load_tokenizer
     from hilora_jax.lora import load_pool
@@ -230,42 +279,9 @@ def main(argv=None) -> int:
     model, tok = load_model(args.model), load_tokenizer(args.model)
     eng = Engine(model)
     L = model.config.num_layers
-    root = bigbench_tasks_dir()
 
     # 1-2. candidates and splits ------------------------------------------------------------------
-    data = out / "data"
-    cands = find_candidates(root, tok, args)
-    names = list(cands)[: args.max_candidates]
-    n_need = args.n_test + N_SAMPLES + MAX_TRAIN + args.n_dev + args.n_holdout
-    gyms = gym_candidates(tok, args, size=n_need + 30) if args.gym else {}
-    log(f"{len(cands)} BIG-bench candidate tasks; using {len(names)}; "
-        f"{len(gyms)} reasoning-gym tasks")
-    wanted = {n.replace("/", "."): cands[n] for n in names}
-    wanted.update({t: exs[0].cluster for t, exs in gyms.items()})
-    have = {}
-    if (data / "manifest.json").exists() and (data / "dev.jsonl").exists():
-        have = {k: v["cluster"] for k, v in json.loads((data / "manifest.json").read_text()).items()}
-    if have != wanted or not (data / "holdout.jsonl").exists():
-        # Splits are seeded per task, so a task keeps its split (and its cached LoRA stays valid)
-        # when other candidates are added or a cluster label changes.
-        log("writing splits" + (" (candidate set changed)" if have else ""))
-        write_splits({n: cands[n] for n in names}, root, data, seed=args.seed,
-                     n_samples=N_SAMPLES, n_test=args.n_test, max_train=MAX_TRAIN + args.n_dev,
-                     n_holdout=args.n_holdout, extra=gyms)
-        train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
-        write_jsonl(train, data / "train_fit.jsonl")
-        write_jsonl(dev, data / "dev.jsonl")
-    from hilora_jax.poolbuild import fitting
-
-    def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
-        by = defaultdict(list)
-        for ex in exs:
-            by[ex.task].append(ex)
-        return [e for t in sorted(by) for e in fitting(by[t], tok, MAX_LEN)]
-
-    train = load_tasks(data / "train_fit.jsonl")
-    dev = fit(load_tasks(data / "dev.jsonl") + load_tasks(data / "holdout.jsonl"))
-    samples, test = load_tasks(data / "samples.jsonl"), fit(load_tasks(data / "test.jsonl"))
+    train, dev, samples, test = prepare_splits(args, tok, out / "data")
 
     # 3. a LoRA per candidate --------------------------------------------------------------------
     layers = list(range(L - args.top_layers, L))
@@ -381,27 +397,17 @@ def _write_outputs(res_dir, results, routing_maps, pool, screen, chosen, args, t
     print(render_report(res_dir))
 
 
-def render_report(res_dir) -> str:
-    """`results.md` and the PNG plots from `results.json` (also: `run.py --report-only`)."""
-    from hilora_jax.viz import plot_results, plot_routing_heatmap
+def _methods(results) -> list[str]:
+    """Method labels of `{(method, protocol): result}`: the method doc's order, then variants."""
+    return sorted(dict.fromkeys(m for m, _ in results),
+                  key=lambda m: (ROUTERS.index(m) if m in ROUTERS else len(ROUTERS), m))
 
-    res_dir = Path(res_dir)
-    doc = json.loads((res_dir / "results.json").read_text())
-    meta, args = doc["meta"], doc["meta"]["args"]
-    results = {tuple(k.split("/", 1)): r for k, r in doc["results"].items()}
-    timing = meta["timing"]
-    chosen = doc.get("selected") or [s for s in doc["screen"] if s["gain"] >= args["min_gain"]]
-    methods = sorted(dict.fromkeys(m for m, _ in results),  # the method doc's order, then variants
-                     key=lambda m: (ROUTERS.index(m) if m in ROUTERS else len(ROUTERS), m))
+
+def method_table(results) -> list[str]:
+    """Markdown lines: methods x protocols (acc and acc_norm), then per cluster per protocol."""
+    methods = _methods(results)
     clusters = sorted({c for r in results.values() for c in r["clusters"]})
-    base, oracle = results.get(("base", "seen")), results.get(("oracle", "seen"))
-    n_items = base["mean"]["examples"] if base else "?"
-    lines = [f"`{meta['command']}`", "",
-             f"SmolLM2-135M-Instruct; {len(meta['pool'])} task LoRAs (r=8, q/v, top "
-             f"{args['top_layers']} layers) in {len(clusters)} clusters; test: {n_items} items; "
-             f"machine {meta['machine']}; train {timing['train_s']}s (0 = all cached), "
-             f"eval {timing['eval_s']}s, total {timing['total_s']}s.", "",
-             "Mean accuracy over test items (acc = summed log-prob of the choice; in parentheses "
+    lines = ["Mean accuracy over test items (acc = summed log-prob of the choice; in parentheses "
              "acc_norm = per-token mean):", "",
              "| method | " + " | ".join(PROTOCOLS) + " |", "|---" * (len(PROTOCOLS) + 1) + "|"]
     for m in methods:
@@ -419,17 +425,47 @@ def render_report(res_dir) -> str:
                 continue
             lines.append(f"| {m} | " + " | ".join(
                 f"{r['clusters'][c]['acc']:.3f}" if c in r["clusters"] else "-" for c in clusters) + " |")
+    return lines
+
+
+def paired_table(paired, ref: str = "HiLoRA") -> list[str]:
+    """Markdown lines: `ref` minus each baseline per protocol, +- the paired standard error."""
+    bl = sorted({b for v in paired.values() for b in v},
+                key=lambda m: (ROUTERS.index(m) if m in ROUTERS else len(ROUTERS), m))
+    lines = [f"{ref} minus each baseline on the same test items (acc; +- the standard error "
+             "of the paired difference):", "",
+             "| protocol | " + " | ".join(bl) + " |", "|---" * (len(bl) + 1) + "|"]
+    for p in PROTOCOLS:
+        if p in paired:
+            lines.append(f"| {p} | " + " | ".join(
+                f"{paired[p][b]['diff']:+.3f} +- {paired[p][b]['se']:.3f}" if b in paired[p]
+                else "-" for b in bl) + " |")
+    return lines
+
+
+def render_report(res_dir) -> str:
+    """`results.md` and the PNG plots from `results.json` (also: `run.py --report-only`)."""
+    from hilora_jax.viz import plot_results, plot_routing_heatmap
+
+    res_dir = Path(res_dir)
+    doc = json.loads((res_dir / "results.json").read_text())
+    meta, args = doc["meta"], doc["meta"]["args"]
+    results = {tuple(k.split("/", 1)): r for k, r in doc["results"].items()}
+    timing = meta["timing"]
+    chosen = doc.get("selected") or [s for s in doc["screen"] if s["gain"] >= args["min_gain"]]
+    methods = _methods(results)
+    clusters = sorted({c for r in results.values() for c in r["clusters"]})
+    base, oracle = results.get(("base", "seen")), results.get(("oracle", "seen"))
+    n_items = base["mean"]["examples"] if base else "?"
+    lines = [f"`{meta['command']}`", "",
+             f"SmolLM2-135M-Instruct; {len(meta['pool'])} task LoRAs (r=8, q/v, top "
+             f"{args['top_layers']} layers) in {len(clusters)} clusters; test: {n_items} items; "
+             f"machine {meta['machine']}; train {timing['train_s']}s (0 = all cached), "
+             f"eval {timing['eval_s']}s, total {timing['total_s']}s.", ""]
+    lines += method_table(results)
     paired = doc.get("paired") or {}
     if paired:
-        bl = sorted({b for v in paired.values() for b in v}, key=ROUTERS.index)
-        lines += ["", "HiLoRA minus each baseline on the same test items (acc; +- the standard error "
-                      "of the paired difference):", "",
-                  "| protocol | " + " | ".join(bl) + " |", "|---" * (len(bl) + 1) + "|"]
-        for p in PROTOCOLS:
-            if p in paired:
-                lines.append(f"| {p} | " + " | ".join(
-                    f"{paired[p][b]['diff']:+.3f} +- {paired[p][b]['se']:.3f}" if b in paired[p]
-                    else "-" for b in bl) + " |")
+        lines += [""] + paired_table(paired)
     h = results.get(("hilora", "seen"))
     if h and h.get("routing"):
         lines += ["", f"HiLoRA routing in `seen`: own LoRA among the candidates "
