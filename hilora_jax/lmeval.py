@@ -390,7 +390,7 @@ class HiLoRALM(TemplateLM):
                 n = len(idx)
                 pad_idx = idx + [idx[0]] * (bsz - n)  # fixed batch shape
                 t = bucket_length(max(len(rows[i]) - 1 for i in idx))
-                tail = min(t, bucket_length(max(len(items[i][1]) for i in idx), minimum=4))
+                tail = min(t, bucket_length(max(len(items[i][1]) for i in idx)))
                 ids = np.zeros((bsz, t), np.int32)
                 tgt = np.zeros((bsz, t), np.int32)
                 mask = np.zeros((bsz, t), bool)

@@ -105,7 +105,7 @@ def test_generate_until_greedy_identical_to_hf(assets, hilora_lm):
     assert any(len(s.split()) >= 3 for s in ours)  # not all empty / cut at once
 
 
-def test_oracle_pool_equals_hf_with_peft(assets):
+def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
     from hilora_jax.lmeval import HiLoRALM
 
     _, model_dir, pool = assets
@@ -116,7 +116,7 @@ def test_oracle_pool_equals_hf_with_peft(assets):
     ra, rb = _ll_requests(seed=4, task="task_a", n=6), _ll_requests(seed=5, task="task_b", n=6)
     mixed = [r for pair in zip(ra, rb, strict=True) for r in pair]
     ours = lm.loglikelihood(mixed)
-    base = HiLoRALM(model=str(model_dir), max_length=MAX_LEN, batch_size=4).loglikelihood(mixed)
+    base = hilora_lm.loglikelihood(mixed)
     ga = [g for g in _gen_requests(seed=6) if g.task_name == "task_a"]
     ours_gen = lm.generate_until(ga)
     for task, reqs in (("task_a", ra), ("task_b", rb)):
