@@ -211,3 +211,46 @@ def test_simple_evaluate_through_registry_matches_hf(assets):
                                            [float(r[0][0]) for r in sb["resps"]], atol=1e-4)
             else:
                 assert sa["resps"] == sb["resps"]
+
+
+def test_converted_tasks_acc_equals_hilora_scoring(assets, hilora_lm, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.tasks import mc_report, score_choices, write_jsonl
+    from tests.eval_utils import mc_examples
+
+    examples = mc_examples(n_tasks=2, per_task=8, seed=3)
+    src = write_jsonl(examples, tmp_path / "ours.jsonl")
+    names = convert_tasks(src, tmp_path / "lm")
+    assert names == {"hilora_lora0": "lora0", "hilora_lora1": "lora1"}
+    assert json.loads((tmp_path / "lm" / "adapter_map.json").read_text()) == names
+    res = lm_eval.simple_evaluate(model=hilora_lm, tasks=sorted(names), log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "lm")))
+    for n, task in names.items():
+        exs = [ex for ex in examples if ex.task == task]
+        scores = score_choices(hilora_lm.engine, exs, hilora_lm.tokenizer, batch_size=4)
+        assert res["results"][n]["acc,none"] == mc_report(exs, scores)["acc"]
+        samples = sorted(res["samples"][n], key=lambda s: s["doc_id"])
+        assert len(samples) == len(exs)
+        for s, sc in zip(samples, scores, strict=True):
+            np.testing.assert_allclose([float(r[0][0]) for r in s["resps"]], sc.logprob,
+                                       atol=1e-4)
+
+
+def test_convert_refuses_generation_and_bad_lines(tmp_path):
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.tasks import TaskFormatError
+
+    g = tmp_path / "gen.jsonl"
+    g.write_text(json.dumps({"prompt": "p", "target": "t", "task": "x", "cluster": "c",
+                             "metric": "em"}) + "\n")
+    with pytest.raises(ValueError, match="generation examples cannot be converted yet"):
+        convert_tasks(g, tmp_path / "out")
+    b = tmp_path / "bad.jsonl"
+    b.write_text(json.dumps({"prompt": "p", "choices": ["a", "b"], "anwser": 0, "task": "x",
+                             "cluster": "c"}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"bad.jsonl:1: unknown key"):
+        convert_tasks(b, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written on failure
