@@ -84,6 +84,11 @@ def test_loglikelihood_and_rolling_equal_hf(assets, hilora_lm):
     rr = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
     np.testing.assert_allclose(hilora_lm.loglikelihood_rolling(rr), hf.loglikelihood_rolling(rr),
                                atol=1e-4, rtol=0)
+    # sharded over a 4x2 (data x model) mesh of the 8 fake CPU devices: same numbers
+    from hilora_jax.lmeval import HiLoRALM
+
+    sharded = HiLoRALM(model=str(model_dir), mesh="4x2", max_length=MAX_LEN, batch_size=4)
+    _assert_ll_equal(sharded.loglikelihood(reqs), ours)
 
 
 def _gen_requests(seed=2, n=7):
@@ -103,6 +108,17 @@ def test_generate_until_greedy_identical_to_hf(assets, hilora_lm):
     ours, ref = hilora_lm.generate_until(reqs), _hf(model_dir).generate_until(reqs)
     assert ours == ref
     assert any(len(s.split()) >= 3 for s in ours)  # not all empty / cut at once
+    # sampled: reproducible for a seed, different for another seed
+    sreqs = [Instance("generate_until", {}, (r.args[0], {"until": ["w9"], "max_gen_toks": 12,
+                                                         "do_sample": True, "temperature": 1.0}),
+                      i) for i, r in enumerate(reqs)]
+    s0 = hilora_lm.generate_until(sreqs)
+    assert hilora_lm.generate_until(sreqs) == s0
+    hilora_lm.seed = 1
+    try:
+        assert hilora_lm.generate_until(sreqs) != s0
+    finally:
+        hilora_lm.seed = 0
 
 
 def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
@@ -126,6 +142,9 @@ def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
             assert ours_gen == hf.generate_until(ga)
     # the adapters change the numbers (a pass is not the base model passing twice)
     assert np.max(np.abs(np.array([x[0] for x in ours]) - np.array([x[0] for x in base]))) > 1e-2
+    # unseen-within: each task's own adapter is deactivated, so the oracle falls back to the base
+    lm.protocol = "unseen-within"
+    _assert_ll_equal(lm.loglikelihood(mixed), base)
 
 
 def test_bad_model_args(assets):
