@@ -273,3 +273,37 @@ def test_convert_refuses_generation_and_bad_lines(tmp_path):
     with pytest.raises(TaskFormatError, match=r"bad.jsonl:1: unknown key"):
         convert_tasks(b, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing written on failure
+
+
+def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, tmp_path):
+    """Batched, routed requests equal each request routed alone and scored by `Engine.score`."""
+    from hilora_jax.lmeval import HiLoRALM
+    from hilora_jax.lora.io import save_pool
+    from tests.routing_utils import random_pool
+
+    _, model_dir, _ = assets
+    pool, embedder, _ = random_pool(hilora_lm.config)
+    save_pool(pool, tmp_path / "pool")
+    lm = HiLoRALM.create_from_arg_obj(
+        {"model": str(model_dir), "pool": str(tmp_path / "pool"), "router": "hilora",
+         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN},
+        {"batch_size": 4})
+    assert lm.router.params["k"] == 2
+    rng = np.random.default_rng(9)
+    reqs = [Instance("loglikelihood", {}, (f"task{i % 5} q{i} " + _words(rng, 2, 8),
+                                           " " + _words(rng, 1, 4)), i) for i in range(9)]
+    ours = lm.loglikelihood(reqs)
+    alone, budgets = [], set()
+    for r in reqs:
+        ctx, cont = lm._encode_pair(*r.args)
+        routing = lm.router.route([r.args[0]])
+        budgets.add(tuple(routing.info["cand_idx"][0][routing.info["cand_valid"][0]].tolist()))
+        ids = np.asarray([ctx + cont], np.int32)
+        tm = np.zeros_like(ids, bool)
+        tm[0, len(ctx):] = True
+        total, _ = lm.engine.score(ids, np.ones_like(tm), tm, lora=routing.hook)
+        alone.append(float(np.asarray(total)[0]))
+    np.testing.assert_allclose([x[0] for x in ours], alone, atol=1e-4, rtol=0)
+    assert len(budgets) > 1  # requests really were routed differently
+    base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
+    assert np.max(np.abs(np.array(alone) - base)) > 1e-2
