@@ -443,10 +443,14 @@ class HiLoRALM(TemplateLM):
         emb_cache: dict = {}
         for gi, gkey in enumerate(sorted(groups)):
             idx_all = groups[gkey]
-            kwargs = normalize_gen_kwargs(dict(requests[idx_all[0]].args[1]), self.max_gen_toks)
+            raw = dict(requests[idx_all[0]].args[1])
+            kwargs = normalize_gen_kwargs(raw, self.max_gen_toks)
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen = int(kwargs.pop("max_gen_toks"))
-            temperature = float(kwargs.get("temperature") or 0.0)
+            # do_sample without a temperature samples at 1.0 (transformers' default);
+            # temperature 0 is greedy whatever do_sample says
+            temperature = float(kwargs.get("temperature") if "temperature" in raw
+                                else (1.0 if kwargs.get("do_sample") else 0.0))
             greedy = not kwargs.get("do_sample") or temperature <= 0.0
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
