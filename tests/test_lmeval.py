@@ -164,7 +164,7 @@ def test_bad_model_args(assets):
 def _write_tasks(root):
     rng = np.random.default_rng(7)
     mc, gen = [], []
-    for _ in range(12):
+    for _ in range(6):
         choices = [_words(rng, 1, 4) for _ in range(3)]
         mc.append({"question": _words(rng, 3, 9), "choices": choices,
                    "answer": int(rng.integers(0, 3))})
@@ -223,7 +223,7 @@ def test_simple_evaluate_through_registry_matches_hf(assets):
         for m in metrics:
             assert ours["results"][task][m] == ref["results"][task][m], (task, m)
         a, b = ours["samples"][task], ref["samples"][task]
-        assert len(a) == len(b) == 12
+        assert len(a) == len(b) == 6
         for sa, sb in zip(a, b, strict=True):
             if task == "tiny_mc":
                 np.testing.assert_allclose([float(r[0][0]) for r in sa["resps"]],
@@ -240,7 +240,7 @@ def test_converted_tasks_acc_equals_hilora_scoring(assets, hilora_lm, tmp_path):
     from hilora_jax.eval.tasks import mc_report, score_choices, write_jsonl
     from tests.eval_utils import mc_examples
 
-    examples = mc_examples(n_tasks=2, per_task=8, seed=3)
+    examples = mc_examples(n_tasks=2, per_task=5, seed=3)
     src = write_jsonl(examples, tmp_path / "ours.jsonl")
     names = convert_tasks(src, tmp_path / "lm")
     assert names == {"hilora_lora0": "lora0", "hilora_lora1": "lora1"}
@@ -291,7 +291,7 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
     assert lm.router.params["k"] == 2
     rng = np.random.default_rng(9)
     reqs = [Instance("loglikelihood", {}, (f"task{i % 5} q{i} " + _words(rng, 2, 8),
-                                           " " + _words(rng, 1, 4)), i) for i in range(9)]
+                                           " " + _words(rng, 1, 4)), i) for i in range(5)]
     ours = lm.loglikelihood(reqs)
     alone, budgets = [], set()
     for r in reqs:
