@@ -29,7 +29,12 @@ own command line unchanged::
 * ``dtype`` (float32 | bfloat16 | float16), ``mesh`` (``DATAxMODEL``, e.g. ``4x2``),
   ``batch_size`` (int; ``auto`` means 16 — no memory probing), ``max_length`` (default the
   model's ``max_position_embeddings``), ``max_gen_toks`` (default 256), ``add_bos_token``,
-  ``prefix_token_id``, ``seed`` (sampling).
+  ``prefix_token_id``, ``seed`` (sampling). ``device`` and ``max_batch_size``, which lm-eval's
+  command line always passes, are accepted; ``device`` is ignored (JAX places the arrays).
+
+Not yet: lm-eval's multi-process rank / world-size contract (one process sees every request;
+shard over devices with ``mesh``); stopping decoding early on stop *strings* (decoding stops at
+EOS or ``max_gen_toks``; the text is cut at the first stop string afterwards, same result).
 
 Routing is per request, from its context text alone: the sequence stage (embedding, Gaussian
 scores, candidate selection) runs once per distinct context on the host, the token stage runs

@@ -99,6 +99,10 @@ def _gen_requests(seed=2, n=7):
               "do_sample": False}
         out.append(Instance("generate_until", {}, (_words(rng, 2, 14), kw), i,
                             metadata=("task_a" if i % 2 else "task_b", i, 1)))
+    # context longer than max_length - max_gen_toks: left-truncated as the hf backend does
+    out.append(Instance("generate_until", {}, (_words(rng, 45, 46), {"until": ["w9"],
+                                                                     "max_gen_toks": 8}), n,
+                        metadata=("task_a", n, 1)))
     return out
 
 
