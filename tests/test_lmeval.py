@@ -153,6 +153,7 @@ def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
 
 def test_bad_model_args(assets):
     from hilora_jax.lmeval import HiLoRALM
+    from hilora_jax.lora.io import AdapterError
 
     _, model_dir, _ = assets
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour', 'temprature'\]"):
@@ -163,6 +164,17 @@ def test_bad_model_args(assets):
         HiLoRALM(model=str(model_dir), max_length=999)
     with pytest.raises(ValueError, match="adapter_map: 'nocolon' is not of the form"):
         HiLoRALM(model=str(model_dir), adapter_map="nocolon")
+    with pytest.raises(ValueError, match=r"adapter_map: adapter\(s\) not in the pool"):
+        HiLoRALM(model=str(model_dir), pool=str(assets[0] / "pool"), router="oracle",
+                 adapter_map="task_a:nope")
+    # a pool made for another model (wider MLP) is refused when loaded, naming the adapter
+    other = assets[0] / "other_model"
+    if not other.exists():
+        make_hf_model(other, seed=1, intermediate_size=24)
+        word_tokenizer(VOCAB).save_pretrained(str(other))
+    with pytest.raises(AdapterError, match=r"adapter 'all_r8_rslora': .*has shape \(8, 40\), "
+                       r"expected \(8, 24\)"):
+        HiLoRALM(model=str(other), pool=str(assets[0] / "pool"), router="oracle")
 
 
 def _write_tasks(root):
