@@ -1,0 +1,508 @@
+"""hilora-jax as an lm-evaluation-harness backend (`lm-eval>=0.4.13`, the `lmeval` extra).
+
+Importing this module registers the `LM` class `HiLoRALM` under the name ``hilora`` in lm-eval's
+model registry (lm-eval 0.4.13 has no plugin entry points for models: a model must be imported
+before it is looked up). Use it from Python::
+
+    import hilora_jax.lmeval  # registers "hilora"
+    lm_eval.simple_evaluate(model="hilora", model_args="model=smollm2,pool=pool/,router=hilora",
+                            tasks=[...])
+
+or from the shell through the thin wrapper, which registers the model and then runs lm-eval's
+own command line unchanged::
+
+    python -m hilora_jax.lmeval run --model hilora --model_args model=smollm2,pool=pool/ \\
+        --tasks arc_easy --include_path my_tasks/
+
+`model_args` (comma separated ``key=value``; unknown keys are refused in one line naming them):
+
+* ``model``: any source `hilora_jax.load_model` accepts (HF dir, hub id, .gguf, converted dir,
+  ``smollm2``); ``tokenizer``: a tokenizer source (default: the model's).
+* ``pool``: a pool manifest, a folder of PEFT adapter dirs or a saved pool dir (checked against the
+  model when loaded); ``router``: any `hilora_jax.routing.routers.ROUTERS` name (default ``base``
+  without a pool, ``hilora`` with one). Router options: ``router_options=k=v;k2=v2`` and/or
+  individual keys ``router.k=v``.
+* ``adapter_map``: lm-eval task name -> adapter name, as ``task:adapter;task2:adapter2`` or a JSON
+  file; the ``oracle`` router uses it per request (a task missing from it is an error).
+  ``protocol``: ``seen`` (default), ``unseen-within`` or ``unseen-cross`` (method doc §7): the
+  adapter mapped to a request's task (and, for unseen-cross, its cluster) is deactivated.
+* ``dtype`` (float32 | bfloat16 | float16), ``mesh`` (``DATAxMODEL``, e.g. ``4x2``),
+  ``batch_size`` (int; ``auto`` means 16 — no memory probing), ``max_length`` (default the
+  model's ``max_position_embeddings``), ``max_gen_toks`` (default 256), ``add_bos_token``,
+  ``prefix_token_id``, ``seed`` (sampling). ``device`` and ``max_batch_size``, which lm-eval's
+  command line always passes, are accepted; ``device`` is ignored (JAX places the arrays).
+
+Not yet: lm-eval's multi-process rank / world-size contract (one process sees every request;
+shard over devices with ``mesh``); stopping decoding early on stop *strings* (decoding stops at
+EOS or ``max_gen_toks``; the text is cut at the first stop string afterwards, same result).
+
+Routing is per request, from its context text alone: the sequence stage (embedding, Gaussian
+scores, candidate selection) runs once per distinct context on the host, the token stage runs
+inside the jitted forward. Requests are sorted by length and cut into fixed-size batches padded to
+length buckets (`inference.bucket_length`): one compiled program per (bucket, routing shape),
+no recompiles across requests of the same shape.
+
+Tokenisation and truncation follow lm-eval's ``hf`` backend exactly: context/continuation pairs
+are split as `TemplateLM._encode_pair` does (trailing context spaces move to the continuation);
+an empty context is replaced by ``prefix_token_id`` (BOS, else EOS). A log-likelihood request
+longer than ``max_length + 1`` tokens is *left-truncated*: the model sees the last ``max_length``
+tokens before each scored token (``(context + continuation)[-(max_length + 1):][:-1]``), with a
+warning; a continuation longer than ``max_length`` is an error. ``loglikelihood_rolling`` uses
+lm-eval's disjoint rolling windows of ``max_length`` tokens. ``generate_until`` left-truncates the
+context to ``max_length - max_gen_toks`` tokens; decoding is greedy unless ``do_sample`` /
+``temperature > 0`` (then temperature / top-p sampling with the PRNG key from ``seed``); the text
+is cut at the first stop sequence (``until`` plus the EOS string), as the hf backend does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (
+    handle_stop_sequences,
+    has_bos_prefix,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+)
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from hilora_jax import sharding as shd
+from hilora_jax.inference import Engine, bucket_length
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+KNOWN_ARGS = ("model", "pretrained", "tokenizer", "pool", "router", "router_options",
+              "adapter_map", "protocol", "dtype", "mesh", "batch_size", "max_batch_size",
+              "max_length", "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "device")
+GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
+AUTO_BATCH = 16
+
+
+def _parse_kv(s: str, sep: str, what: str) -> dict[str, str]:
+    out = {}
+    for part in (p.strip() for p in s.split(";")):
+        if not part:
+            continue
+        if sep not in part:
+            raise ValueError(f"hilora model_args {what}: {part!r} is not of the form "
+                             f"key{sep}value (entries separated by ';')")
+        k, v = part.split(sep, 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _parse_adapter_map(v) -> dict[str, str]:
+    if v is None or v == "":
+        return {}
+    if isinstance(v, dict):
+        return {str(k): str(a) for k, a in v.items()}
+    s = str(v)
+    if os.path.isfile(s):
+        try:
+            d = json.loads(Path(s).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"hilora model_args adapter_map: {s} is not valid JSON ({e})") from e
+        if not isinstance(d, dict):
+            raise ValueError(f"hilora model_args adapter_map: {s} must hold a JSON object "
+                             "{task: adapter}")
+        return {str(k): str(a) for k, a in d.items()}
+    return _parse_kv(s, ":", "adapter_map")
+
+
+def _parse_mesh(v):
+    if v is None or v == "":
+        return None
+    try:
+        d, m = (int(x) for x in str(v).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"hilora model_args mesh: {v!r} is not DATAxMODEL (e.g. 4x2)") from None
+    return shd.make_mesh(d, m)
+
+
+class _Scorer:
+    """Jitted log-likelihood of the last positions of left-padded rows, and greedy match.
+
+    Rows hold the model *input* (context + continuation minus its last token); `targets` holds
+    the next token at every position. Only the last `tail` positions go through the final norm
+    and LM head (`tail` >= the longest continuation of the batch)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._constrain = shd.make_constrain(engine.mesh)
+        self._fn = jax.jit(self._impl, static_argnames=("tail",))
+
+    def _impl(self, state, ids, mask, targets, tmask, lora, *, tail):
+        from flax import nnx
+
+        model = nnx.merge(self.engine.graphdef, state)
+        _, _, hidden = model(ids, mask, lora=lora, logits_at="none",
+                             hidden_layer=model.config.num_layers, constrain=self._constrain)
+        h = model.model.norm(hidden[:, -tail:])
+        logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
+                  else model.lm_head(h)).astype(jnp.float32)  # B K V
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        tgt = targets[:, -tail:]
+        lp = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
+        tm = tmask[:, -tail:]
+        greedy = jnp.all(jnp.where(tm, jnp.argmax(logits, axis=-1) == tgt, True), axis=1)
+        return jnp.sum(jnp.where(tm, lp, 0.0), axis=1), greedy
+
+    def _put(self, a):
+        mesh = self.engine.mesh
+        return jnp.asarray(a) if mesh is None else jax.device_put(
+            a, shd.batch_sharding(mesh, a.shape))
+
+    def __call__(self, ids, mask, targets, tmask, lora, tail):
+        out = self._fn(self.engine.state, *(self._put(a) for a in (ids, mask, targets, tmask)),
+                       lora, tail=tail)
+        return np.asarray(out[0]), np.asarray(out[1])
+
+
+@register_model("hilora")
+class HiLoRALM(TemplateLM):
+    """lm-eval `LM` over a hilora-jax model, optionally with a routed LoRA pool (module doc)."""
+
+    backend = "causal"
+
+    def __init__(self, model=None, pretrained=None, tokenizer=None, pool=None, router=None,
+                 router_options=None, adapter_map=None, protocol: str = "seen",
+                 dtype: str = "float32", mesh=None, batch_size=8, max_batch_size=None,
+                 max_length=None, max_gen_toks: int = 256, add_bos_token=None,
+                 prefix_token_id=None, seed: int = 0, device=None, **kwargs):
+        super().__init__()
+        ropts = {}
+        unknown = []
+        for k, v in kwargs.items():
+            if k.startswith("router."):
+                ropts[k[len("router."):]] = v
+            else:
+                unknown.append(k)
+        if unknown:
+            raise ValueError(f"hilora model_args: unknown key(s) {sorted(unknown)}; known: "
+                             f"{', '.join(KNOWN_ARGS)} and router.<option>")
+        src = model if model is not None else pretrained
+        if src is None:
+            raise ValueError("hilora model_args: `model` is required (any hilora_jax.load_model "
+                             "source)")
+        if str(dtype) not in DTYPES:
+            raise ValueError(f"hilora model_args dtype: {dtype!r} is not one of {sorted(DTYPES)}")
+        from hilora_jax.eval.runner import PROTOCOLS
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"hilora model_args protocol: {protocol!r} is not one of {PROTOCOLS}")
+        if isinstance(router_options, dict):
+            ropts = {**router_options, **ropts}
+        elif router_options:
+            ropts = {**_parse_kv(str(router_options), "=", "router_options"), **ropts}
+        if batch_size in (None, ""):
+            batch_size = 8
+        bs = str(batch_size)
+        if bs.startswith("auto"):
+            bs = str(max_batch_size or AUTO_BATCH)
+        try:
+            self._batch_size = int(bs)
+        except ValueError:
+            raise ValueError(f"hilora model_args batch_size: {batch_size!r} is not an integer or "
+                             "'auto'") from None
+        if self._batch_size < 1:
+            raise ValueError(f"hilora model_args batch_size must be >= 1, got {batch_size}")
+        self.adapter_map = _parse_adapter_map(adapter_map)
+        self.protocol = protocol
+        self.seed = int(seed)
+        self._max_gen_toks = int(max_gen_toks)
+        self.add_bos_token = add_bos_token
+        self.custom_prefix_token_id = prefix_token_id
+        mesh_ = _parse_mesh(mesh)
+
+        from hilora_jax.loading import load_model, load_tokenizer
+
+        self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else src)
+        self.engine = Engine(self.model, mesh=mesh_)
+        self.config = self.model.config
+        limit = self.config.max_position_embeddings
+        self._max_length = int(max_length) if max_length else limit
+        if self._max_length > limit:
+            raise ValueError(f"hilora model_args max_length={self._max_length} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        self.pool = None
+        if pool is not None:
+            from hilora_jax.lora.io import load_pool
+
+            self.pool = load_pool(pool, model=self.model, mesh=mesh_, progress=False)
+        rname = router or ("hilora" if self.pool is not None else "base")
+        if rname != "base" and self.pool is None:
+            raise ValueError(f"hilora model_args: router={rname!r} needs a `pool`")
+        from hilora_jax.routing.routers import build_router
+
+        self.router = build_router(rname, self.pool, options=ropts, model=self.model,
+                                   engine=self.engine, tokenizer=self.tokenizer)
+        if self.pool is not None:
+            bad = {t: a for t, a in self.adapter_map.items() if a not in self.pool.names}
+            if bad:
+                raise ValueError(f"hilora model_args adapter_map: adapter(s) not in the pool: "
+                                 f"{bad}; pool: {list(self.pool.names)}")
+        self._scorer = _Scorer(self.engine)
+
+    # -- lm-eval properties ------------------------------------------------------------
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        if self.custom_prefix_token_id is not None:
+            return int(self.custom_prefix_token_id)
+        if self.tokenizer.bos_token_id is not None:
+            return self.tokenizer.bos_token_id
+        return self.tokenizer.eos_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    @property
+    def max_gen_toks(self) -> int:
+        return self._max_gen_toks
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tokenizer, "name_or_path", "tokenizer").replace("/", "__")
+
+    def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None,
+                   **kwargs) -> list[int]:
+        # as lm-eval's hf backend: explicit flag, else add_bos_token, else the tokenizer default;
+        # no special tokens when the string already starts with BOS
+        kw = {}
+        if add_special_tokens is not None:
+            kw["add_special_tokens"] = add_special_tokens
+        elif self.add_bos_token is not None:
+            kw["add_special_tokens"] = self.add_bos_token
+        if add_special_tokens is None and has_bos_prefix(
+                string, self.tokenizer.decode(self.prefix_token_id)):
+            kw["add_special_tokens"] = False
+        enc = self.tokenizer.encode(string, **kw)
+        if left_truncate_len:
+            enc = enc[-left_truncate_len:]
+        return enc
+
+    def tok_decode(self, tokens, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # -- routing -------------------------------------------------------------------------
+    def _adapter_for(self, task: str | None) -> str:
+        if task not in self.adapter_map:
+            raise ValueError(f"hilora: task {task!r} has no adapter in adapter_map "
+                             f"({sorted(self.adapter_map)})")
+        return self.adapter_map[task]
+
+    def _active(self, task: str | None):
+        if self.pool is None or self.protocol == "seen":
+            return None
+        from hilora_jax.eval.runner import protocol_active
+
+        a = self._adapter_for(task)
+        return protocol_active(self.pool, a, self.pool.clusters.get(a), self.protocol)
+
+    def _route(self, texts: Sequence[str], tasks: Sequence[str | None], emb_cache: dict):
+        """Sequence-stage routing of one batch (rows share the batch's protocol view)."""
+        r = self.router
+        if self.pool is None or r.name == "base":
+            return None
+        kw = {}
+        active = self._active(tasks[0])
+        if active is not None:
+            kw["active"] = active
+        if hasattr(r, "embed"):
+            new = sorted({t for t in texts if t not in emb_cache})
+            if new:
+                for t, z in zip(new, r.embed(new), strict=True):
+                    emb_cache[t] = z
+            kw["embeddings"] = np.stack([emb_cache[t] for t in texts])
+        if r.name == "oracle":
+            names = [self._adapter_for(t) for t in tasks]
+            if active is not None:
+                names = [n if active[self.pool.index(n)] else None for n in names]
+            kw["adapter_names"] = names
+        return r.route(list(texts), **kw).hook
+
+    def _groups(self, items: Sequence, task_of) -> list[list[int]]:
+        """Indices grouped so that one batch never mixes protocol views."""
+        if self.pool is None or self.protocol == "seen":
+            return [list(range(len(items)))]
+        g: dict = defaultdict(list)
+        for i, it in enumerate(items):
+            g[task_of(it)].append(i)
+        return [g[k] for k in sorted(g, key=str)]
+
+    # -- log-likelihood ------------------------------------------------------------------
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        items = []
+        for req in requests:
+            context, continuation = req.args
+            if context == "":
+                cont = self.tok_encode(continuation, add_special_tokens=False)
+                ctx, cont = (([self.prefix_token_id], cont) if self.prefix_token_id != cont[0]
+                             else (cont[:1], cont[1:]))
+            else:
+                ctx, cont = self._encode_pair(context, continuation)
+            items.append((ctx, cont, context, getattr(req, "task_name", None)))
+        return self._score_items(items)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
+        """lm-eval's token-level entry: `((context, continuation), ctx_ids, cont_ids)` triples
+        (routed from the context string; no task, so not for oracle / protocols)."""
+        items = [(ctx, cont, (key[0] if key else "") or "", None) for key, ctx, cont in requests]
+        return self._score_items(items)
+
+    def _score_items(self, items) -> list[tuple[float, bool]]:
+        """items: (ctx_ids, cont_ids, route_text, task) -> [(logprob, is_greedy)]."""
+        res: list = [None] * len(items)
+        emb_cache: dict = {}
+        rows = []
+        for i, (ctx, cont, _, _) in enumerate(items):
+            if not cont:
+                raise ValueError(f"hilora: request {i} has an empty continuation")
+            if len(cont) > self.max_length:
+                raise ValueError(f"hilora: request {i}: continuation of {len(cont)} tokens is "
+                                 f"longer than max_length={self.max_length}")
+            full = list(ctx) + list(cont)
+            if len(full) > self.max_length + 1:
+                log.warning("hilora: request %d has %d tokens > max_length+1=%d; left-truncating "
+                            "the context", i, len(full), self.max_length + 1)
+                full = full[-(self.max_length + 1):]
+            rows.append(full)
+        bsz = self.batch_size
+        for group in self._groups(items, lambda it: it[3]):
+            order = sorted(group, key=lambda i: (-len(rows[i]), i))
+            for s in range(0, len(order), bsz):
+                idx = order[s:s + bsz]
+                n = len(idx)
+                pad_idx = idx + [idx[0]] * (bsz - n)  # fixed batch shape
+                t = bucket_length(max(len(rows[i]) - 1 for i in idx))
+                tail = min(t, bucket_length(max(len(items[i][1]) for i in idx)))
+                ids = np.zeros((bsz, t), np.int32)
+                tgt = np.zeros((bsz, t), np.int32)
+                mask = np.zeros((bsz, t), bool)
+                tmask = np.zeros((bsz, t), bool)
+                for r, i in enumerate(pad_idx):
+                    full = rows[i]
+                    m = len(full) - 1
+                    ids[r, t - m:] = full[:-1]
+                    tgt[r, t - m:] = full[1:]
+                    mask[r, t - m:] = True
+                    tmask[r, t - len(items[i][1]):] = True
+                hook = self._route([items[i][2] for i in pad_idx],
+                                   [items[i][3] for i in pad_idx], emb_cache)
+                lp, greedy = self._scorer(ids, mask, tgt, tmask, hook, tail)
+                for r, i in enumerate(idx):
+                    res[i] = (float(lp[r]), bool(greedy[r]))
+        return res
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        items, owner = [], []
+        for j, req in enumerate(requests):
+            (string,) = req.args
+            windows = map(make_disjoint_window, get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1))
+            for ctx, cont in windows:
+                items.append((ctx, cont, string, getattr(req, "task_name", None)))
+                owner.append(j)
+        out = [0.0] * len(requests)
+        for j, (lp, _) in zip(owner, self._score_items(items), strict=True):
+            out[j] += lp
+        return out
+
+    # -- generation ----------------------------------------------------------------------
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        res: list = [None] * len(requests)
+        groups: dict = defaultdict(list)
+        for i, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            extra = sorted(set(gen_kwargs) - set(GEN_KEYS) - {"max_new_tokens", "max_tokens",
+                                                              "max_completion_tokens"})
+            if extra:
+                raise ValueError(f"hilora generate_until: unsupported generation kwargs {extra} "
+                                 f"(supported: {', '.join(GEN_KEYS)})")
+            key = json.dumps(gen_kwargs, sort_keys=True, default=str)
+            task = getattr(req, "task_name", None)
+            gkey = (key, task) if (self.pool is not None and self.protocol != "seen") else (key,)
+            groups[gkey].append(i)
+        eos = self.tok_decode(self.eot_token_id, skip_special_tokens=False)
+        emb_cache: dict = {}
+        for gi, gkey in enumerate(sorted(groups)):
+            idx_all = groups[gkey]
+            raw = dict(requests[idx_all[0]].args[1])
+            kwargs = normalize_gen_kwargs(raw, self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_gen = int(kwargs.pop("max_gen_toks"))
+            # do_sample without a temperature samples at 1.0 (transformers' default);
+            # temperature 0 is greedy whatever do_sample says
+            temperature = float(kwargs.get("temperature") if "temperature" in raw
+                                else (1.0 if kwargs.get("do_sample") else 0.0))
+            greedy = not kwargs.get("do_sample") or temperature <= 0.0
+            max_ctx = self.max_length - max_gen
+            if max_ctx <= 0:
+                raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be less "
+                                 f"than max_length={self.max_length}")
+            enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx)
+                   for i in idx_all}
+            order = sorted(idx_all, key=lambda i: (-len(enc[i]), i))
+            bsz = self.batch_size
+            for s in range(0, len(order), bsz):
+                idx = order[s:s + bsz]
+                pad_idx = idx + [idx[0]] * (bsz - len(idx))
+                prompts = [enc[i] for i in pad_idx]
+                t = bucket_length(max(len(p) for p in prompts))
+                room = self.config.max_position_embeddings - bucket_length(max_gen)
+                if t > room >= max(len(p) for p in prompts):
+                    t = room
+                hook = self._route([requests[i].args[0] for i in pad_idx],
+                                   [getattr(requests[i], "task_name", None) for i in pad_idx],
+                                   emb_cache)
+                key = None if greedy else jax.random.fold_in(
+                    jax.random.fold_in(jax.random.key(self.seed), gi), s)
+                out = self.engine.generate(
+                    prompts, max_new_tokens=max_gen, temperature=0.0 if greedy else temperature,
+                    top_p=float(kwargs.get("top_p") or 1.0), key=key, lora=hook,
+                    pad_id=self.tokenizer.pad_token_id or 0, prompt_bucket=t)
+                for r, i in enumerate(idx):
+                    toks = out.tokens[r, :out.lengths[r]].tolist()
+                    res[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
+        return res
+
+    def get_model_info(self) -> dict:
+        return {"hilora_router": self.router.name,
+                "hilora_pool": list(self.pool.names) if self.pool is not None else [],
+                "hilora_protocol": self.protocol}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m hilora_jax.lmeval <lm-eval arguments>`: lm-eval's CLI with `hilora` registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

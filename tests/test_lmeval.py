@@ -1,0 +1,325 @@
+"""The `hilora` lm-eval backend against lm-eval's own `hf` backend on the same saved tiny llama.
+
+Offline: the model and tokenizer are written to a temp dir, tasks read local JSONL files
+(`dataset_path: json`). fp32 log-likelihoods agree to 1e-4, greedy generations are identical, and
+with a LoRA pool + the oracle router each request equals `hf` with that PEFT adapter loaded.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval", reason="needs the `lmeval` extra (lm-eval>=0.4.13)")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+
+from tests.eval_utils import word_tokenizer  # noqa: E402
+from tests.hf_utils import VOCAB, make_hf_model  # noqa: E402
+from tests.peft_utils import POOL_SPECS, make_pool_dirs  # noqa: E402
+
+MAX_LEN = 48
+SPECS = {"qv_r4": POOL_SPECS["qv_r4"], "all_r8_rslora": POOL_SPECS["all_r8_rslora"]}
+ADAPTER_MAP = {"task_a": "qv_r4", "task_b": "all_r8_rslora"}
+
+
+def _words(rng, lo, hi):
+    return " ".join(f"w{k}" for k in rng.integers(4, VOCAB, size=int(rng.integers(lo, hi))))
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lmeval")
+    model_dir = root / "model"
+    make_hf_model(model_dir, seed=3)
+    word_tokenizer(VOCAB).save_pretrained(str(model_dir))
+    pool = make_pool_dirs(model_dir, root / "pool", SPECS, seed=5)
+    return root, model_dir, pool
+
+
+@pytest.fixture(scope="module")
+def hilora_lm(assets):
+    from lm_eval.api.registry import get_model
+
+    import hilora_jax.lmeval  # noqa: F401  (registers "hilora")
+
+    _, model_dir, _ = assets
+    return get_model("hilora").create_from_arg_string(
+        f"model={model_dir},max_length={MAX_LEN}", {"batch_size": 4})
+
+
+def _hf(model_dir, **kw):
+    return HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=4,
+                max_length=MAX_LEN, **kw)
+
+
+def _ll_requests(seed=0, task="task_a", n=10):
+    rng = np.random.default_rng(seed)
+    reqs = [(_words(rng, 2, 12), " " + _words(rng, 1, 5)) for _ in range(n)]
+    reqs.append(("", "w7 w8 w9"))  # empty context: prefix token
+    reqs.append((_words(rng, 70, 71), " w5 w6"))  # longer than max_length: left-truncated
+    reqs.append((reqs[0][0] + " ", "w11"))  # trailing context space moves to the continuation
+    return [Instance("loglikelihood", {}, r, i, metadata=(task, i, 1)) for i, r in enumerate(reqs)]
+
+
+def _assert_ll_equal(ours, ref):
+    assert len(ours) == len(ref)
+    a = np.array([x[0] for x in ours])
+    b = np.array([x[0] for x in ref])
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+    assert [x[1] for x in ours] == [x[1] for x in ref]
+
+
+def test_loglikelihood_and_rolling_equal_hf(assets, hilora_lm):
+    _, model_dir, _ = assets
+    hf = _hf(model_dir)
+    reqs = _ll_requests()
+    ours, ref = hilora_lm.loglikelihood(reqs), hf.loglikelihood(reqs)
+    _assert_ll_equal(ours, ref)
+    rng = np.random.default_rng(1)
+    docs = [_words(rng, 3, 10), _words(rng, 60, 61), _words(rng, 130, 131)]  # 1, 2 and 3 windows
+    rr = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
+    np.testing.assert_allclose(hilora_lm.loglikelihood_rolling(rr), hf.loglikelihood_rolling(rr),
+                               atol=1e-4, rtol=0)
+    # sharded over a 4x2 (data x model) mesh of the 8 fake CPU devices: same numbers
+    from hilora_jax.lmeval import HiLoRALM
+
+    sharded = HiLoRALM(model=str(model_dir), mesh="4x2", max_length=MAX_LEN, batch_size=4)
+    _assert_ll_equal(sharded.loglikelihood(reqs), ours)
+
+
+def _gen_requests(seed=2, n=7):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        kw = {"until": ["w9"] if i % 2 else ["w13", "w21"], "max_gen_toks": 6 + (i % 3) * 5,
+              "do_sample": False}
+        out.append(Instance("generate_until", {}, (_words(rng, 2, 14), kw), i,
+                            metadata=("task_a" if i % 2 else "task_b", i, 1)))
+    # context longer than max_length - max_gen_toks: left-truncated as the hf backend does
+    out.append(Instance("generate_until", {}, (_words(rng, 45, 46), {"until": ["w9"],
+                                                                     "max_gen_toks": 8}), n,
+                        metadata=("task_a", n, 1)))
+    return out
+
+
+def test_generate_until_greedy_identical_to_hf(assets, hilora_lm):
+    _, model_dir, _ = assets
+    reqs = _gen_requests()
+    ours, ref = hilora_lm.generate_until(reqs), _hf(model_dir).generate_until(reqs)
+    assert ours == ref
+    assert any(len(s.split()) >= 3 for s in ours)  # not all empty / cut at once
+    # sampled: reproducible for a seed, different for another seed
+    sreqs = [Instance("generate_until", {}, (r.args[0], {"until": ["w9"], "max_gen_toks": 12,
+                                                         "do_sample": True, "temperature": 1.0}),
+                      i) for i, r in enumerate(reqs)]
+    s0 = hilora_lm.generate_until(sreqs)
+    assert hilora_lm.generate_until(sreqs) == s0
+    hilora_lm.seed = 1
+    try:
+        assert hilora_lm.generate_until(sreqs) != s0
+    finally:
+        hilora_lm.seed = 0
+
+
+def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
+    from hilora_jax.lmeval import HiLoRALM
+
+    _, model_dir, pool = assets
+    amap = ";".join(f"{t}:{a}" for t, a in ADAPTER_MAP.items())
+    lm = HiLoRALM(model=str(model_dir), pool=str(assets[0] / "pool"), router="oracle",
+                  adapter_map=amap, max_length=MAX_LEN, batch_size=4)
+    # the two tasks' requests interleaved: one batch routes each row to its own adapter
+    ra, rb = _ll_requests(seed=4, task="task_a", n=6), _ll_requests(seed=5, task="task_b", n=6)
+    mixed = [r for pair in zip(ra, rb, strict=True) for r in pair]
+    ours = lm.loglikelihood(mixed)
+    base = hilora_lm.loglikelihood(mixed)
+    ga = [g for g in _gen_requests(seed=6) if g.task_name == "task_a"]
+    ours_gen = lm.generate_until(ga)
+    for task, reqs in (("task_a", ra), ("task_b", rb)):
+        hf = _hf(model_dir, peft=pool[ADAPTER_MAP[task]])
+        _assert_ll_equal([ours[mixed.index(r)] for r in reqs], hf.loglikelihood(reqs))
+        if task == "task_a":
+            assert ours_gen == hf.generate_until(ga)
+    # the adapters change the numbers (a pass is not the base model passing twice)
+    assert np.max(np.abs(np.array([x[0] for x in ours]) - np.array([x[0] for x in base]))) > 1e-2
+    # unseen-within: each task's own adapter is deactivated, so the oracle falls back to the base
+    lm.protocol = "unseen-within"
+    _assert_ll_equal(lm.loglikelihood(mixed), base)
+
+
+def test_bad_model_args(assets):
+    from hilora_jax.lmeval import HiLoRALM
+    from hilora_jax.lora.io import AdapterError
+
+    _, model_dir, _ = assets
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['colour', 'temprature'\]"):
+        HiLoRALM(model=str(model_dir), temprature=1, colour="red")
+    with pytest.raises(ValueError, match="router='oracle' needs a `pool`"):
+        HiLoRALM(model=str(model_dir), router="oracle")
+    with pytest.raises(ValueError, match="max_length=999 exceeds"):
+        HiLoRALM(model=str(model_dir), max_length=999)
+    with pytest.raises(ValueError, match="adapter_map: 'nocolon' is not of the form"):
+        HiLoRALM(model=str(model_dir), adapter_map="nocolon")
+    with pytest.raises(ValueError, match=r"adapter_map: adapter\(s\) not in the pool"):
+        HiLoRALM(model=str(model_dir), pool=str(assets[0] / "pool"), router="oracle",
+                 adapter_map="task_a:nope")
+    # a pool made for another model (wider MLP) is refused when loaded, naming the adapter
+    other = assets[0] / "other_model"
+    if not other.exists():
+        make_hf_model(other, seed=1, intermediate_size=24)
+        word_tokenizer(VOCAB).save_pretrained(str(other))
+    with pytest.raises(AdapterError, match=r"adapter 'all_r8_rslora': .*has shape \(8, 40\), "
+                       r"expected \(8, 24\)"):
+        HiLoRALM(model=str(other), pool=str(assets[0] / "pool"), router="oracle")
+
+
+def _write_tasks(root):
+    rng = np.random.default_rng(7)
+    mc, gen = [], []
+    for _ in range(6):
+        choices = [_words(rng, 1, 4) for _ in range(3)]
+        mc.append({"question": _words(rng, 3, 9), "choices": choices,
+                   "answer": int(rng.integers(0, 3))})
+        gen.append({"question": _words(rng, 3, 9), "answer": _words(rng, 1, 3)})
+    d = root / "tasks"
+    d.mkdir(exist_ok=True)
+    for name, rows in (("mc", mc), ("gen", gen)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "tiny_mc.yaml").write_text(f"""task: tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    (d / "tiny_gen.yaml").write_text(f"""task: tiny_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'gen.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: answer
+generation_kwargs:
+  until: ["w9"]
+  max_gen_toks: 5
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    return d
+
+
+def test_simple_evaluate_through_registry_matches_hf(assets):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import hilora_jax.lmeval  # noqa: F401
+
+    root, model_dir, _ = assets
+    tm = TaskManager(include_path=str(_write_tasks(root)))
+    kw = dict(tasks=["tiny_mc", "tiny_gen"], task_manager=tm, log_samples=True, batch_size=4)
+    ours = lm_eval.simple_evaluate(model="hilora", model_args=f"model={model_dir},"
+                                   f"max_length={MAX_LEN}", **kw)
+    ref = lm_eval.simple_evaluate(model=_hf(model_dir), **kw)
+    for task, metrics in (("tiny_mc", ("acc,none", "acc_norm,none")),
+                          ("tiny_gen", ("exact_match,none",))):
+        for m in metrics:
+            assert ours["results"][task][m] == ref["results"][task][m], (task, m)
+        a, b = ours["samples"][task], ref["samples"][task]
+        assert len(a) == len(b) == 6
+        for sa, sb in zip(a, b, strict=True):
+            if task == "tiny_mc":
+                np.testing.assert_allclose([float(r[0][0]) for r in sa["resps"]],
+                                           [float(r[0][0]) for r in sb["resps"]], atol=1e-4)
+            else:
+                assert sa["resps"] == sb["resps"]
+
+
+def test_converted_tasks_acc_equals_hilora_scoring(assets, hilora_lm, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.tasks import mc_report, score_choices, write_jsonl
+    from tests.eval_utils import mc_examples
+
+    examples = mc_examples(n_tasks=2, per_task=5, seed=3)
+    src = write_jsonl(examples, tmp_path / "ours.jsonl")
+    names = convert_tasks(src, tmp_path / "lm")
+    assert names == {"hilora_lora0": "lora0", "hilora_lora1": "lora1"}
+    assert json.loads((tmp_path / "lm" / "adapter_map.json").read_text()) == names
+    res = lm_eval.simple_evaluate(model=hilora_lm, tasks=sorted(names), log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path / "lm")))
+    for n, task in names.items():
+        exs = [ex for ex in examples if ex.task == task]
+        scores = score_choices(hilora_lm.engine, exs, hilora_lm.tokenizer, batch_size=4)
+        assert res["results"][n]["acc,none"] == mc_report(exs, scores)["acc"]
+        samples = sorted(res["samples"][n], key=lambda s: s["doc_id"])
+        assert len(samples) == len(exs)
+        for s, sc in zip(samples, scores, strict=True):
+            np.testing.assert_allclose([float(r[0][0]) for r in s["resps"]], sc.logprob,
+                                       atol=1e-4)
+
+
+def test_convert_refuses_generation_and_bad_lines(tmp_path):
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.tasks import TaskFormatError
+
+    g = tmp_path / "gen.jsonl"
+    g.write_text(json.dumps({"prompt": "p", "target": "t", "task": "x", "cluster": "c",
+                             "metric": "em"}) + "\n")
+    with pytest.raises(ValueError, match="generation examples cannot be converted yet"):
+        convert_tasks(g, tmp_path / "out")
+    b = tmp_path / "bad.jsonl"
+    b.write_text(json.dumps({"prompt": "p", "choices": ["a", "b"], "anwser": 0, "task": "x",
+                             "cluster": "c"}) + "\n")
+    with pytest.raises(TaskFormatError, match=r"bad.jsonl:1: unknown key"):
+        convert_tasks(b, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # nothing written on failure
+
+
+def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, tmp_path):
+    """Batched, routed requests equal each request routed alone and scored by `Engine.score`."""
+    from hilora_jax.lmeval import HiLoRALM
+    from hilora_jax.lora.io import save_pool
+    from tests.routing_utils import random_pool
+
+    _, model_dir, _ = assets
+    pool, embedder, _ = random_pool(hilora_lm.config)
+    save_pool(pool, tmp_path / "pool")
+    lm = HiLoRALM.create_from_arg_obj(
+        {"model": str(model_dir), "pool": str(tmp_path / "pool"), "router": "hilora",
+         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN},
+        {"batch_size": 4})
+    assert lm.router.params["k"] == 2
+    rng = np.random.default_rng(9)
+    reqs = [Instance("loglikelihood", {}, (f"task{i % 5} q{i} " + _words(rng, 2, 8),
+                                           " " + _words(rng, 1, 4)), i) for i in range(5)]
+    ours = lm.loglikelihood(reqs)
+    alone, budgets = [], set()
+    for r in reqs:
+        ctx, cont = lm._encode_pair(*r.args)
+        routing = lm.router.route([r.args[0]])
+        budgets.add(tuple(routing.info["cand_idx"][0][routing.info["cand_valid"][0]].tolist()))
+        ids = np.asarray([ctx + cont], np.int32)
+        tm = np.zeros_like(ids, bool)
+        tm[0, len(ctx):] = True
+        total, _ = lm.engine.score(ids, np.ones_like(tm), tm, lora=routing.hook)
+        alone.append(float(np.asarray(total)[0]))
+    np.testing.assert_allclose([x[0] for x in ours], alone, atol=1e-4, rtol=0)
+    assert len(budgets) > 1  # requests really were routed differently
+    base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
+    assert np.max(np.abs(np.array(alone) - base)) > 1e-2
