@@ -343,5 +343,5 @@ def test_packed_and_auto_strategies_equal_dense_in_the_model(tiny):
                                       want_gen)
     n_compiled = eng._forward._cache_size()
     h2 = router.route(["task1 q3", "task3 q3", "nothing like it"]).hook.prepared("packed")
-    eng.forward(ids, mask, lora=h2)
+    eng.forward(ids, mask, lora=h2, trace=True)
     assert eng._forward._cache_size() == n_compiled

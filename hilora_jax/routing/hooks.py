@@ -173,22 +173,28 @@ def _packed_args(hook: HiLoRAHook) -> dict:
 
 
 # Relative cost of reading one weight float vs one multiply-add in `token_cost` (CPU decode is
-# bound by weight reads and copies; prefill by multiply-adds). Calibrated in
-# benchmarks/token_stage.py.
+# bound by weight reads and copies; prefill by multiply-adds), and the cost of a multiply-add in
+# `gathered`'s per-row batched matmuls relative to a plain matmul (XLA:CPU runs them ~3x slower
+# per multiply-add; accelerators batch them at full speed). Calibrated with
+# benchmarks/token_stage.py (profile section).
 READ_COST = 8.0
+BATCHED_MATMUL_COST = {"cpu": 3.0}
 
 
 def token_cost(strategy: str, *, b: int, t: int, c: int, a: int, r: int, p: int,
-               d: int, e: int) -> float:
+               d: int, e: int, backend: str | None = None) -> float:
     """Static cost model of one HiLoRA module call (multiply-adds + READ_COST x weights read).
 
     b batch, t tokens, c candidate slots, a pool adapters, r padded rank, p packed ROCs, d/e the
-    module's in/out dims. `gathered` reads B x C x R ROC rows (one copy per row, gathered then
-    read), `dense` A x R rows once, `packed` P rows once.
+    module's in/out dims, backend (default `jax.default_backend()`). `gathered` reads B x C x R
+    ROC rows (one copy per row, gathered then read) in per-row batched matmuls, `dense` A x R
+    rows once, `packed` P rows once.
     """
+    backend = jax.default_backend() if backend is None else backend
     rows = {"gathered": c * r, "dense": a * r, "packed": p}[strategy]
     reads = {"gathered": 2 * b * c * r, "dense": a * r, "packed": p}[strategy]
-    return float(b * t * rows * (d + e) + READ_COST * reads * (d + e))
+    flop = BATCHED_MATMUL_COST.get(backend, 1.0) if strategy == "gathered" else 1.0
+    return float(flop * b * t * rows * (d + e) + READ_COST * reads * (d + e))
 
 
 @struct.dataclass
