@@ -341,3 +341,34 @@ def test_pool_fingerprint_sees_every_element(tiny):
     changed = pool._replace(pool.arrays.replace(A={**pool.arrays.A, "down_proj": jnp.asarray(a)}))
     assert pool_fingerprint(changed) != fp
     assert pool_fingerprint(pool.subset(pool.names[1:])) != fp  # the active set counts
+
+
+def test_packed_and_auto_strategies_equal_dense_in_the_model(tiny):
+    """`packed` (valid ROCs packed by rank, one response matmul per shared input) and `auto`
+    give the dense reference's logits, routing trace and greedy tokens through the Engine
+    (prefill and cached decode), and new decisions never recompile."""
+    _, model, eng = tiny
+    pool, emb, _ = random_pool(model.config, seed=16)
+    texts = ["task0 q0", "task2 q5", "task4 q1"]
+    ids, mask = padded_batch(np.random.default_rng(1), (7, 4, 9), 9, vocab=64)
+    router = build_router("hilora", pool, options=dict(embedder=emb, strategy="dense",
+                                                       trim=False, max_candidates=4))
+    hook = router.route(texts).hook
+    want, want_aux = eng.forward(ids, mask, lora=hook, trace=True)
+    base = np.asarray(eng.forward(ids, mask))
+    assert np.abs(np.asarray(want) - base).max() > 1e-3, "routing must change the logits"
+    prompts = [list(r[m]) for r, m in zip(ids, mask, strict=True)]
+    want_gen = eng.generate(prompts, max_new_tokens=5, lora=hook).tokens
+    for strategy in ("packed", "auto"):
+        h = hook.prepared(strategy)
+        got, aux = eng.forward(ids, mask, lora=h, trace=True)
+        assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5, strategy
+        for k, v in want_aux.items():
+            if k != "attention_mask":
+                np.testing.assert_array_equal(np.asarray(aux[k]["fired"]), np.asarray(v["fired"]))
+        np.testing.assert_array_equal(eng.generate(prompts, max_new_tokens=5, lora=h).tokens,
+                                      want_gen)
+    n_compiled = eng._forward._cache_size()
+    h2 = router.route(["task1 q3", "task3 q3", "nothing like it"]).hook.prepared("packed")
+    eng.forward(ids, mask, lora=h2, trace=True)
+    assert eng._forward._cache_size() == n_compiled

@@ -391,3 +391,142 @@ def test_signed_zero_padding_invariance_and_vmap():
     for g in range(3):
         np.testing.assert_array_equal(batched.n_rocs[g], fn(s3[g]).n_rocs)
         np.testing.assert_array_equal(batched.cand_idx[g], fn(s3[g]).cand_idx)
+
+
+# ----------------------------------------------------------------------------- token stage hooks
+
+
+def _mixed_pool(rng, n_layers=2, d=6, f=10):
+    """Mixed ranks (1-9) and targets, one adapter without some layer, one inactive, a module no
+    adapter of this pool adapts at all (k_proj: all ROCs masked). Integer-valued A and x (and
+    half-integer B, scale), so every response is exact in float32: ties are exact, and the
+    strategies must pick the very same ROCs as the float64 reference."""
+    from hilora_jax.lora.pool import PoolArrays
+
+    ranks = [3, 8, 1, 8, 5, 9, 2]
+    targets = {0: ("q_proj", "v_proj"), 1: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj"),
+               2: ("q_proj", "v_proj"), 3: ("v_proj", "up_proj", "gate_proj", "down_proj"),
+               4: ("q_proj", "gate_proj", "up_proj", "o_proj"), 5: ("q_proj", "v_proj"),
+               6: ("down_proj", "v_proj")}
+    shapes = {"q_proj": (d, d), "k_proj": (d, 4), "v_proj": (d, 4), "o_proj": (d, d),
+              "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+    n, rmax = len(ranks), max(ranks)
+    A, B, S, M = {}, {}, {}, {}
+    for m, (di, do) in shapes.items():
+        mask = np.zeros((n_layers, n, rmax), bool)
+        for i, r in enumerate(ranks):
+            if m in targets[i] and m != "k_proj":
+                mask[:, i, :r] = True
+        mask[1, 3] = False  # adapter 3 has no ROCs at layer 1
+        if m == "q_proj":
+            mask[0, 4, 3:] = False  # adapter 4 has a lower rank at layer 0 of q_proj
+        A[m] = rng.integers(-2, 3, (n_layers, n, rmax, di)).astype(np.float32) * mask[..., None]
+        A[m][:, :, 1] = -A[m][:, :, 0]  # |u| ties between ROC 0 and 1 of every adapter
+        A[m] *= mask[..., None]
+        B[m] = (rng.integers(-4, 5, (n_layers, n, rmax, do)) / 2).astype(np.float32) * mask[..., None]
+        scale = np.where(np.arange(n) == 5, 16 / np.sqrt(9), 2.0)  # adapter 5: rsLoRA-like
+        S[m] = (np.broadcast_to(scale[None, :, None], mask.shape) * mask).astype(np.float32)
+        M[m] = mask
+    active = np.ones(n, bool)
+    active[2] = False
+    arrays = PoolArrays(A={m: jnp.asarray(v) for m, v in A.items()},
+                        B={m: jnp.asarray(v) for m, v in B.items()},
+                        scale={m: jnp.asarray(v) for m, v in S.items()},
+                        mask={m: jnp.asarray(v) for m, v in M.items()},
+                        ranks=jnp.asarray(ranks, jnp.int32), active=jnp.asarray(active))
+    return arrays, shapes
+
+
+def _reference_token_stage(arrays, layer, name, x, cand, valid, n_rocs, kap):
+    A = np.asarray(arrays.A[name][layer], np.float64)
+    B = np.asarray(arrays.B[name][layer], np.float64)
+    S = np.asarray(arrays.scale[name][layer], np.float64)
+    M = np.asarray(arrays.mask[name][layer]) & np.asarray(arrays.active)[:, None]
+    ranks = np.asarray(arrays.ranks)
+    out = np.zeros(x.shape[:2] + (B.shape[-1],))
+    fired = np.zeros(x.shape[:2] + (cand.shape[1],), int)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            for c in range(cand.shape[1]):
+                if not valid[b, c]:
+                    continue
+                i = cand[b, c]
+                n_mod = ref.per_module_count(int(n_rocs[b, c]), int(ranks[i]), int(M[i].sum()))
+                u = A[i] @ x[b, t]
+                keep = ref.topn_keep(u, n_mod, M[i])
+                fired[b, t, c] = len(keep)
+                for j in keep:
+                    out[b, t] += kap[b] * S[i, j] * u[j] * B[i, j]
+    return out, fired
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_token_stage_strategies_match_reference_mixed_pool(t):
+    """dense / gathered / packed / auto: identical gates and deltas (float64 reference) over a
+    pool of mixed ranks and targets with exact |u| ties, inactive and layer-less adapters,
+    candidate sets of different sizes (incl. an inactive candidate and an empty row)."""
+    from hilora_jax.routing.hooks import STRATEGIES, HiLoRAHook
+
+    rng = np.random.default_rng(41)
+    arrays, shapes = _mixed_pool(rng)
+    cand = np.array([[1, 3, 4, 5, 0, 6], [5, 2, 1, 0, 0, 0], [6, 4, 0, 0, 0, 0],
+                     [0, 0, 0, 0, 0, 0], [3, 6, 5, 4, 1, 0]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0],
+                      [0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    ranks = np.asarray(arrays.ranks)
+    n_rocs = np.where(valid, rng.integers(1, 10, cand.shape), 0)
+    n_rocs = np.minimum(n_rocs, ranks[cand]) * valid
+    kap = np.asarray(kappa(n_rocs, "sqrt"))
+    hook = HiLoRAHook(arrays, jnp.asarray(cand), jnp.asarray(valid), jnp.asarray(n_rocs),
+                      jnp.asarray(kap))
+    xs = {m: rng.integers(-3, 4, (cand.shape[0], t, d_in)).astype(np.float32)
+          for m, (d_in, _) in shapes.items()}
+    x_qkv = xs["q_proj"]  # q, k, v (and gate, up) read the same x in the model
+    xs["k_proj"] = xs["v_proj"] = x_qkv
+    xs["up_proj"] = xs["gate_proj"]
+    assert set(STRATEGIES) == {"dense", "gathered", "packed", "auto"}
+    packed = hook.prepared("packed")
+    assert packed.pack is hook.prepared("auto").pack  # packed once per pool
+    for layer in range(2):
+        want = {m: _reference_token_stage(arrays, layer, m, xs[m].astype(np.float64), cand,
+                                          valid, n_rocs, kap) for m in shapes}
+        assert want["q_proj"][1].sum() > 0 and want["k_proj"][1].sum() == 0
+        for strategy in STRATEGIES:
+            h = hook.prepared(strategy)
+
+            # one trace calls every module (the model's order): packed shares q/k/v and gate/up
+            @jax.jit
+            def run(h, xs, layer=layer):
+                return {m: h.with_aux(layer, m, xs[m]) for m in shapes}
+
+            got = run(h, xs)
+            for m in shapes:
+                delta, aux = got[m]
+                np.testing.assert_array_equal(np.asarray(aux["fired"]), want[m][1],
+                                              err_msg=f"{strategy} {m} layer {layer}")
+                np.testing.assert_allclose(np.asarray(delta), want[m][0], rtol=1e-6, atol=1e-4,
+                                           err_msg=f"{strategy} {m} layer {layer}")
+            # a module called alone (nothing shared) gives the same
+            alone = jax.jit(lambda h, x, layer=layer: h.with_aux(layer, "v_proj", x))(h, x_qkv)
+            np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(got["v_proj"][0]))
+
+
+def test_packed_needs_pack_and_auto_choice():
+    from hilora_jax.routing.hooks import HiLoRAHook, token_cost
+
+    rng = np.random.default_rng(5)
+    arrays, _ = _mixed_pool(rng)
+    hook = HiLoRAHook(arrays, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 3), bool),
+                      jnp.zeros((2, 3), jnp.int32), jnp.ones(2), strategy="packed")
+    with pytest.raises(ValueError, match="RocPack"):
+        hook(0, "q_proj", jnp.ones((2, 1, 6)))
+    with pytest.raises(ValueError, match="unknown strategy"):
+        hook.prepared("bogus")
+    # auto without a pack picks between dense and gathered; with a pack, packed wins here
+    # (7 adapters, P = 36 valid q ROCs vs C x R = 27 per row, but B x C x R = 54 rows read)
+    assert hook.replace(strategy="auto").choose("q_proj", (2, 1, 6)) in ("dense", "gathered")
+    assert hook.prepared("auto").choose("q_proj", (2, 1, 6)) == "packed"
+    costs = {s: token_cost(s, b=8, t=1, c=8, a=512, r=8, p=512 * 8, d=576, e=576)
+             for s in ("dense", "gathered", "packed")}
+    assert min(costs, key=costs.get) == "gathered"  # huge pool, few candidates

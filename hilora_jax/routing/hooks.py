@@ -10,9 +10,15 @@ D module input dim, E module output dim, L layers.
 
 * `HiLoRAHook`: method §3. For each candidate LoRA i of a sequence (from the sequence stage),
   `u_ij(t) = a_ij . x_t`; keep the n_i(module) largest |u| ROCs; delta =
-  `kappa * sum_i s_i sum_{j kept} u_ij b_ij`. Two strategies with identical outputs:
-  `dense` computes u over the whole pool `[B,T,A,R]` and masks (cost grows with A); `gathered`
-  first gathers each sequence's candidates `[B,C,R,D]` (cost independent of A).
+  `kappa * sum_i s_i sum_{j kept} u_ij b_ij`. Strategies with identical outputs:
+  `dense` (the reference path) computes u over the whole rank-padded pool `[B,T,A,R]` and masks
+  (cost grows with A); `gathered` first gathers each sequence's candidates `[B,C,R,D]` (cost
+  independent of A, but every row reads its own copy of C x R_max ROCs); `packed` computes u
+  once for the batch against the pool's valid ROCs packed without rank padding and grouped by
+  rank (`RocPack`, built on the host by `pack_rocs` / `HiLoRAHook.prepared`), selects per rank
+  group and does one dense `[P, E]` matmul for the B side (cost grows with the pool's *valid*
+  ROCs, independent of B x C); `auto` picks the cheapest of these per module call from static
+  shapes (`token_cost`).
 * `RocFixedHook`: token-level global top-`budget` ROCs over the whole pool (the "HiLoRA-ROC"
   baseline).
 * `ArrowHook`: Arrow (Ostapenko et al. 2024) exactly as PEFT's `ArrowLoraLinearLayer`: per token,
@@ -36,7 +42,7 @@ from hilora_jax.lora.pool import PoolArrays
 from hilora_jax.routing.sequence import per_module_counts
 from hilora_jax.routing.token import roc_fixed_gates, topn_gates
 
-STRATEGIES = ("dense", "gathered")
+STRATEGIES = ("dense", "gathered", "packed", "auto")
 
 
 def _layer(arrays: PoolArrays, name: str, layer: int):
@@ -55,31 +61,232 @@ class _Hook:
         return None if out is None else out[0]
 
 
+# Modules the model calls with the same input `x` (attention: q, k, v; MLP: gate, up): `packed`
+# computes their responses with one matmul against the concatenated packs.
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+@struct.dataclass
+class RocPack:
+    """A pool's valid ROCs per module without rank padding, grouped by rank (`packed` strategy).
+
+    Per module m (present in the pool), one array per layer (a list of L arrays: slicing a
+    stacked `[L, ...]` array inside the decode loop copies it every step): `B[m][l] [P_m, E]`,
+    `w[m][l] [P_m]` (s_ij where the ROC exists at that layer, else 0) and `valid[m][l] [P_m]`.
+    The input side `A[key][l] [P_key, D]` is stored per *input* (`inputs`: `((key, ((m, offset, P_m), ...)), ...)`, static): modules
+    that share their input (`SHARED_INPUT`) are concatenated along P, so their responses are one
+    matmul. `groups` (static): `((m, ((r, adapters), ...)), ...)`; each group is a block of
+    `len(adapters) * r` consecutive ROCs of m, adapter `adapters[k]`'s ROC j at
+    `block_offset + k * r + j`, where r is the adapter's largest rank of m over layers (layers
+    where it has fewer ROCs are masked by `valid`). Adapters that never adapt m are left out.
+    Only `arrays.active` is read at run time, so one pack serves every protocol view of the pool.
+    """
+
+    A: dict
+    B: dict
+    w: dict
+    valid: dict
+    groups: tuple = struct.field(pytree_node=False, default=())
+    inputs: tuple = struct.field(pytree_node=False, default=())
+
+    def module_groups(self, name: str) -> tuple:
+        for m, g in self.groups:
+            if m == name:
+                return g
+        raise KeyError(name)
+
+    def module_input(self, name: str) -> tuple[str, tuple]:
+        """`(key, ((m, offset, P_m), ...))` of the input that module `name` reads."""
+        for key, members in self.inputs:
+            if any(m == name for m, _, _ in members):
+                return key, members
+        raise KeyError(name)
+
+    def module_A(self, name: str, layer: int) -> Array:
+        """`[P_m, D]` input side of module `name` at `layer` (a slice of its input's pack)."""
+        key, members = self.module_input(name)
+        _, off, p = next(mm for mm in members if mm[0] == name)
+        return self.A[key][layer][off:off + p]
+
+
+_PACK_CACHE: dict = {}
+
+
+def pack_rocs(arrays: PoolArrays) -> RocPack:
+    """Build (on the host, from concrete pool arrays) the `RocPack` of `arrays`.
+
+    Cached per pool (the same A/B/scale/mask array objects give the same pack), so routing many
+    batches packs once; the packed arrays are gathered on the pool's devices.
+    """
+    leaves = [d[m] for d in (arrays.A, arrays.B, arrays.scale, arrays.mask) for m in sorted(d)]
+    if any(isinstance(v, jax.core.Tracer) for v in leaves):
+        raise ValueError("pack_rocs needs concrete pool arrays (call it outside jax.jit, e.g. "
+                         "HiLoRAHook.prepared() on the host)")
+    key = tuple(id(v) for v in leaves)
+    hit = _PACK_CACHE.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], leaves, strict=True)):
+        return hit[1]
+    A_m, B, W, V, groups = {}, {}, {}, {}, []
+    for m in arrays.modules:
+        mask = np.asarray(arrays.mask[m])  # L A R
+        mr = mask.sum(-1).max(0)  # A: largest module rank over layers
+        grp, ai, ji = [], [], []
+        for r in sorted({int(v) for v in mr if v > 0}):
+            ads = tuple(int(a) for a in np.flatnonzero(mr == r))
+            grp.append((r, ads))
+            ai += [a for a in ads for _ in range(r)]
+            ji += [j for _ in ads for j in range(r)]
+        ai, ji = np.asarray(ai, np.int32), np.asarray(ji, np.int32)
+        n_layers = mask.shape[0]
+        A_m[m] = jnp.asarray(arrays.A[m])[:, ai, ji]  # L P D
+        b_m = jnp.asarray(arrays.B[m])[:, ai, ji]  # L P E
+        B[m] = [b_m[li] for li in range(n_layers)]
+        w_m = np.where(mask, np.asarray(arrays.scale[m], np.float32), 0.0)[:, ai, ji]  # L P
+        W[m] = [jnp.asarray(w_m[li]) for li in range(n_layers)]
+        V[m] = [jnp.asarray(mask[li, ai, ji]) for li in range(n_layers)]
+        groups.append((m, tuple(grp)))
+    A, inputs, done = {}, [], set()
+    for m in arrays.modules:
+        if m in done:
+            continue
+        shared = next((g for g in SHARED_INPUT if m in g), (m,))
+        members = [mm for mm in shared if mm in A_m]
+        offs, off = [], 0
+        for mm in members:
+            offs.append((mm, off, int(A_m[mm].shape[1])))
+            off += int(A_m[mm].shape[1])
+        a_cat = (jnp.concatenate([A_m[mm] for mm in members], axis=1) if len(members) > 1
+                 else A_m[m])  # L P_key D
+        A[m] = [a_cat[li] for li in range(a_cat.shape[0])]
+        inputs.append((m, tuple(offs)))
+        done.update(members)
+    pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=tuple(inputs))
+    if len(_PACK_CACHE) >= 4:
+        _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
+    _PACK_CACHE[key] = (leaves, pack)
+    return pack
+
+
+@jax.jit
+def _packed_args(hook: HiLoRAHook) -> dict:
+    return hook._packed_inputs()
+
+
+# Relative cost of reading one weight float vs one multiply-add in `token_cost` (CPU decode is
+# bound by weight reads and copies; prefill by multiply-adds), and the cost of a multiply-add in
+# `gathered`'s per-row batched matmuls relative to a plain matmul (XLA:CPU runs them ~3x slower
+# per multiply-add; accelerators batch them at full speed). Calibrated with
+# benchmarks/token_stage.py (profile section).
+READ_COST = 8.0
+BATCHED_MATMUL_COST = {"cpu": 3.0}
+
+
+def token_cost(strategy: str, *, b: int, t: int, c: int, a: int, r: int, p: int,
+               d: int, e: int, backend: str | None = None) -> float:
+    """Static cost model of one HiLoRA module call (multiply-adds + READ_COST x weights read).
+
+    b batch, t tokens, c candidate slots, a pool adapters, r padded rank, p packed ROCs, d/e the
+    module's in/out dims, backend (default `jax.default_backend()`). `gathered` reads B x C x R
+    ROC rows (one copy per row, gathered then read) in per-row batched matmuls, `dense` A x R
+    rows once, `packed` P rows once.
+    """
+    backend = jax.default_backend() if backend is None else backend
+    rows = {"gathered": c * r, "dense": a * r, "packed": p}[strategy]
+    reads = {"gathered": 2 * b * c * r, "dense": a * r, "packed": p}[strategy]
+    flop = BATCHED_MATMUL_COST.get(backend, 1.0) if strategy == "gathered" else 1.0
+    return float(flop * b * t * rows * (d + e) + READ_COST * reads * (d + e))
+
+
 @struct.dataclass
 class HiLoRAHook(_Hook):
+    """HiLoRA token stage over a batch's sequence decisions (module docstring: strategies).
+
+    `pack` is needed by `packed` (and lets `auto` choose it): build it with `prepared()` on the
+    host. Valid candidate slots of a row must hold distinct adapters (as `sequence_decisions`
+    gives them).
+    """
+
     arrays: PoolArrays
     cand_idx: Int[Array, "B C"]
     cand_valid: Bool[Array, "B C"]
     n_rocs: Int[Array, "B C"]  # adapter-level allotment n_i (sequence stage)
     kappa: Float[Array, " B"]
+    pack: RocPack | None = None
+    # per module: (n [L x [B, K]] per packed adapter, valid [L x [P]], kappa * s * valid
+    # [L x [B, P]]), derived from the decisions by `prepared()` so the decode loop only runs
+    # the responses, the selection and the B side
+    packed_args: dict | None = None
     strategy: str = struct.field(pytree_node=False, default="gathered")
     topn_method: str = struct.field(pytree_node=False, default="pairwise")
+
+    def prepared(self, strategy: str | None = None) -> HiLoRAHook:
+        """This hook with its pool's `RocPack` attached (host side; cached per pool) and,
+        optionally, another strategy. `packed` and `auto` use the pack; the others ignore it."""
+        strategy = self.strategy if strategy is None else strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+        pack = self.pack if self.pack is not None else pack_rocs(self.arrays)
+        h = self.replace(pack=pack, strategy=strategy, packed_args=None)
+        if strategy not in ("packed", "auto"):
+            return h
+        return h.replace(packed_args=_packed_args(h))
+
+    def _packed_inputs(self) -> dict:
+        """`packed_args` (see the field), traced once per decision shapes by `prepared()`."""
+        pk = self.pack
+        idx, cv = self.cand_idx, self.cand_valid
+        num_a = self.arrays.num_adapters
+        slot_of = (idx[..., None] == jnp.arange(num_a)) & cv[..., None]  # B C A
+        out = {}
+        for m, groups in pk.groups:
+            order = np.asarray([a for _, ads in groups for a in ads], np.int32)  # K
+            owner = np.asarray([a for r, ads in groups for a in ads for _ in range(r)], np.int32)
+            act_p = self.arrays.active[owner]  # P
+            n_l, v_l, w_l = [], [], []
+            for layer in range(len(pk.valid[m])):
+                mask_l = self.arrays.mask[m][layer] & self.arrays.active[:, None]
+                n_mod = self._n_module(mask_l)  # B C
+                # adapter-level counts [B, A] (valid slots hold distinct adapters)
+                n_ad = jnp.sum(jnp.where(slot_of, n_mod[..., None], 0), axis=1)
+                n_l.append(n_ad[:, order])  # B K
+                v = pk.valid[m][layer] & act_p
+                v_l.append(v)
+                w_l.append(jnp.where(v, pk.w[m][layer], 0.0)[None] * self.kappa[:, None])  # B P
+            out[m] = (n_l, v_l, w_l)
+        return out
+
+    def choose(self, name: str, x_shape) -> str:
+        """The strategy used for module `name` with input shape `x_shape` (static)."""
+        if self.strategy != "auto":
+            return self.strategy
+        b, t, d = x_shape
+        a, r, e = (self.arrays.A[name].shape[1], self.arrays.A[name].shape[2],
+                   self.arrays.B[name].shape[-1])
+        c = self.cand_idx.shape[1]
+        p = self.pack.B[name][0].shape[0] if self.pack is not None else None
+        options = ("dense", "gathered") + (("packed",) if p is not None else ())
+        costs = {s: token_cost(s, b=b, t=t, c=c, a=a, r=r, p=p or 0, d=d, e=e) for s in options}
+        return min(options, key=lambda s: (costs[s], s != "packed"))
 
     def with_aux(self, layer: int, name: str, x: Float[Array, "B T D"]):
         if name not in self.arrays.A:
             return None
+        strategy = self.choose(name, x.shape)
+        if strategy not in STRATEGIES[:3]:
+            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
+        if strategy == "packed":
+            return self._packed(layer, name, x)
         A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
         idx = self.cand_idx
+        n_mod = self._n_module(mask_l)
         valid_c = mask_l[idx] & self.cand_valid[..., None]  # B C R
-        module_rank = valid_c.sum(-1).astype(jnp.int32)  # B C
-        n_mod = per_module_counts(self.n_rocs, self.arrays.ranks[idx], module_rank)  # B C
-        if self.strategy == "gathered":
+        if strategy == "gathered":
             A_c = A_l[idx]  # B C R D
             u = jnp.einsum("BTD,BCRD->BTCR", x, A_c.astype(x.dtype))
             g = topn_gates(u, n_mod, valid_c, method=self.topn_method)  # B T C R
             coef = u * g * (w_l[idx] * valid_c).astype(u.dtype)[:, None]  # B T C R
             delta = jnp.einsum("BTCR,BCRE->BTE", coef, B_l[idx].astype(x.dtype))
-        elif self.strategy == "dense":
+        else:  # dense
             u_all = jnp.einsum("BTD,ARD->BTAR", x, A_l.astype(x.dtype))  # B T A R
             u = jnp.take_along_axis(u_all, idx[:, None, :, None], axis=2)  # B T C R
             g = topn_gates(u, n_mod, valid_c, method=self.topn_method)  # B T C R
@@ -87,11 +294,74 @@ class HiLoRAHook(_Hook):
             g_all = jnp.einsum("BTCR,BCA->BTAR", g, onehot)  # B T A R
             delta = jnp.einsum("BTAR,ARE->BTE", u_all * g_all * w_l.astype(u.dtype),
                                B_l.astype(x.dtype))
-        else:
-            raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
         delta = delta * self.kappa[:, None, None].astype(delta.dtype)
-        fired = g.sum(-1).astype(jnp.int8)  # B T C: ROCs fired per candidate and token
-        return delta, {"fired": fired, "n_module": n_mod}
+        # B T C: ROCs fired per candidate and token
+        return delta, {"fired": g.sum(-1).astype(jnp.int8), "n_module": n_mod}
+
+    def _n_module(self, mask_l):
+        """Per-module ROC counts `[B, C]` of the candidates (sequence stage's n_i rescaled)."""
+        idx = self.cand_idx
+        module_rank = jnp.where(self.cand_valid, mask_l.sum(-1)[idx], 0).astype(jnp.int32)  # B C
+        return per_module_counts(self.n_rocs, self.arrays.ranks[idx], module_rank)
+
+    def _packed(self, layer: int, name: str, x):
+        """u against the packed ROCs once per batch (one matmul for all modules that read this
+        `x`: the model calls q, k, v, and gate, up, with the same input; the others' results are
+        kept for their calls in this trace, keyed on the identity of `x`); top-n per rank group;
+        one `[B, T, P] x [P, E]` matmul. Non-candidate adapters get n = 0 (no ROC fires)."""
+        if self.pack is None:
+            raise ValueError("strategy 'packed' needs the pool's RocPack: use hook.prepared() on "
+                             "the host before jit")
+        memo = self.__dict__.setdefault("_shared_input_memo", {})
+        hit = memo.pop((layer, name), None)
+        if hit is not None and hit[0] is x:
+            return hit[1]
+        pk = self.pack
+        key, members = pk.module_input(name)
+        u_all = jnp.einsum("BTD,PD->BTP", x, pk.A[key][layer].astype(x.dtype))  # B T P_key
+        out = None
+        for m, off, p in members:
+            res = self._packed_module(layer, m, u_all[..., off:off + p], x.dtype)
+            if m == name:
+                out = res
+            else:
+                memo[(layer, m)] = (x, res)
+        return out
+
+    def _packed_module(self, layer: int, name: str, u, dtype):
+        pk = self.pack
+        groups = pk.module_groups(name)
+        b, t, _ = u.shape
+        num_a = self.arrays.num_adapters
+        idx, cv = self.cand_idx, self.cand_valid
+        n_mod = self._n_module(self.arrays.mask[name][layer] & self.arrays.active[:, None])
+        args = self.packed_args if self.packed_args is not None else self._packed_inputs()
+        n_l, v_l, w_l = (z[layer] for z in args[name])  # B K, P, B P (kappa * s * valid)
+        coefs, fired_g, order = [], [], []
+        off = koff = 0
+        for r, ads in groups:
+            k = len(ads)
+            sl = slice(off, off + k * r)
+            ug = u[..., sl].reshape(b, t, k, r)
+            vg = v_l[sl].reshape(k, r)
+            gg = topn_gates(ug, n_l[:, koff:koff + k], jnp.broadcast_to(vg, (b, k, r)),
+                            method=self.topn_method)  # B T k r
+            wg = w_l[:, sl].reshape(b, 1, k, r).astype(u.dtype)
+            coefs.append((ug * gg * wg).reshape(b, t, k * r))
+            fired_g.append(gg.sum(-1))  # B T k
+            order += list(ads)
+            off += k * r
+            koff += k
+        if coefs:
+            coef = jnp.concatenate(coefs, -1) if len(coefs) > 1 else coefs[0]
+            delta = jnp.einsum("BTP,PE->BTE", coef, pk.B[name][layer].astype(dtype))
+            fired_ad = jnp.zeros((b, t, num_a), u.dtype).at[..., np.asarray(order)].set(
+                jnp.concatenate(fired_g, -1))
+            fired = jnp.take_along_axis(fired_ad, idx[:, None, :], axis=2) * cv[:, None]
+        else:  # no adapter of the pool adapts this module
+            delta = jnp.zeros((b, t, pk.B[name][layer].shape[-1]), dtype)
+            fired = jnp.zeros((b, t, idx.shape[1]), dtype)
+        return delta, {"fired": fired.astype(jnp.int8), "n_module": n_mod}
 
 
 @struct.dataclass
