@@ -164,7 +164,9 @@ def test_full_budget_over_all_candidates_equals_dense_sum(tiny):
     ids, mask = padded_batch(np.random.default_rng(1), (6, 6), 6, vocab=64)
     a = np.asarray(eng.forward(ids, mask, lora=routing.hook))
     b = np.asarray(eng.forward(ids, mask, lora=GatedHook(pool.arrays, jnp.ones((2, n)))))
-    assert np.abs(a - b).max() <= 1e-5
+    # fp32, relative to the logit scale: the default `auto` (packed) strategy sums the ROCs in
+    # another order than the dense mixture (measured 1.3e-5 on logits up to ~2.6)
+    assert np.abs(a - b).max() <= 1e-5 * max(1.0, float(np.abs(b).max()))
 
 
 def test_single_lora_pool_with_full_budget_is_that_lora(tiny):

@@ -327,7 +327,7 @@ class HiLoRARouter(_EmbeddingRouter):
                  kappa: str | None = None, rule: str | None = None, floor: float | None = None,
                  margin: float | None = None, full_at: float | None = None,
                  allocation: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
-                 strategy: str = "gathered", min_budget: int = 1, pca_dim: int | None = None,
+                 strategy: str = "auto", min_budget: int = 1, pca_dim: int | None = None,
                  trim: bool = True, embedder=None, **options):
         super().__init__(pool, embedder=embedder, **options)
         if preset not in PRESETS:
@@ -409,6 +409,8 @@ class HiLoRARouter(_EmbeddingRouter):
         c = trim_slots(info["n_rocs"]) if self.trim else info["n_rocs"].shape[1]
         hook = HiLoRAHook(arr, dec.cand_idx[:, :c], dec.cand_valid[:, :c], dec.n_rocs[:, :c], kap,
                           strategy=self.strategy)
+        if self.strategy in ("packed", "auto"):
+            hook = hook.prepared()  # the pool's packed ROCs (cached) + decisions folded per ROC
         info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap),
                     rule=self.params["rule"])
         if cal is not None:
