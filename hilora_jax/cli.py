@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-resume", action="store_true")
     ev.set_defaults(fn=cmd_eval)
 
+    from hilora_jax.aot import add_aot_args, cmd_aot
+
+    ao = sub.add_parser("aot", help="compile prefill/decode ahead of time for a TPU slice: memory, roofline")
+    add_aot_args(ao)
+    ao.set_defaults(fn=cmd_aot)
+
     from hilora_jax.train import add_train_lora_args
 
     tr = sub.add_parser("train-lora", help="train one LoRA on a task with optax; writes PEFT")

@@ -64,22 +64,61 @@ def attention_mask(
     return mask
 
 
+# Query-chunked attention: scores are materialised for at most this many (batch x head x query x
+# key) elements at once (fp32), so a long prompt never holds the whole [B, N, T, S] score tensor.
+ATTN_SCORE_BUDGET = 1 << 26
+
+
+def _attention_block(qg, k, v, mask, scale):
+    """qg `[B, T, K, G, H]`, mask `[B, T, S]` -> `[B, T, K, G, H]` (HF eager numerics)."""
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # B K G T S
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+
+def attention_chunk(b: int, n: int, t: int, s: int, budget: int = ATTN_SCORE_BUDGET) -> int:
+    """Queries per block: all `t` when `b*n*t*s <= budget`, else the largest power of two
+    (>= 16) that keeps one block's scores under the budget."""
+    if b * n * t * s <= budget:
+        return t
+    c = 16
+    while c * 2 * b * n * s <= budget and c * 2 < t:
+        c *= 2
+    return c
+
+
 def dot_product_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
     v: Float[Array, "B S K H"],
     mask: Bool[Array, "B T S"],
+    *,
+    chunk: int | None = None,
 ) -> Float[Array, "B T N H"]:
-    """Grouped-query attention (MHA when K == N, MQA when K == 1), HF eager numerics."""
+    """Grouped-query attention (MHA when K == N, MQA when K == 1), HF eager numerics.
+
+    Long prompts are processed in blocks of `chunk` queries (default `attention_chunk`): each
+    block's softmax sees every key, so the result is the same computation per query row; only the
+    peak memory of the fp32 scores drops from `[B, N, T, S]` to `[B, N, chunk, S]`.
+    """
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    s, kh = k.shape[1], k.shape[2]
+    scale = h**-0.5
     qg = q.reshape(b, t, kh, n // kh, h)  # B T K G H  (q head = k*G + g, as HF repeat_kv)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # B K G T S
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    c = chunk or attention_chunk(b, n, t, s)
+    if c >= t:
+        return _attention_block(qg, k, v, mask, scale).reshape(b, t, n, h)
+    nc = -(-t // c)
+    pad = nc * c - t
+    qp = jnp.pad(qg, ((0, 0), (0, pad), (0, 0), (0, 0), (0, 0)))
+    mp = jnp.pad(mask, ((0, 0), (0, pad), (0, 0)))
+    qb = jnp.moveaxis(qp.reshape(b, nc, c, kh, n // kh, h), 1, 0)  # nc B c K G H
+    mb = jnp.moveaxis(mp.reshape(b, nc, c, s), 1, 0)  # nc B c S
+    out = jax.lax.map(lambda qm: _attention_block(qm[0], k, v, qm[1], scale), (qb, mb))
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nc * c, n, h)  # B T' N H
+    return out[:, :t]
 
 
 def swiglu(gate: Array, up: Array) -> Array:
