@@ -506,7 +506,15 @@ def analyze(spec: AotSpec, *, log=None) -> dict:
                                             cache_size=cache_size, mesh=mesh)
             else:
                 lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
-            compiled = lowered.compile()
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # the compiler's own out-of-memory verdict is a result
+                msg = str(e)
+                if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+                    raise
+                v["error"] = f"{prog}: " + msg.strip().splitlines()[0][:300]
+                log(f"  {r:<13} {prog:<11} does not fit: {v['error']}")
+                break
             secs = time.perf_counter() - t0
             colls = collectives(compiled.as_text())
             cost = _cost(compiled)
@@ -530,16 +538,19 @@ def analyze(spec: AotSpec, *, log=None) -> dict:
                 entry["measured_s"] = _time(compiled, args, donate_cache=prog == "decode_step")
             log(f"  {r:<13} {prog:<11} compiled in {secs:5.1f}s")
             v[prog] = entry
-        peak = max(v["prefill"]["memory"]["total"], v["decode_step"]["memory"]["total"])
-        v["peak_bytes"] = peak
-        v["fits"] = None if hbm is None else bool(peak <= hbm)
-        v["margin_bytes"] = None if hbm is None else int(hbm - peak)
+        if "error" in v:
+            v.update(fits=False, peak_bytes=None, margin_bytes=None)
+        else:
+            peak = max(v["prefill"]["memory"]["total"], v["decode_step"]["memory"]["total"])
+            v["peak_bytes"] = peak
+            v["fits"] = None if hbm is None else bool(peak <= hbm)
+            v["margin_bytes"] = None if hbm is None else int(hbm - peak)
         variants[r] = v
 
     base = variants["base"]
     ratios = {}
     for r, v in variants.items():
-        if r == "base":
+        if r == "base" or "error" in v or "error" in base:
             continue
         ratios[r] = {
             "prefill_flops": v["prefill"]["flops"] / base["prefill"]["flops"],
@@ -553,6 +564,16 @@ def analyze(spec: AotSpec, *, log=None) -> dict:
             ratios[r]["decode_measured"] = v["decode_step"]["measured_s"] / \
                 base["decode_step"]["measured_s"]
     main = variants[routers[-1]]
+    if "error" in main:
+        return {"model": spec.name, "topology": spec.topology, "devices": n_dev,
+                "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype, "batch": b,
+                "prompt": spec.prompt, "new": spec.new, "cache_size": cache_size,
+                "pool": pool_desc, "router": routers[-1], "hbm_bytes": hbm,
+                "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
+                "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev},
+                "fits": False, "error": main["error"], "margin_bytes": None, "memory": None,
+                "prefill": main.get("prefill"), "decode_step": main.get("decode_step"),
+                "collectives": [], "variants": variants, "ratios": ratios}
     return {
         "model": spec.name, "topology": spec.topology,
         "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
@@ -608,6 +629,9 @@ def format_table(rep: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r, v in rep["variants"].items():
+        if "error" in v:
+            lines.append(f"| {r} | NO (compiler: {v['error'][:80]}) | - | - | - | - | - | - | - |")
+            continue
         p, d = v["prefill"], v["decode_step"]
         fits = "-" if v["fits"] is None else ("yes" if v["fits"] else "NO")
         ratio = rep["ratios"].get(r, {}).get("decode_roofline")

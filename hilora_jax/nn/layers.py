@@ -78,9 +78,10 @@ def _attention_block(qg, k, v, mask, scale):
     return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
 
-def attention_chunk(b: int, n: int, t: int, s: int, budget: int = ATTN_SCORE_BUDGET) -> int:
-    """Queries per block: all `t` when `b*n*t*s <= budget`, else the largest power of two
-    (>= 16) that keeps one block's scores under the budget."""
+def attention_chunk(b: int, n: int, t: int, s: int, budget: int | None = None) -> int:
+    """Queries per block: all `t` when `b*n*t*s <= budget` (default `ATTN_SCORE_BUDGET`, read at
+    trace time), else the largest power of two (>= 16) that keeps one block's scores under it."""
+    budget = ATTN_SCORE_BUDGET if budget is None else budget
     if b * n * t * s <= budget:
         return t
     c = 16
