@@ -29,7 +29,8 @@ CONFIGS = [f"{t}:{b}" for t in ("v5e-8", "v6e-8", "v5e-1") for b in (8, 32, 1)]
 MODEL, N, RANK, TARGETS, PROMPT, NEW = "llama-2-7b", 50, 8, ("q_proj", "v_proj"), 2048, 128
 
 
-def run_one(topology: str, batch: int, routers, *, unchunked: bool = False) -> dict:
+def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
+            hlo_dir: str | None = None) -> dict:
     from hilora_jax import aot
     from hilora_jax.nn import layers
 
@@ -41,7 +42,7 @@ def run_one(topology: str, batch: int, routers, *, unchunked: bool = False) -> d
         layers.ATTN_SCORE_BUDGET = 1 << 62
     try:
         t0 = time.perf_counter()
-        rep = aot.analyze(spec, log=lambda s: print(s, flush=True))
+        rep = aot.analyze(spec, log=lambda s: print(s, flush=True), hlo_dir=hlo_dir)
         rep["wall_s"] = round(time.perf_counter() - t0, 1)
     finally:
         layers.ATTN_SCORE_BUDGET = old
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--before", nargs="*", default=[], help="slice:batch to also compile with "
                     "the old unchunked attention (base only)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "aot"))
+    ap.add_argument("--hlo-dir", default=None, help="also keep each compiled HLO text here")
     ap.add_argument("--redo", action="store_true", help="recompile entries already in the JSON")
     args = ap.parse_args(argv)
     import json
@@ -161,7 +163,9 @@ def main(argv=None) -> int:
             continue
         topo, batch = key.split(":")
         print(f"== {section} {key}", flush=True)
-        rep = run_one(topo, int(batch), ("base",) if unchunked else routers, unchunked=unchunked)
+        hlo_dir = None if args.hlo_dir is None else str(Path(args.hlo_dir) / f"{section}_{key}")
+        rep = run_one(topo, int(batch), ("base",) if unchunked else routers, unchunked=unchunked,
+                      hlo_dir=hlo_dir)
         results[section][key] = rep
         results["machine"] = machine_info()
         write_json(path_json, results)

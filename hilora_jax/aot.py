@@ -461,7 +461,7 @@ def check_spec(spec: AotSpec) -> None:
                        f"model's max_position_embeddings={spec.cfg.max_position_embeddings}")
 
 
-def analyze(spec: AotSpec, *, log=None) -> dict:
+def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     """Compile prefill and one decode step for every router in `spec.routers` (base first) and
     return the report (see the module docstring; `format_table` prints it)."""
     check_spec(spec)
@@ -516,7 +516,11 @@ def analyze(spec: AotSpec, *, log=None) -> dict:
                 log(f"  {r:<13} {prog:<11} does not fit: {v['error']}")
                 break
             secs = time.perf_counter() - t0
-            colls = collectives(compiled.as_text())
+            hlo = compiled.as_text()
+            if hlo_dir is not None:
+                Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+                (Path(hlo_dir) / f"{r}_{prog}.hlo.txt").write_text(hlo)
+            colls = collectives(hlo)
             cost = _cost(compiled)
             coll_bytes = float(sum(c["bytes"] for c in colls))
             entry = {**cost, **roofline(cost["flops"], cost["bytes"], coll_bytes, chip),
