@@ -348,6 +348,78 @@ def collectives(hlo: str) -> list[dict]:
     return out
 
 
+_INST = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+_LAYOUT_SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\](\{[^}]*\})?")
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "copy-done",
+               "slice-done", "after-all", "partition-id", "replica-id", "opt-barrier",
+               "all-reduce-done", "all-gather-done", "collective-permute-done", "send-done",
+               "recv-done", "async-done"}
+
+
+def _arrays(type_str: str) -> list[tuple[int, bool]]:
+    """`(bytes, in_alternate_memory)` of each array in an HLO type (layout `S(n)`, n > 0: on-chip
+    memory such as TPU VMEM, not HBM)."""
+    out = []
+    for dt, dims, lay in _LAYOUT_SHAPE.findall(type_str):
+        n = math.prod(int(x) for x in dims.split(",") if x) * _DTYPE_BYTES.get(dt, 4)
+        ms = re.search(r"S\((\d+)\)", lay or "")
+        out.append((int(n), bool(ms) and ms.group(1) != "0"))
+    return out
+
+
+def _hbm(type_str: str) -> int:
+    return sum(n for n, alt in _arrays(type_str) if not alt)
+
+
+def hbm_traffic(hlo: str) -> tuple[int, dict[str, int]]:
+    """Estimated HBM bytes one run of a compiled TPU program moves, from its HLO: every kernel of
+    the entry computation reads its HBM-resident operands and writes its HBM-resident results;
+    in-place updates (aliased operands, e.g. the KV cache write) count only their update; gathers
+    and dynamic slices count at most their result per operand; prefetches and evictions between
+    HBM and on-chip memory (`copy-start` / `slice-start`) count once. XLA's own "bytes accessed"
+    also counts on-chip reads and writes of those copies, so it overstates HBM traffic on TPU.
+    Ops inside loops are counted once (the programs here have none). Returns (bytes, by kind)."""
+    comps = {m.group(1): m.group(2) for m in
+             re.finditer(r"^%(\S+) .*?\{\n(.*?)^\}", hlo, re.S | re.M)}
+    start = hlo.find("\nENTRY")
+    if start < 0:
+        return 0, {}
+    entry = hlo[start:]
+    entry = entry[: entry.find("\n}") if "\n}" in entry else len(entry)]
+    types: dict[str, str] = {}
+    total, parts = 0, {}
+    for line in entry.splitlines()[1:]:
+        m = _INST.match(line)
+        if not m:
+            continue
+        name, typ, op, rest = m.groups()
+        types[name] = typ
+        if op in _NO_TRAFFIC:
+            continue
+        opnds = [o for o in re.findall(r"%([\w.\-]+)", rest.split("), ")[0]) if o in types]
+        if op in ("copy-start", "slice-start"):
+            arrs = _arrays(typ)  # slice-start: ((source), slice, ctx); copy-start: (dst, src, ctx)
+            b = (arrs[1][0] if op == "slice-start" and len(arrs) > 1
+                 else min(n for n, _ in arrs[:2]))
+        else:
+            called = re.search(r"calls=%([\w.\-]+)", line)
+            body = comps.get(called.group(1), "") if called else ""
+            gathers = op in ("gather", "dynamic-slice") or " gather(" in body or \
+                " dynamic-slice(" in body
+            alias = re.search(r'"aliasing_operands":\{"lists":\[\{"indices":\["(\d+)"', line)
+            out_b = 0 if alias else _hbm(typ)
+            b = out_b
+            for i, o in enumerate(opnds):
+                if alias and int(alias.group(1)) == i:
+                    continue
+                ob = _hbm(types[o])
+                b += min(ob, sum(n for n, _ in _arrays(typ))) if gathers else ob
+            op = "in-place update" if alias else op
+        total += b
+        parts[op] = parts.get(op, 0) + b
+    return int(total), parts
+
+
 def summarize_collectives(items: list[dict]) -> list[dict]:
     kinds: dict[str, dict] = {}
     for c in items:
@@ -536,6 +608,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
             else:
                 entry["attention_flops"] = attn_flops
                 entry["attention_share"] = attn_flops / entry["flops"] if entry["flops"] else None
+            add_hbm_estimate(entry, hlo, chip)
             if spec.topology == LOCAL and spec.time_local:
                 args = (_zeros_like(state), _zeros_like(ids if prog == "prefill" else tok),
                         _zeros_like(mask if prog == "prefill" else cache), _zeros_like(hook))
@@ -551,22 +624,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
             v["margin_bytes"] = None if hbm is None else int(hbm - peak)
         variants[r] = v
 
-    base = variants["base"]
-    ratios = {}
-    for r, v in variants.items():
-        if r == "base" or "error" in v or "error" in base:
-            continue
-        ratios[r] = {
-            "prefill_flops": v["prefill"]["flops"] / base["prefill"]["flops"],
-            "prefill_bytes": v["prefill"]["bytes"] / base["prefill"]["bytes"],
-            "decode_bytes": v["decode_step"]["bytes"] / base["decode_step"]["bytes"],
-            "prefill_roofline": _ratio(v["prefill"]["roofline_s"], base["prefill"]["roofline_s"]),
-            "decode_roofline": _ratio(v["decode_step"]["roofline_s"],
-                                      base["decode_step"]["roofline_s"]),
-        }
-        if "measured_s" in v["decode_step"]:
-            ratios[r]["decode_measured"] = v["decode_step"]["measured_s"] / \
-                base["decode_step"]["measured_s"]
+    ratios = compute_ratios(variants)
     main = variants[routers[-1]]
     if "error" in main:
         return {"model": spec.name, "topology": spec.topology, "devices": n_dev,
@@ -594,6 +652,40 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
                         for c in main[p]["collectives"]],
         "variants": variants, "ratios": ratios,
     }
+
+
+def add_hbm_estimate(entry: dict, hlo: str, chip: Chip | None) -> dict:
+    """Add the HLO-based HBM traffic estimate (`hbm_traffic`) and its roofline to a program's
+    entry (which has `flops`, `collective_bytes` and, for a decode step, `min_bytes`)."""
+    hbm_est, parts = hbm_traffic(hlo)
+    est = roofline(entry["flops"], hbm_est, entry["collective_bytes"], chip)
+    entry.update(hbm_bytes_est=float(hbm_est), hbm_parts=parts,
+                 roofline_hbm_s=est["roofline_s"], bound_hbm=est["bound"])
+    if "min_bytes" in entry:
+        entry["hbm_over_min"] = hbm_est / entry["min_bytes"]
+    return entry
+
+
+def compute_ratios(variants: dict) -> dict:
+    """Routed / base ratios of every variant that compiled."""
+    base = variants["base"]
+    out = {}
+    for r, v in variants.items():
+        if r == "base" or "error" in v or "error" in base:
+            continue
+        p, d, bp, bd = v["prefill"], v["decode_step"], base["prefill"], base["decode_step"]
+        out[r] = {
+            "prefill_flops": p["flops"] / bp["flops"], "prefill_bytes": p["bytes"] / bp["bytes"],
+            "decode_bytes": d["bytes"] / bd["bytes"],
+            "decode_hbm_bytes": _ratio(d.get("hbm_bytes_est"), bd.get("hbm_bytes_est")),
+            "prefill_roofline": _ratio(p["roofline_s"], bp["roofline_s"]),
+            "decode_roofline": _ratio(d["roofline_s"], bd["roofline_s"]),
+            "prefill_roofline_hbm": _ratio(p.get("roofline_hbm_s"), bp.get("roofline_hbm_s")),
+            "decode_roofline_hbm": _ratio(d.get("roofline_hbm_s"), bd.get("roofline_hbm_s")),
+        }
+        if "measured_s" in d:
+            out[r]["decode_measured"] = d["measured_s"] / bd["measured_s"]
+    return out
 
 
 def _ratio(a, b):
@@ -629,7 +721,8 @@ def format_table(rep: dict) -> str:
         f"{_gib(rep['per_device']['pool'])} GiB",
         "",
         "| router | fits (margin GiB) | peak GiB | prefill ms (bound) | attn share | decode ms (bound) "
-        "| decode bytes/min | decode vs base | collectives (decode) |",
+        "| decode bytes/min: XLA / HBM est. | decode vs base: XLA / HBM est. "
+        "| collectives (decode) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r, v in rep["variants"].items():
@@ -639,6 +732,7 @@ def format_table(rep: dict) -> str:
         p, d = v["prefill"], v["decode_step"]
         fits = "-" if v["fits"] is None else ("yes" if v["fits"] else "NO")
         ratio = rep["ratios"].get(r, {}).get("decode_roofline")
+        ratio_h = rep["ratios"].get(r, {}).get("decode_roofline_hbm")
         colls = ", ".join(f"{c['kind']} x{c['count']} ({c['bytes'] / 2**20:.1f} MiB)"
                           for c in d["collectives"]) or "none"
         if d["weight_gathers"]:
@@ -648,8 +742,10 @@ def format_table(rep: dict) -> str:
         lines.append(
             f"| {r} | {fits} ({_gib(v['margin_bytes'])}) | {_gib(v['peak_bytes'])} | "
             f"{_ms(p['roofline_s'])} ({p['bound'] or '-'}) | "
-            f"{share} | {_ms(d['roofline_s'])} ({d['bound'] or '-'}){meas} | {d['bytes_over_min']:.3f} | "
-            f"{'-' if ratio is None else f'{ratio:.3f}x'} | {colls} |")
+            f"{share} | {_ms(d['roofline_s'])} ({d['bound'] or '-'}){meas} | "
+            f"{d['bytes_over_min']:.3f} / {d['hbm_over_min']:.3f} | "
+            f"{'-' if ratio is None else f'{ratio:.3f}x'} / "
+            f"{'-' if ratio_h is None else f'{ratio_h:.3f}x'} | {colls} |")
     return "\n".join(lines)
 
 

@@ -8,6 +8,13 @@ routing decisions never recompile.
 Generation left-pads prompts into fixed length buckets (so new prompt lengths reuse compiled
 code), prefills a KV cache, and decodes inside one `jax.lax.while_loop` (greedy, or temperature /
 top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token.
+
+The two stages are module-level pure functions, `prefill` and `decode_step` (graph definition and
+mesh static): `Engine.generate` composes exactly them, `Engine.prefill` / `Engine.decode_step` run
+them alone (`prefill_jit`, `decode_step_jit`, the cache donated), and `hilora aot`
+(`hilora_jax.aot`) lowers the same jitted functions with abstract, sharded arguments. With a mesh
+the KV cache carries the rules table's sharding (`kv_cache_sharding`: batch over `data`, kv heads
+over `model`) and is kept in the model's dtype.
 """
 
 from __future__ import annotations

@@ -222,3 +222,29 @@ def test_chunked_attention_matches_transformers(hf_tiny, monkeypatch):
     valid = mask.astype(bool)
     assert np.abs(chunked - ref)[valid].max() <= 1e-4
     assert np.abs(chunked - whole)[valid].max() <= 1e-5
+
+
+def test_hbm_traffic_estimate_counts_kernels_prefetches_and_in_place_updates():
+    hlo = """HloModule m
+
+%fused_computation.1 (p0: bf16[100,64], p1: s32[8]) -> bf16[8,64] {
+  %p0 = bf16[100,64]{1,0} parameter(0)
+  %p1 = s32[8]{0} parameter(1)
+  ROOT %gather.1 = bf16[8,64]{1,0} gather(%p0, %p1), offset_dims={1}
+}
+
+ENTRY %main (param.0: bf16[100,64], param.1: s32[8], param.2: bf16[8,16,64]) -> bf16[8,16,64] {
+  %param.0 = bf16[100,64]{1,0} parameter(0)
+  %param.1 = s32[8]{0} parameter(1)
+  %param.2 = bf16[8,16,64]{2,1,0} parameter(2)
+  %gf = bf16[8,64]{1,0} fusion(%param.0, %param.1), kind=kLoop, calls=%fused_computation.1
+  %cs = (bf16[8,16,64]{2,1,0:S(1)}, bf16[8,16,64]{2,1,0}, u32[]) copy-start(%param.2)
+  %cd = bf16[8,16,64]{2,1,0:S(1)} copy-done(%cs)
+  ROOT %dus = bf16[8,16,64]{2,1,0:S(1)} fusion(%cd, %gf), kind=kLoop, calls=%fc.2, backend_config={"aliasing_operands":{"lists":[{"indices":["0","1"]}]}}
+}
+"""
+    total, parts = aot.hbm_traffic(hlo)
+    # gather: its result (1 KiB) + at most that much of the table + the indices; the prefetch of
+    # the 16 KiB cache once; the in-place update writes only its 1 KiB update (read from HBM)
+    assert parts == {"fusion": 1024 + 1024 + 32, "copy-start": 16384, "in-place update": 1024}
+    assert total == sum(parts.values())
