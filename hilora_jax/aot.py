@@ -14,7 +14,8 @@ Report (table + JSON, see `analyze`): per-device memory of each program (argumen
 aliased, temporaries, code) against the chip's HBM; flops and bytes from XLA's cost analysis; a
 roofline time `max(flops / peak, bytes / HBM bandwidth, collective bytes / ICI bandwidth)`; the
 decode step's bytes divided by the minimum it must read (weights + KV cache + the LoRA slots it
-uses, each once, per device); the collectives of the compiled HLO; routed / base ratios.
+uses, each once, per device; an untied embedding table counts only the rows gathered); the
+collectives of the compiled HLO; routed / base ratios.
 
 Environment: libtpu must never look for a cloud metadata server on a machine that is not a TPU VM.
 On a host with no TPU chips, `topology_devices` sets `TPU_SKIP_MDS_QUERY=1` (and quiet defaults for
@@ -560,6 +561,10 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
 
     weights_dev = sum(_device_bytes(a) for a in jax.tree.leaves(state))
     kv_dev = sum(_device_bytes(a) for a in (*cache.k, *cache.v))
+    # an untied embedding table is only gathered (B rows per step), never read whole
+    emb = state["model"]["embed_tokens"]["embedding"].get_value()
+    emb_unread = 0 if cfg.tie_word_embeddings else \
+        _device_bytes(emb) - min(b, cfg.vocab_size) * cfg.hidden_size * dtype.itemsize
     pool_dev = sum(_device_bytes(a) for a in (*pool_arrays.A.values(), *pool_arrays.B.values()))
     hbm = chip.hbm_bytes if chip is not None else _local_hbm(devices[0])
     wshapes = weight_shapes(state, pool_arrays)
@@ -603,7 +608,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
                      "compile_s": round(secs, 2)}
             if prog == "decode_step":
                 lora_min = pool_dev * slots / pool_arrays.num_adapters if slots else 0
-                entry["min_bytes"] = float(weights_dev + kv_dev + lora_min)
+                entry["min_bytes"] = float(weights_dev - max(emb_unread, 0) + kv_dev + lora_min)
                 entry["bytes_over_min"] = entry["bytes"] / entry["min_bytes"]
             else:
                 entry["attention_flops"] = attn_flops
@@ -632,7 +637,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
                 "prompt": spec.prompt, "new": spec.new, "cache_size": cache_size,
                 "pool": pool_desc, "router": routers[-1], "hbm_bytes": hbm,
                 "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
-                "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev},
+                "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev,
+                       "embedding_not_read": max(emb_unread, 0)},
                 "fits": False, "error": main["error"], "margin_bytes": None, "memory": None,
                 "prefill": main.get("prefill"), "decode_step": main.get("decode_step"),
                 "collectives": [], "variants": variants, "ratios": ratios}
@@ -643,7 +649,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         "weights": str(dtype), "batch": b, "prompt": spec.prompt, "new": spec.new,
         "prompt_bucket": t, "cache_size": cache_size, "pool": pool_desc,
         "router": routers[-1], "hbm_bytes": hbm,
-        "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev},
+        "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev,
+                       "embedding_not_read": max(emb_unread, 0)},
         "fits": main["fits"], "margin_bytes": main["margin_bytes"],
         "memory": {"prefill": main["prefill"]["memory"],
                    "decode_step": main["decode_step"]["memory"], "peak": main["peak_bytes"]},
