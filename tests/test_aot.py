@@ -47,8 +47,7 @@ def tpu_report(tiny_cfg_file):
 
 
 def test_tiny_model_compiles_for_tpu_and_fits(tpu_report):
-    rep, secs = tpu_report
-    assert secs < 120, f"compiling for v5e-8 took {secs:.0f}s"
+    rep, _ = tpu_report  # (no timed assert: the four compiles take ~15 s on an idle 2-core host)
     assert rep["chip"]["name"] == "v5e" and rep["devices"] == 8
     assert set(rep["variants"]) == {"base", "hilora"}
     for r, v in rep["variants"].items():
@@ -64,7 +63,11 @@ def test_tiny_model_compiles_for_tpu_and_fits(tpu_report):
             assert e["weight_gathers"] == [], (r, prog, e["weight_gathers"])
         # the decode step donates its cache: the new cache aliases the old one
         assert v["decode_step"]["memory"]["alias"] >= rep["per_device"]["kv_cache"]
-        assert v["decode_step"]["min_bytes"] >= rep["per_device"]["weights"]
+        pd = rep["per_device"]
+        assert v["decode_step"]["min_bytes"] >= pd["weights"] - pd["embedding_not_read"] + \
+            pd["kv_cache"]
+        assert 0 < pd["embedding_not_read"] < pd["weights"]  # untied: only B rows are gathered
+        assert v["decode_step"]["hbm_bytes_est"] > 0 and v["decode_step"]["hbm_over_min"] > 0
     # the routed step does strictly more work than the base step
     assert rep["ratios"]["hilora"]["prefill_flops"] > 1.0
     assert rep["ratios"]["hilora"]["decode_bytes"] >= 1.0
