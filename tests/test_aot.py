@@ -47,7 +47,7 @@ def tpu_report(tiny_cfg_file):
 
 
 def test_tiny_model_compiles_for_tpu_and_fits(tpu_report):
-    rep, _ = tpu_report  # (no timed assert: the four compiles take ~15 s on an idle 2-core host)
+    rep, _ = tpu_report  # compile time is reported by the benchmark, never asserted
     assert rep["chip"]["name"] == "v5e" and rep["devices"] == 8
     assert set(rep["variants"]) == {"base", "hilora"}
     for r, v in rep["variants"].items():
