@@ -140,7 +140,8 @@ def render(results: dict) -> str:
             ["config", "hilora/base decode time", "hilora/base decode bytes",
              "decode bytes/min base / hilora", "prefill bound", "attention share of prefill flops"],
             goals)]
-    lines += ["", f"Command: `{results['command']}`", ""]
+    cmds = [c for c in dict.fromkeys(results.get("commands", [results["command"]])) if c]
+    lines += ["", "Commands:", "", *[f"    {c}" for c in cmds], ""]
     return "\n".join(lines)
 
 
@@ -152,6 +153,7 @@ def main(argv=None) -> int:
                     "the old unchunked attention (base only)")
     ap.add_argument("--out", default=str(RESULTS_DIR / "aot"))
     ap.add_argument("--hlo-dir", default=None, help="also keep each compiled HLO text here")
+    ap.add_argument("--merge", nargs="*", default=[], help="fold in other runs' JSON files")
     ap.add_argument("--refresh", action="store_true", help="only recompute the HLO-based "
                     "estimates from --hlo-dir and re-render")
     ap.add_argument("--redo", action="store_true", help="recompile entries already in the JSON")
@@ -162,7 +164,13 @@ def main(argv=None) -> int:
     path_json, path_md = out.with_suffix(".json"), out.with_suffix(".md")
     results = (json.loads(path_json.read_text()) if path_json.exists()
                else {"configs": {}, "before": {}})
+    for other in args.merge:  # results of runs made in parallel (separate --out files)
+        extra = json.loads(Path(other).read_text())
+        for section in ("configs", "before"):
+            results.setdefault(section, {}).update(extra.get(section, {}))
+        results.setdefault("commands", []).extend(extra.get("commands", [extra.get("command")]))
     results["command"] = command_line()
+    results.setdefault("commands", []).append(results["command"])
     routers = ("base", *[r for r in args.routers.split(",") if r])
     todo = [("configs", k, False) for k in (args.only if args.only is not None else CONFIGS)]
     todo += [("before", k, True) for k in args.before]
