@@ -62,6 +62,16 @@ def render(results: dict) -> str:
     for rep in results["configs"].values():
         v = rep["variants"]
         base, hil = v.get("base", {}), v.get("hilora", {})
+        if not hil and base and "error" not in base:  # base only (e.g. an attention check)
+            bp, bd = base["prefill"], base["decode_step"]
+            rows.append([rep["topology"], rep["batch"], "(base only)",
+                         f"{_ms(bp['roofline_hbm_s'])} ({bp['bound_hbm']})",
+                         f"{bp['attention_share'] * 100:.1f}%",
+                         f"{_ms(bd['roofline_hbm_s'])} ({bd['bound_hbm']})", "-", "-",
+                         f"{bd['hbm_over_min']:.3f} / -", f"- / {bd['bytes_over_min']:.2f} / -",
+                         ", ".join(f"{c['kind']} x{c['count']}" for c in bd["collectives"])
+                         or "none", len(bd["weight_gathers"]) + len(bp["weight_gathers"])])
+            continue
         if "error" in base or "error" in hil or not base:
             err = base.get("error") or hil.get("error")
             rows.append([rep["topology"], rep["batch"], f"NO ({err[:60]})", *["-"] * 9])
