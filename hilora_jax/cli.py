@@ -394,6 +394,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_aot(args) -> int:
+    from hilora_jax.aot import cmd_aot as run
+
+    return run(args)
+
+
 def cmd_train_lora(args) -> int:
     from hilora_jax.train import train_lora_cli
 
@@ -478,6 +484,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                     help="start jax.distributed with JAX's cluster auto-detection (TPU pods, "
                          "SLURM); without it, multi-host needs HILORA_COORDINATOR, "
                          "HILORA_NUM_PROCESSES and HILORA_PROCESS_ID")
+
+    ao = add("aot", cmd_aot, "compile prefill/decode ahead of time for a TPU slice or the "
+                             "local backend: memory, flops, roofline, collectives")
+    if argv is None or "aot" in argv:  # its flags live in aot.py (imports jax)
+        from hilora_jax.aot import add_aot_args
+
+        add_aot_args(ao)
 
     tr = add("train-lora", cmd_train_lora, "train one LoRA on a task with optax; writes PEFT")
     if argv is None or "train-lora" in argv:  # its flags live in train.py (heavy imports)

@@ -8,6 +8,13 @@ routing decisions never recompile.
 Generation left-pads prompts into fixed length buckets (so new prompt lengths reuse compiled
 code), prefills a KV cache, and decodes inside one `jax.lax.while_loop` (greedy, or temperature /
 top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token.
+
+The two stages are module-level pure functions, `prefill` and `decode_step` (graph definition and
+mesh static): `Engine.generate` composes exactly them, `Engine.prefill` / `Engine.decode_step` run
+them alone (`prefill_jit`, `decode_step_jit`, the cache donated), and `hilora aot`
+(`hilora_jax.aot`) lowers the same jitted functions with abstract, sharded arguments. With a mesh
+the KV cache carries the rules table's sharding (`kv_cache_sharding`: batch over `data`, kv heads
+over `model`) and is kept in the model's dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax import sharding as shd
 from hilora_jax.nn.layers import log_softmax_gather
@@ -91,6 +98,53 @@ class _Recorder:
         return delta
 
 
+def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
+    """`NamedSharding`s for a `KVCache` (of arrays or `ShapeDtypeStruct`s) on `mesh`, from the rules
+    table: k/v `[B, S, K, H]` as (batch, seq, kv_heads, -), positions and validity `[B, S]` as
+    (batch, seq), the write index replicated."""
+    kv = NamedSharding(mesh, shd.logical_to_spec(("batch", "seq", "kv_heads", None),
+                                                 cache.k[0].shape, mesh, what="kv cache"))
+    tok = shd.batch_sharding(mesh, cache.pos.shape)
+    return KVCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v), pos=tok, valid=tok,
+                   index=shd.replicated(mesh))
+
+
+def _constrain_cache(cache: KVCache, mesh: Mesh | None) -> KVCache:
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, kv_cache_sharding(mesh, cache))
+
+
+def prefill(graphdef, state, ids, mask, lora, *, cache_size: int, mesh: Mesh | None = None):
+    """Prompt stage of generation: run `ids [B, T]` (left-padded, `mask`) through the model into a
+    fresh KV cache of `cache_size` slots (in the model's dtype). Returns `(logits [B, V] float32 of
+    the last position, cache)`. Pure: `Engine.generate` and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    cache = _constrain_cache(KVCache.empty(model.config, ids.shape[0], cache_size, model.dtype),
+                             mesh)
+    logits, cache, _ = model(ids, mask, cache=cache, lora=lora, logits_at="last",
+                             constrain=shd.make_constrain(mesh))
+    return logits[:, 0], _constrain_cache(cache, mesh)
+
+
+def decode_step(graphdef, state, tok, cache, lora, *, mesh: Mesh | None = None):
+    """One decode step: append token `tok [B]` to `cache`; returns `(logits [B, V], cache)`.
+    Pure: `Engine.generate`'s decode loop and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    b = tok.shape[0]
+    logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache, lora=lora,
+                             logits_at="last", constrain=shd.make_constrain(mesh))
+    return logits[:, 0], _constrain_cache(cache, mesh)
+
+
+# The compiled step functions (graphdef and mesh are static; the decode step donates its cache so
+# the update is in place). `Engine.prefill` / `Engine.decode_step` call these; `hilora aot` lowers
+# them with abstract arguments.
+prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size", "mesh"))
+decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("mesh",),
+                          donate_argnames=("cache",))
+
+
 class Engine:
     """Split-once, jit-compiled inference over a `CausalLM` (optionally sharded over `mesh`)."""
 
@@ -126,13 +180,11 @@ class Engine:
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
                        lora, *, cache_size, max_new, greedy):
-        model = self._model(state)
         b = ids.shape[0]
-        cache = KVCache.empty(self.config, b, cache_size, model.dtype)
-        logits, cache, _ = model(ids, mask, cache=cache, lora=lora, logits_at="last",
-                                 constrain=self._constrain)
+        logits, cache = prefill(self.graphdef, state, ids, mask, lora, cache_size=cache_size,
+                                mesh=self.mesh)
         key, sub = jax.random.split(key)
-        tok = _sample(logits[:, 0], sub, temperature, top_p, greedy)
+        tok = _sample(logits, sub, temperature, top_p, greedy)
         out = jnp.zeros((b, max_new), jnp.int32)
         done = jnp.zeros((b,), bool)
         lengths = jnp.zeros((b,), jnp.int32)
@@ -151,10 +203,9 @@ class Engine:
 
         def body(carry):
             step, tok, cache, out, done, lengths, key = carry
-            logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache,
-                                     lora=lora, logits_at="last", constrain=self._constrain)
+            logits, cache = decode_step(self.graphdef, state, tok, cache, lora, mesh=self.mesh)
             key, sub = jax.random.split(key)
-            tok = _sample(logits[:, 0], sub, temperature, top_p, greedy)
+            tok = _sample(logits, sub, temperature, top_p, greedy)
             out, done, lengths = record(step, tok, out, done, lengths)
             return step + 1, tok, cache, out, done, lengths, key
 
@@ -167,6 +218,18 @@ class Engine:
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
         return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
+
+    def prefill(self, ids, mask, *, cache_size: int, lora=None):
+        """Prompt stage alone (the compiled `prefill_jit`): `(last logits [B, V], KVCache)`."""
+        ids, mask = self._place(np.asarray(ids, np.int32), np.asarray(mask, bool))
+        return prefill_jit(self.graphdef, self.state, ids, mask, lora, cache_size=cache_size,
+                           mesh=self.mesh)
+
+    def decode_step(self, tok, cache: KVCache, *, lora=None):
+        """One decode step (the compiled `decode_step_jit`; `cache` is donated):
+        `(logits [B, V], new cache)`."""
+        (tok,) = self._place(np.asarray(tok, np.int32))
+        return decode_step_jit(self.graphdef, self.state, tok, cache, lora, mesh=self.mesh)
 
     def forward(self, input_ids, attention_mask=None, *, lora=None, logits_at: str = "all",
                 hidden_layer: int | None = None, trace: bool = False):

@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval's datasets: local files only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# libtpu (installed for `hilora aot`) must not initialise a TPU backend or query a cloud metadata
+# server in tests; tests/test_aot.py compiles for TPU topologies through it explicitly.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 import jax  # noqa: E402
 

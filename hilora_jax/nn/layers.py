@@ -64,22 +64,64 @@ def attention_mask(
     return mask
 
 
+# Query-blocked attention: when a call's fp32 scores (batch x heads x queries x keys) exceed
+# ATTN_SCORE_BUDGET elements, the queries are split into at most ATTN_MAX_BLOCKS static blocks, so
+# a long prompt never holds the whole [B, N, T, S] score tensor at once. The blocks are unrolled
+# (not a loop): XLA's cost analysis then counts all of them, and its scheduler still frees each
+# block's scores before the next one.
+ATTN_SCORE_BUDGET = 1 << 27
+ATTN_MAX_BLOCKS = 4
+
+
+def _attention_block(qg, k, v, mask, scale):
+    """qg `[B, T, K, G, H]`, mask `[B, T, S]` -> `[B, T, K, G, H]` (HF eager numerics)."""
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # B K G T S
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+
+
+def attention_chunk(b: int, n: int, t: int, s: int, budget: int | None = None,
+                    max_blocks: int | None = None) -> int:
+    """Queries per block: all `t` when `b*n*t*s <= budget` (default `ATTN_SCORE_BUDGET`, read at
+    trace time); else the largest power of two (>= 16) under the budget, but at least
+    `ceil(t / max_blocks)` (default `ATTN_MAX_BLOCKS`) rounded up to a multiple of 16."""
+    budget = ATTN_SCORE_BUDGET if budget is None else budget
+    max_blocks = ATTN_MAX_BLOCKS if max_blocks is None else max_blocks
+    if b * n * t * s <= budget:
+        return t
+    c = 16
+    while c * 2 * b * n * s <= budget and c * 2 < t:
+        c *= 2
+    floor = -(-t // max_blocks)
+    return min(t, max(c, -(-floor // 16) * 16))
+
+
 def dot_product_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
     v: Float[Array, "B S K H"],
     mask: Bool[Array, "B T S"],
+    *,
+    chunk: int | None = None,
 ) -> Float[Array, "B T N H"]:
-    """Grouped-query attention (MHA when K == N, MQA when K == 1), HF eager numerics."""
+    """Grouped-query attention (MHA when K == N, MQA when K == 1), HF eager numerics.
+
+    Long prompts are processed in blocks of `chunk` queries (default `attention_chunk`): each
+    block's softmax sees every key, so every query row is computed exactly as before; only the
+    peak memory of the fp32 scores drops from `[B, N, T, S]` to `[B, N, chunk, S]`.
+    """
     b, t, n, h = q.shape
-    kh = k.shape[2]
+    s, kh = k.shape[1], k.shape[2]
+    scale = h**-0.5
     qg = q.reshape(b, t, kh, n // kh, h)  # B T K G H  (q head = k*G + g, as HF repeat_kv)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32)
-    scores = scores * (h**-0.5)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # B K G T S
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    c = chunk or attention_chunk(b, n, t, s)
+    if c >= t:
+        return _attention_block(qg, k, v, mask, scale).reshape(b, t, n, h)
+    outs = [_attention_block(qg[:, i:i + c], k, v, mask[:, i:i + c], scale)
+            for i in range(0, t, c)]
+    return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
 
 
 def swiglu(gate: Array, up: Array) -> Array:

@@ -1,0 +1,253 @@
+"""`hilora aot`: Engine's real prefill / decode step compiled for a TPU slice through libtpu (no TPU
+needed), the report's schema, the CLI entry point, bad input; Engine's step functions and the
+query-chunked attention keep the results."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hf_utils import hf_logits, make_hf_model, padded_batch
+
+from hilora_jax import aot
+from hilora_jax.inference import Engine
+from hilora_jax.loading import load_model
+from hilora_jax.nn import layers
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# tiny Llama: heads and kv heads divisible by the model axis of a 2x4 mesh
+TINY_HF = {"model_type": "llama", "vocab_size": 512, "hidden_size": 128, "intermediate_size": 256,
+           "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "head_dim": 16, "max_position_embeddings": 512, "rms_norm_eps": 1e-5,
+           "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("aot") / "config.json"
+    p.write_text(json.dumps(TINY_HF))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tpu_report(tiny_cfg_file):
+    """base + hilora (gathered) on a v5e-8 slice: prefill and decode step, compiled by libtpu."""
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
+                       pool=aot.PoolSpec(n=6, rank=4, targets=("q_proj", "v_proj")),
+                       routers=("hilora",), batch=8, prompt=48, new=16)
+    t0 = time.perf_counter()
+    rep = aot.analyze(spec)
+    return rep, time.perf_counter() - t0
+
+
+def test_tiny_model_compiles_for_tpu_and_fits(tpu_report):
+    rep, _ = tpu_report  # compile time is reported by the benchmark, never asserted
+    assert rep["chip"]["name"] == "v5e" and rep["devices"] == 8
+    assert set(rep["variants"]) == {"base", "hilora"}
+    for r, v in rep["variants"].items():
+        assert v["fits"] is True and v["margin_bytes"] > 0, r
+        for prog in ("prefill", "decode_step"):
+            e = v[prog]
+            mem = e["memory"]
+            assert mem["argument"] > 0 and mem["output"] > 0 and mem["code"] > 0, (r, prog)
+            assert mem["total"] <= rep["hbm_bytes"]
+            assert e["flops"] > 0 and e["bytes"] > 0 and e["roofline_s"] > 0, (r, prog)
+            assert e["bound"] in ("compute", "memory", "ici")
+            # no all-gather of a weight or of the LoRA pool (the sharded step keeps them in place)
+            assert e["weight_gathers"] == [], (r, prog, e["weight_gathers"])
+        # the decode step donates its cache: the new cache aliases the old one
+        assert v["decode_step"]["memory"]["alias"] >= rep["per_device"]["kv_cache"]
+        pd = rep["per_device"]
+        assert v["decode_step"]["min_bytes"] >= pd["weights"] - pd["embedding_not_read"] + \
+            pd["kv_cache"]
+        assert 0 < pd["embedding_not_read"] < pd["weights"]  # untied: only B rows are gathered
+        assert v["decode_step"]["hbm_bytes_est"] > 0 and v["decode_step"]["hbm_over_min"] > 0
+    # the routed step does strictly more work than the base step
+    assert rep["ratios"]["hilora"]["prefill_flops"] > 1.0
+    assert rep["ratios"]["hilora"]["decode_bytes"] >= 1.0
+
+
+def test_report_schema(tpu_report):
+    rep, _ = tpu_report
+    assert isinstance(rep["fits"], bool)
+    assert isinstance(rep["hbm_bytes"], int) and rep["hbm_bytes"] == 16 * 2**30
+    assert set(rep["memory"]) >= {"prefill", "decode_step", "peak"}
+    assert set(rep["memory"]["prefill"]) >= {"argument", "output", "alias", "temp", "code", "total"}
+    assert set(rep["prefill"]) >= {"flops", "bytes", "roofline_s"}
+    assert set(rep["decode_step"]) >= {"flops", "bytes", "min_bytes", "roofline_s"}
+    assert rep["collectives"], "a 2x4 mesh reduces over the model axis"
+    for c in rep["collectives"]:
+        assert set(c) >= {"kind", "count", "bytes"} and c["count"] >= 1 and c["bytes"] > 0
+    json.dumps(rep)  # JSON-serialisable as is
+    assert "| hilora |" in aot.format_table(rep)
+
+
+def test_collective_parser_flags_weight_gathers():
+    hlo = (
+        "  %all-gather.1 = bf16[4096,4096]{1,0:T(8,128)(2,1)} all-gather(bf16[4096,512]{1,0} %p), "
+        "channel_id=1, dimensions={1}\n"
+        "  %ags = (bf16[8,64]{1,0}, bf16[8,512]{1,0}) all-gather-start(bf16[8,64]{1,0} %x)\n"
+        "  %agd = bf16[8,512]{1,0} all-gather-done((bf16[8,64]{1,0}, bf16[8,512]{1,0}) %ags)\n"
+        "  %all-reduce.2 = f32[8,1,128]{2,1,0} all-reduce(f32[8,1,128]{2,1,0} %y), to_apply=%add\n"
+    )
+    cs = aot.collectives(hlo)
+    assert [(c["kind"], c["shape"], c["bytes"]) for c in cs] == [
+        ("all-gather", [4096, 4096], 4096 * 4096 * 2), ("all-gather", [8, 512], 8 * 512 * 2),
+        ("all-reduce", [8, 1, 128], 8 * 128 * 4)]
+    summary = {c["kind"]: (c["count"], c["bytes"]) for c in aot.summarize_collectives(cs)}
+    assert summary == {"all-gather": (2, 4096 * 4096 * 2 + 8 * 512 * 2), "all-reduce": (1, 4096)}
+    import jax
+
+    state = {"w": jax.ShapeDtypeStruct((4096, 4096), "bfloat16")}
+    shapes = aot.weight_shapes(state, None)
+    assert [c for c in cs if tuple(c["shape"]) in shapes] == [cs[0]]
+
+
+def test_local_backend_times_the_compiled_calls(tiny_cfg_file):
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="local", mesh="2x4", dtype="float32",
+                       pool=aot.PoolSpec(n=3, rank=2), routers=("oracle",), batch=2, prompt=16,
+                       new=8)
+    rep = aot.analyze(spec)
+    assert rep["fits"] is None and rep["prefill"]["roofline_s"] is None  # no chip table for CPU
+    for r in ("base", "oracle"):
+        for prog in ("prefill", "decode_step"):
+            assert rep["variants"][r][prog]["measured_s"] > 0
+    assert rep["ratios"]["oracle"]["decode_measured"] > 0
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(topology="v9z-8"), "unknown topology 'v9z-8'"),
+    (dict(mesh="1x8"), "does not divide num_key_value_heads=4"),
+    (dict(mesh="3x3"), "mesh 3x3 uses 9 devices"),
+    (dict(weights="int8"), "--weights int8: not implemented yet"),
+    (dict(routers=("nope",)), "unknown router 'nope'"),
+    (dict(pool=aot.PoolSpec(targets=("q_proj", "x_proj"))), r"unknown module\(s\) \['x_proj'\]"),
+    (dict(prompt=500, new=64), "exceed the model's max_position_embeddings=512"),
+])
+def test_bad_input_is_one_clear_error(tiny_cfg_file, kw, match):
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(**{**dict(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", batch=8,
+                                 prompt=32, new=8), **kw})
+    with pytest.raises(aot.AotError, match=match):
+        aot.analyze(spec)
+
+
+def test_unknown_preset_and_pool_that_does_not_fit(tmp_path, tiny_cfg_file):
+    with pytest.raises(aot.AotError, match="unknown preset 'llama-9b'"):
+        aot.model_config(preset="llama-9b")
+    assert aot.model_config(preset="llama-2-7b")[1].num_layers == 32
+    # a saved pool whose q_proj was built for another model (hidden 64, not 128)
+    pool = tmp_path / "pool"
+    pool.mkdir()
+    arrays = {"A.q_proj": [2, 3, 4, 64], "B.q_proj": [2, 3, 4, 128], "scale.q_proj": [2, 3, 4],
+              "mask.q_proj": [2, 3, 4], "ranks": [3], "active": [3]}
+    dt = {"mask.q_proj": "bool", "active": "bool", "ranks": "int32"}
+    (pool / "pool.json").write_text(json.dumps({"arrays": {
+        k: {"shape": v, "dtype": dt.get(k, "float32")} for k, v in arrays.items()}}))
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4",
+                       pool=aot.PoolSpec(path=str(pool)), batch=8, prompt=32, new=8)
+    with pytest.raises(aot.AotError, match=r"module q_proj has L=2, \(d_in, d_out\)=\(64, 128\); "
+                                           r"the model has L=2, \(128, 128\)"):
+        aot.analyze(spec)
+
+
+def _hilora(*args):
+    script = Path(sys.executable).parent / "hilora"
+    assert script.exists(), f"the installed entry point {script} is missing"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([str(script), "aot", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_cli_entry_point_writes_the_json(tmp_path, tiny_cfg_file):
+    out = tmp_path / "aot.json"
+    p = _hilora("--model", str(tiny_cfg_file), "--topology", "v5e-8", "--mesh", "2x4", "--dtype",
+                "bfloat16", "--pool-size", "4", "--rank", "4", "--targets", "q_proj,v_proj",
+                "--router", "hilora", "--batch", "8", "--prompt", "32", "--new", "8",
+                "--json", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert rep["fits"] is True and rep["router"] == "hilora" and rep["topology"] == "v5e-8"
+    assert rep["decode_step"]["min_bytes"] > 0 and rep["prefill"]["roofline_s"] > 0
+    assert "| hilora |" in p.stdout
+
+
+def test_cli_bad_input_exits_with_one_line(tmp_path, tiny_cfg_file):
+    p = _hilora("--preset", "llama-9b", "--topology", "v5e-8")
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("hilora: error: unknown preset 'llama-9b'; choose from "
+                                "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m")
+    assert not (tmp_path / "x.json").exists()
+
+
+# -- the functions hilora aot compiles are the ones Engine runs ---------------------------------
+@pytest.fixture(scope="module")
+def hf_tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hf")
+    hf = make_hf_model(d, "llama", kv_heads=2)
+    return hf, Engine(load_model(d, progress=False))
+
+
+def test_engine_step_functions_reproduce_generate(hf_tiny):
+    _, eng = hf_tiny
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(3, 61, n)) for n in (5, 9, 3)]
+    gen = eng.generate(prompts, max_new_tokens=6, stop_tokens=[-1])
+    from hilora_jax.inference import bucket_length, pad_batch
+
+    t = bucket_length(max(map(len, prompts)))
+    ids, mask = pad_batch(prompts, t, 0)
+    logits, cache = eng.prefill(ids, mask, cache_size=t + bucket_length(6, 16, 64))
+    toks = [np.asarray(logits).argmax(-1)]
+    for _ in range(5):
+        logits, cache = eng.decode_step(toks[-1], cache)
+        toks.append(np.asarray(logits).argmax(-1))
+    np.testing.assert_array_equal(np.stack(toks, 1), gen.tokens)
+
+
+def test_chunked_attention_matches_transformers(hf_tiny, monkeypatch):
+    hf, eng = hf_tiny
+    ids, mask = padded_batch(np.random.default_rng(2), (40, 33, 17), 40)
+    ref = hf_logits(hf, ids, mask)
+    whole = np.asarray(eng.forward(ids, mask))
+    assert layers.attention_chunk(3, 6, 40, 40, budget=3 * 6 * 40 * 40) == 40
+    monkeypatch.setattr(layers, "ATTN_SCORE_BUDGET", 3 * 6 * 16 * 40)  # 16-query blocks, padded
+    assert layers.attention_chunk(3, 6, 40, 40) == 16
+    chunked = np.asarray(Engine(eng._model(eng.state)).forward(ids, mask))
+    valid = mask.astype(bool)
+    assert np.abs(chunked - ref)[valid].max() <= 1e-4
+    assert np.abs(chunked - whole)[valid].max() <= 1e-5
+
+
+def test_hbm_traffic_estimate_counts_kernels_prefetches_and_in_place_updates():
+    hlo = """HloModule m
+
+%fused_computation.1 (p0: bf16[100,64], p1: s32[8]) -> bf16[8,64] {
+  %p0 = bf16[100,64]{1,0} parameter(0)
+  %p1 = s32[8]{0} parameter(1)
+  ROOT %gather.1 = bf16[8,64]{1,0} gather(%p0, %p1), offset_dims={1}
+}
+
+ENTRY %main (param.0: bf16[100,64], param.1: s32[8], param.2: bf16[8,16,64]) -> bf16[8,16,64] {
+  %param.0 = bf16[100,64]{1,0} parameter(0)
+  %param.1 = s32[8]{0} parameter(1)
+  %param.2 = bf16[8,16,64]{2,1,0} parameter(2)
+  %gf = bf16[8,64]{1,0} fusion(%param.0, %param.1), kind=kLoop, calls=%fused_computation.1
+  %cs = (bf16[8,16,64]{2,1,0:S(1)}, bf16[8,16,64]{2,1,0}, u32[]) copy-start(%param.2)
+  %cd = bf16[8,16,64]{2,1,0:S(1)} copy-done(%cs)
+  ROOT %dus = bf16[8,16,64]{2,1,0:S(1)} fusion(%cd, %gf), kind=kLoop, calls=%fc.2, backend_config={"aliasing_operands":{"lists":[{"indices":["0","1"]}]}}
+}
+"""
+    total, parts = aot.hbm_traffic(hlo)
+    # gather: its result (1 KiB) + at most that much of the table + the indices; the prefetch of
+    # the 16 KiB cache once; the in-place update writes only its 1 KiB update (read from HBM)
+    assert parts == {"fusion": 1024 + 1024 + 32, "copy-start": 16384, "in-place update": 1024}
+    assert total == sum(parts.values())
