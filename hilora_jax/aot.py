@@ -48,8 +48,8 @@ from hilora_jax import sharding as shd
 from hilora_jax.config import ModelConfig, RopeConfig
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import bucket_length, decode_step_jit, kv_cache_sharding, prefill_jit
-from hilora_jax.interop.peft import MODULES
 from hilora_jax.nn.model import KVCache
+from hilora_jax.projections import MODULES, projection
 
 
 class AotError(HiloraUserError, ValueError):
@@ -282,7 +282,7 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
         protos = {}
         for m in arrays.A:
             L, A, _, d = arrays.A[m].shape
-            spec = shd.logical_to_spec(("layers", "adapters", shd.MODULE_IO_AXES[m][0]),
+            spec = shd.logical_to_spec(("layers", "adapters", projection(m).in_axis),
                                        (L, A, d), mesh)
             protos[m] = _sds((L, A, d), jnp.float32, NamedSharding(mesh, spec))
         return ArrowHook(arrays, protos, top_k=3), n

@@ -220,13 +220,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """`(d_in, d_out)` of every adaptable projection, by HF module name."""
-        d, f = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (d, self.q_size), "k_proj": (d, self.kv_size), "v_proj": (d, self.kv_size),
-            "o_proj": (self.q_size, d), "gate_proj": (d, f), "up_proj": (d, f),
-            "down_proj": (f, d),
-        }
+        """`(d_in, d_out)` of every adaptable projection, by HF module name (`projections`)."""
+        from hilora_jax.projections import module_shapes
+
+        return module_shapes(self)
 
     # -- HF interop -------------------------------------------------------------------------
     @classmethod

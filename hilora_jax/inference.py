@@ -1,5 +1,11 @@
 """Jitted inference entry points: forward, score (log-probs of continuations) and generate.
 
+Scoring has one path, `Engine.score` (over `tail_logprobs`): the last `tail` positions only go
+through the final norm and the LM head; optionally resumed from cached hidden states of a layer
+(prefix reuse). Multiple-choice scoring (`eval.tasks.ChoiceScorer`), router evaluation
+(`eval.runner.PrefixScorer`) and the trainer's loss all use it; batches are placed on the mesh by
+`Engine.place`, the one batch placement.
+
 The model is split once (`nnx.split`) into a static graph definition and a state pytree; each
 entry point is a pure function of `(state, inputs, lora)` compiled once per shape bucket with
 `jax.jit`. The LoRA hook (`lora`) is a pytree argument: new pools of the same shape, new gates or new
@@ -29,8 +35,32 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax import sharding as shd
+from hilora_jax.lora.hook import LoraHook
 from hilora_jax.nn.layers import log_softmax_gather
 from hilora_jax.nn.model import CausalLM, KVCache
+
+
+def tail_logprobs(model: CausalLM, input_ids, attention_mask, tail: int, lora=None,
+                  constrain=None, *, start_layer: int = 0, hidden_in=None):
+    """Log-probs `[B, K]` of the last `tail` tokens of each row (K = tail), given everything
+    before them.
+
+    Only the hidden states at positions `T-K-1 .. T-2` go through the final norm and the LM head,
+    so the `[B, T, V]` logits are never built. Entry `[b, k]` is
+    `log p(ids[b, T-K+k] | ids[b, :T-K+k])`. With `start_layer=k, hidden_in=h` the model resumes
+    from cached layer-k hidden states. Pure function of its arguments (differentiable in `lora`);
+    used by `Engine.score` and the trainer.
+    """
+    cfg = model.config
+    kw = dict(start_layer=start_layer, hidden_in=hidden_in) if start_layer > 0 else {}
+    _, _, hidden = model(input_ids, attention_mask, lora=lora, logits_at="none",
+                         hidden_layer=cfg.num_layers, constrain=constrain, **kw)  # B T D
+    h = model.model.norm(hidden[:, -tail - 1:-1])  # B K D
+    if model.lm_head is None:
+        logits = model.model.embed_tokens.attend(h)  # B K V
+    else:
+        logits = model.lm_head(h)
+    return log_softmax_gather(logits, input_ids[:, -tail:])  # B K
 
 
 def bucket_length(n: int, minimum: int = 16, multiple: int = 64) -> int:
@@ -80,22 +110,23 @@ def _sample(logits, key, temperature, top_p, greedy: bool):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-class _Recorder:
-    """Wraps a hook during tracing and collects its per-module aux outputs (returned by jit)."""
+class _Recorder(LoraHook):
+    """Wraps a hook during tracing and collects its per-module routing traces (returned by jit;
+    calls without a trace record nothing)."""
 
-    def __init__(self, hook):
+    def __init__(self, hook: LoraHook):
         self.hook = hook
         self.aux: dict = {}
 
-    def __call__(self, layer, name, x):
-        if not hasattr(self.hook, "with_aux"):
-            return self.hook(layer, name, x)
-        out = self.hook.with_aux(layer, name, x)
-        if out is None:
-            return None
-        delta, aux = out
-        self.aux[f"{layer}.{name}"] = aux
-        return delta
+    def deltas(self, layer, names, x):
+        outs = self.hook.deltas(layer, names, x)
+        for name, out in zip(names, outs, strict=True):
+            if out is not None and out[1]:
+                self.aux[f"{layer}.{name}"] = out[1]
+        return outs
+
+    def delta(self, layer, name, x):
+        return self.deltas(layer, (name,), x)[0]
 
 
 def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
@@ -155,7 +186,7 @@ class Engine:
         self._constrain = shd.make_constrain(mesh)
         self._forward = jax.jit(self._forward_impl,
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
-        self._score = jax.jit(self._score_impl)
+        self._score = jax.jit(self._score_impl, static_argnames=("tail", "start_layer"))
         self._generate = jax.jit(
             self._generate_impl, static_argnames=("cache_size", "max_new", "greedy")
         )
@@ -172,10 +203,10 @@ class Engine:
             constrain=self._constrain)
         return logits, hidden, (rec.aux if rec is not None else {})
 
-    def _score_impl(self, state, ids, mask, target_mask, lora):
-        logits, _, _ = self._model(state)(ids, mask, lora=lora, constrain=self._constrain)
-        lp = log_softmax_gather(logits[:, :-1], ids[:, 1:])  # B T-1
-        tm = target_mask[:, 1:].astype(jnp.float32)
+    def _score_impl(self, state, ids, mask, target_mask, lora, hidden, *, tail, start_layer):
+        lp = tail_logprobs(self._model(state), ids, mask, tail, lora, self._constrain,
+                           start_layer=start_layer, hidden_in=hidden)  # B K
+        tm = target_mask[:, -tail:].astype(jnp.float32)
         return jnp.sum(lp * tm, axis=1), lp * tm
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
@@ -214,34 +245,36 @@ class Engine:
         return out, lengths
 
     # -- public API ----------------------------------------------------------------------
-    def _place(self, *arrays):
+    def place(self, *arrays):
+        """Host batches on the engine's devices: dim 0 sharded over the mesh's `data` axis (when it
+        divides), the rest replicated; without a mesh, the default device."""
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
         return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
 
     def prefill(self, ids, mask, *, cache_size: int, lora=None):
         """Prompt stage alone (the compiled `prefill_jit`): `(last logits [B, V], KVCache)`."""
-        ids, mask = self._place(np.asarray(ids, np.int32), np.asarray(mask, bool))
+        ids, mask = self.place(np.asarray(ids, np.int32), np.asarray(mask, bool))
         return prefill_jit(self.graphdef, self.state, ids, mask, lora, cache_size=cache_size,
                            mesh=self.mesh)
 
     def decode_step(self, tok, cache: KVCache, *, lora=None):
         """One decode step (the compiled `decode_step_jit`; `cache` is donated):
         `(logits [B, V], new cache)`."""
-        (tok,) = self._place(np.asarray(tok, np.int32))
+        (tok,) = self.place(np.asarray(tok, np.int32))
         return decode_step_jit(self.graphdef, self.state, tok, cache, lora, mesh=self.mesh)
 
     def forward(self, input_ids, attention_mask=None, *, lora=None, logits_at: str = "all",
                 hidden_layer: int | None = None, trace: bool = False):
         """Logits `[B, T, V]` (float32); with `hidden_layer`, also that layer's hidden states;
-        with `trace=True` (and a hook that has `with_aux`), also the hook's per-module routing
+        with `trace=True`, also the hook's per-module routing
         trace `{"<layer>.<module>": {...}, "attention_mask": [B, T]}` (e.g. ROCs fired per token
         and candidate; padding positions are included, mask them with `attention_mask`)."""
         input_ids = np.asarray(input_ids, np.int32)
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, bool)
         self._check_length(input_ids.shape[1])
-        ids, mask = self._place(input_ids, np.asarray(attention_mask, bool))
+        ids, mask = self.place(input_ids, np.asarray(attention_mask, bool))
         logits, hidden, aux = self._forward(self.state, ids, mask, lora, logits_at=logits_at,
                                             hidden_layer=hidden_layer, trace=trace)
         if trace:
@@ -249,13 +282,29 @@ class Engine:
         out = (logits,) + ((hidden,) if hidden_layer is not None else ()) + ((aux,) if trace else ())
         return out if len(out) > 1 else logits
 
-    def score(self, input_ids, attention_mask, target_mask, *, lora=None):
+    def score(self, input_ids, attention_mask, target_mask, *, lora=None, tail: int | None = None,
+              resume: tuple[int, np.ndarray] | None = None):
         """Summed log-prob `[B]` of the tokens where `target_mask` is set (continuations), and
-        per-token log-probs `[B, T-1]` (position t scores token t+1)."""
-        self._check_length(np.shape(input_ids)[1])
-        ids, mask, tm = self._place(np.asarray(input_ids, np.int32),
-                                    np.asarray(attention_mask, bool), np.asarray(target_mask, bool))
-        return self._score(self.state, ids, mask, tm, lora)
+        masked per-token log-probs `[B, K]` (entry k scores token `T-K+k`).
+
+        `tail`: only the last `K = tail` tokens can be targets (left-padded continuations), so
+        only those positions go through the LM head; default `T-1` (every position t scores token
+        t+1). `resume=(layer, hidden [B, T, D])` starts from cached hidden states after `layer`
+        (`forward(..., logits_at="none", hidden_layer=layer)` of the same rows): the prefix reuse
+        of evaluation. One compile per (shape, tail, layer)."""
+        t = np.shape(input_ids)[1]
+        self._check_length(t)
+        tail = t - 1 if tail is None else int(tail)
+        if not 0 < tail < t:
+            raise ValueError(f"tail must be in [1, {t - 1}] for {t} tokens, got {tail}")
+        ids, mask, tm = self.place(np.asarray(input_ids, np.int32),
+                                   np.asarray(attention_mask, bool), np.asarray(target_mask, bool))
+        layer, hidden = (0, None) if resume is None else resume
+        if layer > 0:
+            (hidden,) = self.place(hidden)
+        else:
+            hidden = None
+        return self._score(self.state, ids, mask, tm, lora, hidden, tail=tail, start_layer=layer)
 
     def generate(
         self,
@@ -284,7 +333,7 @@ class Engine:
             if not greedy:
                 raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
             key = jax.random.key(0)
-        ids, mask = self._place(ids, mask)
+        ids, mask = self.place(ids, mask)
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p), stop_ids,
             jnp.int32(max_new_tokens), lora, cache_size=t + new_bucket, max_new=new_bucket,

@@ -97,7 +97,7 @@ def sequence_usage(routing) -> tuple[np.ndarray, str]:
 
 def _parse_trace(trace: Mapping[str, Any]):
     """`{"<layer>.<module>": aux}` -> sorted layers, modules (model order), `{(l, m): aux}`."""
-    from hilora_jax.interop.peft import MODULES
+    from hilora_jax.projections import MODULES
 
     cells = {}
     for key, aux in trace.items():

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hilora_jax.eval.runner import PROTOCOLS as _PROTOCOLS
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -43,7 +45,7 @@ POOL_TASKS = {  # the 13 tasks the benchmark's dev screen selected (README), wit
     "unit_conversion/si_conversion": "unit_conversion",
 }
 POOL_GYM = ["count_bits", "fraction_simplification", "syllogism"]
-PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+PROTOCOLS = list(_PROTOCOLS)
 
 
 def log(*a):

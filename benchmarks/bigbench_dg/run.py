@@ -31,8 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROUTERS = ["base", "oracle", "uniform", "retrieval", "arrow", "roc-fixed", "hilora"]
-PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+from hilora_jax.eval.runner import PROTOCOLS as _PROTOCOLS
+from hilora_jax.routing.routers import ROUTERS as _ROUTERS
+
+ROUTERS = list(_ROUTERS)  # the library's routers, in its order
+PROTOCOLS = list(_PROTOCOLS)
 MAX_TRAIN, N_SAMPLES, MAX_LEN = 256, 20, 256  # train items per LoRA, m, tokens per item
 # reasoning-gym generators screened next to BIG-bench (short prompts, answers a LoRA can learn).
 GYM_DEFAULT = ["gcd", "lcm", "products", "basic_arithmetic", "count_bits", "prime_factorization",
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
     from hilora_jax.lora import load_pool
     from hilora_jax.poolbuild import build_task_pool
     from hilora_jax.routing import build_router
-    from hilora_jax.routing.routers import pool_fingerprint
+    from hilora_jax.routing.routers import RouterCache, pool_fingerprint
 
     t_start = time.time()
     out, res_dir = Path(args.out), Path(args.results)
@@ -317,8 +320,10 @@ def main(argv=None) -> int:
     pool_fp = pool_fingerprint(pool)  # stale partial records of another pool are not reused
     runs = [(n, n, {}) for n in args.routers.split(",") if n]
     runs += [parse_variant(v) for v in args.variant]
+    route_cache = RouterCache()  # sample embeddings and fits shared by the variants
     for label, name, options in runs:
-        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok)
+        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok,
+                              cache=route_cache)
         for proto in PROTOCOLS:
             if name in ("base",) and proto != "seen":
                 results[(label, proto)] = results[(label, "seen")]

@@ -172,21 +172,11 @@ def dev_screen_one(scorer, tok, dev_exs, lora, base_cache: dict, task: str, dev_
 
 
 def load_trained(adir, model):
-    """A saved PEFT adapter as the trainer's hook (`train.LoraAdapter`), for the dev screen."""
+    """A saved PEFT adapter as the trainer's hook (`train.TrainableLora`), for the dev screen."""
     from hilora_jax.interop.peft import read_adapter
-    from hilora_jax.train import LoraAdapter
+    from hilora_jax.train import trainable_from_peft
 
-    ad = read_adapter(adir, model.config)
-    a, b, scale = {}, {}, {}
-    L = model.config.num_layers
-    for (layer, mod), (A, B, s) in ad.modules.items():
-        if mod not in a:
-            a[mod] = np.zeros((L, A.shape[1], A.shape[0]), np.float32)
-            b[mod] = np.zeros((L, B.shape[1], B.shape[0]), np.float32)
-        a[mod][layer], b[mod][layer], scale[mod] = A.T, B.T, s
-    layers = tuple(sorted({layer for layer, _ in ad.modules}))
-    return LoraAdapter(a=a, b=b, scale=tuple(sorted(scale.items())),
-                       layers=None if len(layers) == L else layers)
+    return trainable_from_peft(read_adapter(adir, model.config), model.config.num_layers)
 
 
 # -- reports -----------------------------------------------------------------------------------

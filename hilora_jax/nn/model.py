@@ -4,15 +4,16 @@ Modules are thin shells holding parameters (kernels `[in, out]`, HF names: `mode
 self_attn.q_proj.kernel`); the maths lives in `hilora_jax.nn.layers`. Hot paths split the model once
 and `jax.jit` a pure function (see `hilora_jax.inference`).
 
-LoRA hook: every adaptable projection calls `lora(layer, name, x)` when a hook is given; the hook
-returns the low-rank delta `[B, T, d_out]` to add to the base output, or None for a module it does
-not adapt. Pools and routing decisions are *arguments* of the hook, not module state, so swapping a
-pool or changing gates never rebuilds the model and new gate values never recompile.
+LoRA hook (`hilora_jax.lora.hook.LoraHook`): for each activation it projects, the model asks the
+hook once for the deltas of the projections reading it (`lora.deltas(layer, ("q_proj", "k_proj",
+"v_proj"), x)`) and adds them to the base outputs. Pools and routing decisions are *arguments* of
+the hook, not module state, so swapping a pool or changing gates never rebuilds the model and new
+gate values never recompile. Shape letters: `hilora_jax.projections`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +21,9 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax.config import ModelConfig
+from hilora_jax.lora.hook import LoraHook
 from hilora_jax.nn import layers
-
-
-class LoraHook(Protocol):
-    def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]) -> Array | None: ...
+from hilora_jax.projections import projection
 
 
 @struct.dataclass
@@ -65,6 +64,11 @@ class Linear(nnx.Module):
         return y
 
 
+def _linear(cfg: ModelConfig, name: str, *, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
+    """The adaptable projection `name`, shaped from the projection table."""
+    return Linear(*projection(name).shape(cfg), bias=bias, dtype=dtype, rngs=rngs)
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype))
@@ -74,25 +78,26 @@ class RMSNorm(nnx.Module):
         return layers.rms_norm(x, self.weight[...], self.eps)
 
 
-def _project(mod: Linear, x: Array, lora: LoraHook | None, layer: int, name: str) -> Array:
-    y = mod(x)
-    if lora is not None:
-        delta = lora(layer, name, x)
-        if delta is not None:
-            y = y + delta.astype(y.dtype)
-    return y
+def _project(lora: LoraHook | None, layer: int, x: Array,
+             mods: Sequence[tuple[str, Linear]]) -> tuple[Array, ...]:
+    """`x W + delta` for each `(name, Linear)` reading `x`; one hook call for all of them."""
+    ys = [mod(x) for _, mod in mods]
+    if lora is None:
+        return tuple(ys)
+    outs = lora.deltas(layer, tuple(n for n, _ in mods), x)
+    return tuple(y if out is None else y + out[0].astype(y.dtype)
+                 for y, out in zip(ys, outs, strict=True))
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
-        d = cfg.hidden_size
         self.layer = layer
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.sliding_window = cfg.sliding_window
-        self.q_proj = Linear(d, cfg.q_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, cfg.kv_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, cfg.kv_size, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(cfg.q_size, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_proj = _linear(cfg, "q_proj", bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = _linear(cfg, "k_proj", bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = _linear(cfg, "v_proj", bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = _linear(cfg, "o_proj", bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dtype=dtype)
@@ -102,9 +107,11 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, q_pos, q_slot, k_cache, v_cache, cache_pos, cache_valid,
                  write_at, lora):
         b, t, _ = x.shape
-        q = _project(self.q_proj, x, lora, self.layer, "q_proj").reshape(b, t, self.num_heads, -1)
-        k = _project(self.k_proj, x, lora, self.layer, "k_proj").reshape(b, t, self.num_kv_heads, -1)
-        v = _project(self.v_proj, x, lora, self.layer, "v_proj").reshape(b, t, self.num_kv_heads, -1)
+        q, k, v = _project(lora, self.layer, x, (("q_proj", self.q_proj), ("k_proj", self.k_proj),
+                                                 ("v_proj", self.v_proj)))
+        q = q.reshape(b, t, self.num_heads, -1)
+        k = k.reshape(b, t, self.num_kv_heads, -1)
+        v = v.reshape(b, t, self.num_kv_heads, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = layers.apply_rope(q, cos, sin)  # B T N H
@@ -116,22 +123,22 @@ class Attention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
         mask = layers.attention_mask(q_pos, q_slot, cache_pos, cache_valid, self.sliding_window)
         out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
-        out = _project(self.o_proj, out.reshape(b, t, -1), lora, self.layer, "o_proj")
+        (out,) = _project(lora, self.layer, out.reshape(b, t, -1), (("o_proj", self.o_proj),))
         return out, k_all, v_all
 
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
-        d, f = cfg.hidden_size, cfg.intermediate_size
         self.layer = layer
-        self.gate_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.gate_proj = _linear(cfg, "gate_proj", bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.up_proj = _linear(cfg, "up_proj", bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
+        self.down_proj = _linear(cfg, "down_proj", bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, lora):
-        g = _project(self.gate_proj, x, lora, self.layer, "gate_proj")  # B T F
-        u = _project(self.up_proj, x, lora, self.layer, "up_proj")  # B T F
-        return _project(self.down_proj, layers.swiglu(g, u), lora, self.layer, "down_proj")
+        g, u = _project(lora, self.layer, x, (("gate_proj", self.gate_proj),
+                                              ("up_proj", self.up_proj)))  # B T F
+        (y,) = _project(lora, self.layer, layers.swiglu(g, u), (("down_proj", self.down_proj),))
+        return y
 
 
 class DecoderLayer(nnx.Module):
