@@ -170,7 +170,7 @@ def _make_prepare():
     import jax.numpy as jnp
     from flax import struct
 
-    from hilora_jax.lora.hook import LoraHook
+    from hilora_jax.nn.hook import LoraHook
     from hilora_jax.routing.sequence import per_module_counts
     from hilora_jax.routing.token import topn_gates
 

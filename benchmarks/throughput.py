@@ -295,13 +295,13 @@ def profile_decode(engine, ids, mask, cache_size, repeats):
     def prefill(state, ids, mask):
         model = engine._model(state)
         cache = KVCache.empty(cfg, b, cache_size, model.dtype)
-        _, cache, _ = model(ids, mask, cache=cache, logits_at="last")
+        _, cache = model(ids, mask, cache=cache, logits_at="last")
         return cache
 
     def step(state, tok, cache, logits_at):
         model = engine._model(state)
-        logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache,
-                                 logits_at=logits_at)
+        logits, cache = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache,
+                              logits_at=logits_at)
         return logits, cache
 
     cache = jax.block_until_ready(jax.jit(prefill)(engine.state, ids, mask))

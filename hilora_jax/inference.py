@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax import sharding as shd
-from hilora_jax.lora.hook import LoraHook
+from hilora_jax.nn.hook import LoraHook
 from hilora_jax.nn.layers import log_softmax_gather
 from hilora_jax.nn.model import CausalLM, KVCache
 
@@ -51,15 +51,12 @@ def tail_logprobs(model: CausalLM, input_ids, attention_mask, tail: int, lora=No
     from cached layer-k hidden states. Pure function of its arguments (differentiable in `lora`);
     used by `Engine.score` and the trainer.
     """
-    cfg = model.config
-    kw = dict(start_layer=start_layer, hidden_in=hidden_in) if start_layer > 0 else {}
-    _, _, hidden = model(input_ids, attention_mask, lora=lora, logits_at="none",
-                         hidden_layer=cfg.num_layers, constrain=constrain, **kw)  # B T D
-    h = model.model.norm(hidden[:, -tail - 1:-1])  # B K D
-    if model.lm_head is None:
-        logits = model.model.embed_tokens.attend(h)  # B K V
-    else:
-        logits = model.lm_head(h)
+    if (start_layer > 0) != (hidden_in is not None):
+        raise ValueError("start_layer > 0 and hidden_in go together")
+    x = model.embed(input_ids, constrain) if hidden_in is None else hidden_in  # B T D
+    pos = model.positions(attention_mask.astype(bool), dtype=x.dtype)
+    x, _, _ = model.run_layers(x, pos, start_layer, lora=lora, constrain=constrain)
+    logits = model.head(x[:, -tail - 1:-1])  # B K V: only the scored positions
     return log_softmax_gather(logits, input_ids[:, -tail:])  # B K
 
 
@@ -153,8 +150,8 @@ def prefill(graphdef, state, ids, mask, lora, *, cache_size: int, mesh: Mesh | N
     model = nnx.merge(graphdef, state)
     cache = _constrain_cache(KVCache.empty(model.config, ids.shape[0], cache_size, model.dtype),
                              mesh)
-    logits, cache, _ = model(ids, mask, cache=cache, lora=lora, logits_at="last",
-                             constrain=shd.make_constrain(mesh))
+    logits, cache = model(ids, mask, cache=cache, lora=lora, logits_at="last",
+                          constrain=shd.make_constrain(mesh))
     return logits[:, 0], _constrain_cache(cache, mesh)
 
 
@@ -163,8 +160,8 @@ def decode_step(graphdef, state, tok, cache, lora, *, mesh: Mesh | None = None):
     Pure: `Engine.generate`'s decode loop and `hilora aot` use exactly this."""
     model = nnx.merge(graphdef, state)
     b = tok.shape[0]
-    logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache, lora=lora,
-                             logits_at="last", constrain=shd.make_constrain(mesh))
+    logits, cache = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache, lora=lora,
+                          logits_at="last", constrain=shd.make_constrain(mesh))
     return logits[:, 0], _constrain_cache(cache, mesh)
 
 
@@ -198,9 +195,18 @@ class Engine:
     def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,
                       trace=False):
         rec = _Recorder(lora) if trace and lora is not None else None
-        logits, _, hidden = self._model(state)(
-            ids, mask, lora=rec or lora, logits_at=logits_at, hidden_layer=hidden_layer,
-            constrain=self._constrain)
+        model, hook, c = self._model(state), rec or lora, self._constrain
+        hidden = None
+        if hidden_layer is None:
+            logits, _ = model(ids, mask, lora=hook, logits_at=logits_at, constrain=c)
+        else:  # composed: layers [0, k) -> hidden, then [k, L) -> head unless logits_at="none"
+            x = model.embed(ids, c)
+            pos = model.positions(mask, dtype=x.dtype)
+            hidden, _, _ = model.run_layers(x, pos, 0, hidden_layer, lora=hook, constrain=c)
+            logits = None
+            if logits_at != "none":
+                x, _, _ = model.run_layers(hidden, pos, hidden_layer, lora=hook, constrain=c)
+                logits = model.head(x[:, -1:] if logits_at == "last" else x, c)
         return logits, hidden, (rec.aux if rec is not None else {})
 
     def _score_impl(self, state, ids, mask, target_mask, lora, hidden, *, tail, start_layer):

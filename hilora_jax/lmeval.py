@@ -146,8 +146,7 @@ class _Scorer:
         from flax import nnx
 
         model = nnx.merge(self.engine.graphdef, state)
-        _, _, hidden = model(ids, mask, lora=lora, logits_at="none",
-                             hidden_layer=model.config.num_layers, constrain=self._constrain)
+        hidden = model.hidden(ids, mask, lora=lora, constrain=self._constrain)
         h = model.model.norm(hidden[:, -tail:])
         logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
                   else model.lm_head(h)).astype(jnp.float32)  # B K V

@@ -55,7 +55,7 @@ from hilora_jax.eval.tasks import (
 )
 from hilora_jax.inference import pad_batch, tail_logprobs
 from hilora_jax.interop.peft import PeftAdapter
-from hilora_jax.lora.hook import LoraHook
+from hilora_jax.nn.hook import LoraHook
 from hilora_jax.nn.model import CausalLM
 from hilora_jax.projections import MODULES
 
@@ -286,8 +286,7 @@ def train_lora(
     if start > 0:  # frozen prefix: hidden states at layer `start`, once per example
         @jax.jit
         def run_prefix(state, ids, mask):
-            m = nnx.merge(graphdef, state)
-            return m(ids, mask, logits_at="none", hidden_layer=start)[2]
+            return nnx.merge(graphdef, state).hidden(ids, mask, layer=start)
 
         prefix = np.zeros((len(pairs), length, model.config.hidden_size), np.float32)
         for s0 in range(0, len(pairs), batch_size):

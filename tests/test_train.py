@@ -196,7 +196,7 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
     b = next(mc_batches(exs, tok, batch_size=8))
     ids, mask = b.input_ids, b.attention_mask
     full = tail_logprobs(model, ids, mask, b.tail, tr.adapter)
-    h = model(ids, mask, logits_at="none", hidden_layer=1)[2]
+    h = model.hidden(ids, mask, layer=1)
     part = tail_logprobs(model, ids, mask, b.tail, tr.adapter, start_layer=1, hidden_in=h)
     np.testing.assert_allclose(np.asarray(part), np.asarray(full), atol=1e-5)
     scorer = ChoiceScorer(Engine(model))

@@ -39,7 +39,7 @@ from jaxtyping import Array, Bool, Float, Int
 from hilora_jax import sharding as shd
 from hilora_jax.config import ModelConfig
 from hilora_jax.interop.peft import PeftAdapter
-from hilora_jax.lora.hook import LoraHook
+from hilora_jax.nn.hook import LoraHook
 from hilora_jax.projections import MODULES, projection
 
 
@@ -106,7 +106,7 @@ def lora_delta(
 
 @struct.dataclass
 class GatedHook(LoraHook):
-    """Model hook (`lora.hook.LoraHook`) applying the pool with given gates.
+    """Model hook (`nn.hook.LoraHook`) applying the pool with given gates.
 
     `gates`: per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter `[B, A]`
     (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide

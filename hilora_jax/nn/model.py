@@ -4,7 +4,7 @@ Modules are thin shells holding parameters (kernels `[in, out]`, HF names: `mode
 self_attn.q_proj.kernel`); the maths lives in `hilora_jax.nn.layers`. Hot paths split the model once
 and `jax.jit` a pure function (see `hilora_jax.inference`).
 
-LoRA hook (`hilora_jax.lora.hook.LoraHook`): for each activation it projects, the model asks the
+LoRA hook (`hilora_jax.nn.hook.LoraHook`): for each activation it projects, the model asks the
 hook once for the deltas of the projections reading it (`lora.deltas(layer, ("q_proj", "k_proj",
 "v_proj"), x)`) and adds them to the base outputs. Pools and routing decisions are *arguments* of
 the hook, not module state, so swapping a pool or changing gates never rebuilds the model and new
@@ -21,9 +21,27 @@ from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax.config import ModelConfig
-from hilora_jax.lora.hook import LoraHook
 from hilora_jax.nn import layers
+from hilora_jax.nn.hook import LoraHook
 from hilora_jax.projections import projection
+
+
+@struct.dataclass
+class Positions:
+    """Where this call's tokens sit, shared by every layer of one forward pass (`CausalLM.positions`).
+
+    `cos`/`sin [B, T, H]` RoPE tables of the query positions; `q_pos [B, T]` their RoPE positions;
+    `q_slot [T]` their cache slots; `key_pos`/`key_valid [B, S]` position and validity of every key
+    slot (this call's tokens when there is no cache); `write_at []` the cache slot written first.
+    """
+
+    cos: Float[Array, "B T H"]
+    sin: Float[Array, "B T H"]
+    q_pos: Int[Array, "B T"]
+    q_slot: Int[Array, " T"]
+    key_pos: Int[Array, "B S"]
+    key_valid: Bool[Array, "B S"]
+    write_at: Int[Array, ""]
 
 
 @struct.dataclass
@@ -104,8 +122,11 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, q_pos, q_slot, k_cache, v_cache, cache_pos, cache_valid,
-                 write_at, lora):
+    def __call__(self, x: Float[Array, "B T D"], pos: Positions, *,
+                 k_cache: Float[Array, "B S K H"] | None = None,
+                 v_cache: Float[Array, "B S K H"] | None = None, lora: LoraHook | None = None):
+        """`(out [B, T, D], keys, values)`: keys/values are the updated cache (or this call's own
+        keys/values without a cache)."""
         b, t, _ = x.shape
         q, k, v = _project(lora, self.layer, x, (("q_proj", self.q_proj), ("k_proj", self.k_proj),
                                                  ("v_proj", self.v_proj)))
@@ -114,14 +135,16 @@ class Attention(nnx.Module):
         v = v.reshape(b, t, self.num_kv_heads, -1)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = layers.apply_rope(q, cos, sin)  # B T N H
-        k = layers.apply_rope(k, cos, sin)  # B T K H
+        q = layers.apply_rope(q, pos.cos, pos.sin)  # B T N H
+        k = layers.apply_rope(k, pos.cos, pos.sin)  # B T K H
         if k_cache is None:  # no cache: keys are this call's tokens
             k_all, v_all = k, v
         else:
-            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, write_at, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, write_at, 0, 0))
-        mask = layers.attention_mask(q_pos, q_slot, cache_pos, cache_valid, self.sliding_window)
+            at = (0, pos.write_at, 0, 0)
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
+        mask = layers.attention_mask(pos.q_pos, pos.q_slot, pos.key_pos, pos.key_valid,
+                                     self.sliding_window)
         out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
         (out,) = _project(lora, self.layer, out.reshape(b, t, -1), (("o_proj", self.o_proj),))
         return out, k_all, v_all
@@ -134,7 +157,7 @@ class MLP(nnx.Module):
         self.up_proj = _linear(cfg, "up_proj", bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
         self.down_proj = _linear(cfg, "down_proj", bias=cfg.mlp_bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, lora):
+    def __call__(self, x: Float[Array, "B T D"], *, lora: LoraHook | None = None):
         g, u = _project(lora, self.layer, x, (("gate_proj", self.gate_proj),
                                               ("up_proj", self.up_proj)))  # B T F
         (y,) = _project(lora, self.layer, layers.swiglu(g, u), (("down_proj", self.down_proj),))
@@ -148,12 +171,13 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, q_pos, q_slot, k_cache, v_cache, cache_pos, cache_valid,
-                 write_at, lora):
-        h, k, v = self.self_attn(self.input_layernorm(x), cos, sin, q_pos, q_slot, k_cache,
-                                 v_cache, cache_pos, cache_valid, write_at, lora)
+    def __call__(self, x: Float[Array, "B T D"], pos: Positions, *,
+                 k_cache: Float[Array, "B S K H"] | None = None,
+                 v_cache: Float[Array, "B S K H"] | None = None, lora: LoraHook | None = None):
+        h, k, v = self.self_attn(self.input_layernorm(x), pos, k_cache=k_cache, v_cache=v_cache,
+                                 lora=lora)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), lora)
+        x = x + self.mlp(self.post_attention_layernorm(x), lora=lora)
         return x, k, v
 
 
@@ -190,6 +214,72 @@ class CausalLM(nnx.Module):
             else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
         )
 
+    # -- pieces: callers compose them (prefix reuse, hidden states, tail scoring) ------------
+    def positions(self, attention_mask: Bool[Array, "B T"], *, positions=None,
+                  cache: KVCache | None = None, dtype=None) -> Positions:
+        """`Positions` of this call's tokens. RoPE positions default to `cumsum(mask) - 1` (left
+        padding does not shift them), continued after the cache's last valid position."""
+        cfg = self.config
+        t = attention_mask.shape[1]
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
+            if cache is not None:
+                prev = jnp.max(jnp.where(cache.valid, cache.pos + 1, 0), axis=1)  # B
+                positions = positions + prev[:, None]
+        inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # static, derived from config
+        cos, sin = layers.rope_cos_sin(positions, inv_freq, dtype or self.dtype)
+        if cache is None:
+            return Positions(cos, sin, positions, jnp.arange(t), positions, attention_mask,
+                             jnp.zeros((), jnp.int32))
+        write_at = cache.index
+        return Positions(cos, sin, positions, write_at + jnp.arange(t),
+                         jax.lax.dynamic_update_slice(cache.pos, positions, (0, write_at)),
+                         jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_at)),
+                         write_at)
+
+    def embed(self, input_ids: Int[Array, "B T"], constrain=None) -> Float[Array, "B T D"]:
+        """Token embeddings (the hidden state before layer 0)."""
+        x = self.model.embed_tokens(input_ids)
+        return x if constrain is None else constrain(x, "act")
+
+    def run_layers(self, x: Float[Array, "B T D"], pos: Positions, start: int = 0,
+                   stop: int | None = None, *, cache: KVCache | None = None,
+                   lora: LoraHook | None = None, constrain=None):
+        """Layers `[start, stop)` on hidden state `x` (after layer `start - 1`). Returns
+        `(x, keys, values)`, the per-layer keys/values of the layers run (the new cache entries
+        when `cache` is given)."""
+        stop = self.config.num_layers if stop is None else stop
+        ks, vs = [], []
+        for i in range(start, stop):
+            x, k, v = self.model.layers[i](
+                x, pos, k_cache=None if cache is None else cache.k[i],
+                v_cache=None if cache is None else cache.v[i], lora=lora)
+            if constrain is not None:
+                x = constrain(x, "act")
+            ks.append(k)
+            vs.append(v)
+        return x, ks, vs
+
+    def head(self, x: Float[Array, "B T D"], constrain=None) -> Float[Array, "B T V"]:
+        """Final norm and LM head (tied embeddings when configured); float32 logits."""
+        x = self.model.norm(x)
+        logits = self.model.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        if constrain is not None:
+            logits = constrain(logits, "logits")
+        return logits.astype(jnp.float32)
+
+    def hidden(self, input_ids: Int[Array, "B T"], attention_mask: Bool[Array, "B T"] | None = None,
+               *, layer: int | None = None, lora: LoraHook | None = None,
+               constrain=None) -> Float[Array, "B T D"]:
+        """Hidden state after `layer` layers (default all, before the final norm; 0 = embeddings);
+        only those layers run. No cache."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, bool)
+        x = self.embed(input_ids, constrain)
+        pos = self.positions(attention_mask, dtype=x.dtype)
+        return self.run_layers(x, pos, 0, layer, lora=lora, constrain=constrain)[0]
+
     def __call__(
         self,
         input_ids: Int[Array, "B T"],
@@ -199,80 +289,28 @@ class CausalLM(nnx.Module):
         cache: KVCache | None = None,
         lora: LoraHook | None = None,
         logits_at: str = "all",
-        hidden_layer: int | None = None,
         constrain=None,
-        start_layer: int = 0,
-        hidden_in: Float[Array, "B T D"] | None = None,
     ):
-        """Run the decoder.
+        """Run the decoder: `embed`, `run_layers` over every layer, `head`.
 
-        Returns `(logits, cache, hidden)`: logits `[B, T, V]` (or `[B, 1, V]` with
-        `logits_at="last"`, or None with `"none"`), the updated cache (None without one), and the
-        hidden state after layer `hidden_layer` (0 = embeddings) when asked for.
-        Positions default to `cumsum(attention_mask) - 1` so left padding does not shift RoPE.
-        `constrain(x, kind)` (optional) applies sharding constraints at block boundaries.
-
-        Prefix reuse: with `logits_at="none"` and `hidden_layer=k` the layers above k are skipped;
-        `start_layer=k, hidden_in=h` resumes from that hidden state (e.g. when every adapted module
-        lies at or above layer k, the prefix below it is shared by all routers). Not with a cache.
+        Returns `(logits, cache)`: logits `[B, T, V]` float32 (or `[B, 1, V]` with
+        `logits_at="last"`, None with `"none"`) and the updated cache (None without one). Positions default to
+        `cumsum(attention_mask) - 1` so left padding does not shift RoPE. `constrain(x, kind)`
+        (optional) applies sharding constraints at block boundaries. For hidden states or resuming
+        from them, compose the pieces (`hidden`, `positions` + `run_layers`, `head`).
         """
-        cfg = self.config
         b, t = input_ids.shape
-        if (start_layer > 0) != (hidden_in is not None):
-            raise ValueError("start_layer > 0 and hidden_in go together")
-        if start_layer > 0 and cache is not None:
-            raise ValueError("resuming from a hidden state is not supported with a KV cache")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
-        if positions is None:
-            positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0).astype(jnp.int32)
-            if cache is not None:
-                prev = jnp.max(jnp.where(cache.valid, cache.pos + 1, 0), axis=1)  # B
-                positions = positions + prev[:, None]
-        x = self.model.embed_tokens(input_ids) if hidden_in is None else hidden_in  # B T D
-        if constrain is not None:
-            x = constrain(x, "act")
-        inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim))  # static, derived from config
-        cos, sin = layers.rope_cos_sin(positions, inv_freq, x.dtype)
-        if cache is None:
-            write_at = jnp.zeros((), jnp.int32)
-            q_slot = jnp.arange(t)
-            cache_pos, cache_valid = positions, attention_mask
-        else:
-            write_at = cache.index
-            q_slot = write_at + jnp.arange(t)
-            cache_pos = jax.lax.dynamic_update_slice(cache.pos, positions, (0, write_at))
-            cache_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, write_at))
-        hidden = x if hidden_layer == start_layer else None
-        stop = hidden_layer if (logits_at == "none" and hidden_layer is not None) else cfg.num_layers
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.model.layers):
-            if i < start_layer or i >= stop:
-                continue
-            kc = None if cache is None else cache.k[i]
-            vc = None if cache is None else cache.v[i]
-            x, k, v = layer(x, cos, sin, positions, q_slot, kc, vc, cache_pos, cache_valid,
-                            write_at, lora)
-            if constrain is not None:
-                x = constrain(x, "act")
-            new_k.append(k)
-            new_v.append(v)
-            if hidden_layer == i + 1:
-                hidden = x
+        x = self.embed(input_ids, constrain)  # B T D
+        pos = self.positions(attention_mask, positions=positions, cache=cache, dtype=x.dtype)
+        x, ks, vs = self.run_layers(x, pos, cache=cache, lora=lora, constrain=constrain)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(k=new_k, v=new_v, pos=cache_pos, valid=cache_valid,
-                                index=write_at + t)
+            new_cache = KVCache(k=ks, v=vs, pos=pos.key_pos, valid=pos.key_valid,
+                                index=pos.write_at + t)
         if logits_at == "none":
-            return None, new_cache, hidden
-        x = self.model.norm(x)
+            return None, new_cache
         if logits_at == "last":
             x = x[:, -1:, :]
-        if self.lm_head is None:
-            logits = self.model.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        if constrain is not None:
-            logits = constrain(logits, "logits")
-        return logits.astype(jnp.float32), new_cache, hidden
+        return self.head(x, constrain), new_cache

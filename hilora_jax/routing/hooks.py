@@ -1,6 +1,6 @@
 """Routing hooks: the per-module maths of every router, as pytrees the model calls.
 
-Each hook is a `lora.hook.LoraHook`: `delta(layer, name, x) -> (delta, trace) | None`, the trace
+Each hook is a `nn.hook.LoraHook`: `delta(layer, name, x) -> (delta, trace) | None`, the trace
 being this call's routing arrays. Hooks are `flax.struct` pytrees: pool arrays and per-sequence
 decisions are leaves (new decisions never recompile), strategies and hyper-parameters are static
 fields. Every hook reads a module's layer through `PoolArrays.layer` (active mask and masked scale
@@ -40,8 +40,8 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax.lora.hook import LoraHook
 from hilora_jax.lora.pool import PoolArrays, masked_scale
+from hilora_jax.nn.hook import LoraHook
 from hilora_jax.projections import shared_input_groups
 from hilora_jax.routing.sequence import per_module_counts
 from hilora_jax.routing.token import roc_fixed_gates, topn_gates
