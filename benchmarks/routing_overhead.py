@@ -170,7 +170,7 @@ def _make_prepare():
     import jax.numpy as jnp
     from flax import struct
 
-    from hilora_jax.nn.hook import LoraHook
+    from hilora_jax.model.hook import LoraHook
     from hilora_jax.routing.sequence import per_module_counts
     from hilora_jax.routing.token import topn_gates
 
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     os.environ.setdefault("HILORA_QUIET", "1")
     jax.config.update("jax_compilation_cache_dir", "/tmp/hilora_jax_cc_routing_overhead")

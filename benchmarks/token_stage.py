@@ -88,7 +88,7 @@ def make_pool(cfg, n, seed):
     """Heterogeneous pool (module docstring) through the library's constructor."""
     import numpy as np
 
-    from hilora_jax.interop.peft import PeftAdapter
+    from hilora_jax.io.peft import PeftAdapter
     from hilora_jax.lora.pool import LoraPool
 
     rng = np.random.default_rng(seed)

@@ -34,10 +34,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax import sharding as shd
-from hilora_jax.nn.hook import LoraHook
-from hilora_jax.nn.layers import log_softmax_gather
-from hilora_jax.nn.model import CausalLM, KVCache
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.layers import log_softmax_gather
+from hilora_jax.model.llama import CausalLM, KVCache
 
 
 def tail_logprobs(model: CausalLM, input_ids, attention_mask, tail: int, lora=None,

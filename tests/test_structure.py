@@ -8,14 +8,20 @@ import numpy as np
 import pytest
 from routing_utils import random_pool
 
-from hilora_jax.config import ModelConfig
 from hilora_jax.inference import Engine
-from hilora_jax.interop.peft import AdapterError, read_adapter, write_adapter
-from hilora_jax.nn.model import CausalLM
-from hilora_jax.projections import LLAMA, MODULES, module_shapes, projection, shared_input_groups
+from hilora_jax.io.peft import AdapterError, read_adapter, write_adapter
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.llama import CausalLM
+from hilora_jax.model.projections import (
+    LLAMA,
+    MODULES,
+    module_shapes,
+    projection,
+    shared_input_groups,
+)
+from hilora_jax.model.sharding import PARAM_AXES, lora_axes, param_logical_axes
 from hilora_jax.routing import build_router
 from hilora_jax.routing.routers import RouterCache
-from hilora_jax.sharding import PARAM_AXES, lora_axes, param_logical_axes
 
 CFG = ModelConfig(vocab_size=61, hidden_size=48, intermediate_size=40, num_layers=3, num_heads=6,
                   num_kv_heads=2, head_dim=8, max_position_embeddings=128)

@@ -13,9 +13,9 @@ from test_eval_metrics import CharTok
 
 from hilora_jax.eval.tasks import ChoiceScorer, MCExample, mc_batches
 from hilora_jax.inference import Engine
-from hilora_jax.interop.peft import peft_tensors
-from hilora_jax.loading import load_model
-from hilora_jax.train import TrainableLora, init_lora, peft_modules, save_peft, train_lora
+from hilora_jax.io.loading import load_model
+from hilora_jax.io.peft import peft_tensors
+from hilora_jax.lora.train import TrainableLora, init_lora, peft_modules, save_peft, train_lora
 
 WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "rock", "leaf"]
 
@@ -123,7 +123,7 @@ def test_save_peft_loads_in_peft_with_equal_logits(tiny, tmp_path):
 def test_save_peft_is_atomic_and_refuses_overwrite(tiny, tmp_path):
     _, _, model = tiny
     ad = init_lora(model, r=2)
-    from hilora_jax.train import TrainedLora
+    from hilora_jax.lora.train import TrainedLora
 
     tr = TrainedLora(ad, 2, 4.0, ("q_proj", "v_proj"), [1.0], 0.0, "t")
     save_peft(tr, tmp_path / "a", "m")
@@ -136,9 +136,9 @@ def test_save_peft_is_atomic_and_refuses_overwrite(tiny, tmp_path):
 def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
     import argparse
 
-    import hilora_jax.loading as loading
+    import hilora_jax.io.loading as loading
     from hilora_jax.eval.tasks import write_jsonl
-    from hilora_jax.train import add_train_lora_args, train_lora_cli
+    from hilora_jax.lora.train import add_train_lora_args, train_lora_cli
 
     path, _, _ = tiny
     monkeypatch.setattr(loading, "load_tokenizer", lambda src: CharTok())
@@ -164,7 +164,7 @@ def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_choice_scorer_sharded_equals_unsharded(tiny):
-    from hilora_jax.sharding import make_mesh
+    from hilora_jax.model.sharding import make_mesh
 
     path, _, model = tiny
     exs, tok = toy_examples(), CharTok()
@@ -219,10 +219,10 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
 
 
 def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
-    """`poolbuild.build_task_pool`: one adapter per task, samples + clusters in the pool; a second
+    """`lora.build.build_task_pool`: one adapter per task, samples + clusters in the pool; a second
     call reuses the cached adapters (same pool arrays) and keeps their training records."""
     from hilora_jax.lora import load_pool
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.lora.build import build_task_pool
 
     path, _, model = tiny
     tok = CharTok()
@@ -251,7 +251,7 @@ def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
 
 
 def test_parse_layers():
-    from hilora_jax.train import parse_layers
+    from hilora_jax.lora.train import parse_layers
 
     assert parse_layers("26-29") == [26, 27, 28, 29]
     assert parse_layers("0, 5,9") == [0, 5, 9]
@@ -273,8 +273,8 @@ def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, re
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from hilora_jax.interop.peft import module_rank_alpha as peft_rank_alpha
-    from hilora_jax.projections import MODULES, projection
+    from hilora_jax.io.peft import module_rank_alpha as peft_rank_alpha
+    from hilora_jax.model.projections import MODULES, projection
 
     path, _, model = tiny
     tr = train_lora(model, CharTok(), toy_examples(), steps=6, lr=5e-2, batch_size=4,
@@ -311,7 +311,7 @@ def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, re
     assert np.abs(ref - base)[valid].max() > 1e-2  # the adapter changes the logits
     assert np.abs(got - ref)[valid].max() <= 1e-4
     # the project's own PEFT reader reads back our arrays and per-module scales
-    from hilora_jax.interop.peft import read_adapter
+    from hilora_jax.io.peft import read_adapter
 
     ad = read_adapter(out, model.config)
     assert {m for _, m in ad.modules} == set(tr.targets)

@@ -38,18 +38,20 @@ PROJ = r"(?:q|k|v|o|gate|up|down)_proj"
 FACTS: dict[str, tuple[str, str, str]] = {
     "projection names": (
         "a list/tuple/dict naming three or more adaptable projections",
-        rf'(["\']{PROJ}["\'].*){{3,}}', "hilora_jax/**/*.py"),
+        rf'(["\']{PROJ}["\'].*){{3,}}|^\s*Projection\(["\']{PROJ}', "hilora_jax/**/*.py"),
     "projection -> block": (
         "which block (self_attn / mlp) holds a projection",
         rf'["\']{PROJ}["\']\s*:\s*["\'](self_attn|mlp)["\']|f["\'](self_attn|mlp)\.\{{|'
-        rf'\bm in \(["\']q_proj|\bname in (ATTN|MLP)_MODULES|block = layer\.self_attn',
+        rf'\bm in \(["\']q_proj|\bname in (ATTN|MLP)_MODULES|block = layer\.self_attn|'
+        rf'^\s*Projection\(["\']{PROJ}["\'],\s*["\'](self_attn|mlp)',
         "hilora_jax/**/*.py"),
     "projection -> logical axes": (
         "logical (sharding) axes of a projection's input/output",
         rf'{PROJ}.*["\'](embed|q_heads|kv_heads|mlp)["\']\s*[,)]', "hilora_jax/**/*.py"),
     "projection -> shape from config": (
         "a projection's (d_in, d_out) from the config",
-        rf'["\']{PROJ}["\']\s*:\s*\(\s*(d|f|self\.q_size|cfg\.)|\b(in_dim|out_dim)\s*=\s*lambda',
+        rf'["\']{PROJ}["\']\s*:\s*\(\s*(d|f|self\.q_size|cfg\.)|'
+        rf'^\s*Projection\(["\']{PROJ}.*["\'](hidden_size|q_size|kv_size|intermediate_size)["\']',
         "hilora_jax/**/*.py"),
     "shape-letter legend": (
         "a definition of the shape letters (L layers, A adapters, R ROCs, ...)",
@@ -67,7 +69,7 @@ FACTS: dict[str, tuple[str, str, str]] = {
         r'^\s*def (_score_impl|_impl|_tail_impl|_score_tail)\b', "hilora_jax/**/*.py"),
     "batch placement": (
         "code placing a host batch on the mesh's batch sharding",
-        r'device_put\(.*batch_sharding|def _put\b|def _place\b|def place_batch\b',
+        r'device_put\(.*batch_sharding|def _put\b|def _?place\b|def place_batch\b',
         "hilora_jax/**/*.py"),
     "hidden router/hook state": (
         "state kept in an object's __dict__ behind its back",

@@ -2,13 +2,13 @@
 
 * `load_pool(src, model=...)`: `src` is a manifest file (JSON/YAML), a manifest dict, a folder of
   adapter directories, or a saved pool directory. Every adapter is read torch-free and checked
-  against the base model's config (`interop.peft.read_adapter`), then stacked (`LoraPool`).
+  against the base model's config (`io.peft.read_adapter`), then stacked (`LoraPool`).
 * `save_pool(pool, out)` writes `out/arrays` (orbax, flat `{"A.q_proj": ..., "ranks": ...}`) and
   `out/pool.json` (format version, names, clusters, samples, sources, configs, array shapes) into a
   temp dir renamed into place (`_fs.atomic_dir`): a failure leaves nothing behind.
   `load_pool_dir(path, mesh)` restores every array straight onto its sharding.
 * `export_peft(pool, name_or_weights, out)` writes one adapter, or a weighted combination of
-  adapters as one concatenated-rank LoRA, as a PEFT adapter directory (`interop.peft.write_adapter`,
+  adapters as one concatenated-rank LoRA, as a PEFT adapter directory (`io.peft.write_adapter`,
   the one PEFT writer): for every adapted
   (layer, module), `lora_A = [A_i rows]`, `lora_B = [w_i s_i b_ij columns]`, so
   `lora_B @ lora_A = sum_i w_i s_i B_i A_i`. The config sets `lora_alpha = r` and, per module whose
@@ -34,11 +34,11 @@ import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from hilora_jax._fs import atomic_dir
-from hilora_jax.checkpoint import restore_arrays, save_arrays
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.peft import AdapterError, module_key, read_adapter, write_adapter
+from hilora_jax.io.checkpoint import restore_arrays, save_arrays
+from hilora_jax.io.peft import AdapterError, module_key, read_adapter, write_adapter
 from hilora_jax.lora.manifest import PoolManifest, read_manifest
 from hilora_jax.lora.pool import LoraPool, PoolArrays, pool_shardings
+from hilora_jax.model.config import ModelConfig
 
 POOL_FORMAT_VERSION = 1
 POOL_META = "pool.json"
@@ -51,16 +51,16 @@ def model_config_of(model: Any) -> ModelConfig:
         return model
     if hasattr(model, "config") and isinstance(model.config, ModelConfig):
         return model.config
-    from hilora_jax.loading import resolve_source
+    from hilora_jax.io.loading import resolve_source
 
     kind, path = resolve_source(model)
     if kind == "converted":
-        from hilora_jax.checkpoint import read_meta
+        from hilora_jax.io.checkpoint import read_meta
 
         return ModelConfig.from_dict(read_meta(path)["config"])
     if kind == "hf":
         return ModelConfig.from_hf_config(path / "config.json")
-    from hilora_jax.interop.gguf import read_gguf
+    from hilora_jax.io.gguf import read_gguf
 
     return ModelConfig.from_hf_config(read_gguf(path).config, source=str(path))
 

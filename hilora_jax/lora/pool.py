@@ -1,8 +1,8 @@
 # ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """The LoRA pool: N adapters stacked per target module as rank-one components (ROCs).
 
-Shape letters (`hilora_jax.projections`): L layers, B batch, T tokens, A adapters (the pool's N),
-R ROCs per adapter (padded to the module's max rank), D module input dim, E module output dim.
+Shape letters and the LoRA layout: the legend in `hilora_jax.model.projections` (here D and E are a
+module's input and output dims; A is the pool's N).
 
 For each target module name `m` (`q_proj`, ..., `down_proj`) the pool holds
 
@@ -36,11 +36,11 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax import sharding as shd
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.peft import PeftAdapter
-from hilora_jax.nn.hook import LoraHook
-from hilora_jax.projections import MODULES, projection
+from hilora_jax.io.peft import PeftAdapter
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.projections import MODULES, projection
 
 
 @struct.dataclass
@@ -106,7 +106,7 @@ def lora_delta(
 
 @struct.dataclass
 class GatedHook(LoraHook):
-    """Model hook (`nn.hook.LoraHook`) applying the pool with given gates.
+    """Model hook (`model.hook.LoraHook`) applying the pool with given gates.
 
     `gates`: per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter `[B, A]`
     (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide
@@ -200,7 +200,7 @@ class LoraPool:
     def from_adapters(cls, adapters: Sequence[PeftAdapter], model_cfg: ModelConfig, *,
                       clusters=None, samples=None, dtype=jnp.float32,
                       mesh: Mesh | None = None) -> LoraPool:
-        """Stack host adapters (`interop.peft.read_adapter`) into a pool; see the module docstring."""
+        """Stack host adapters (`io.peft.read_adapter`) into a pool; see the module docstring."""
         if not adapters:
             raise ValueError("cannot build an empty pool (no adapters)")
         L, N = model_cfg.num_layers, len(adapters)

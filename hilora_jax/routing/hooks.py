@@ -1,14 +1,13 @@
 """Routing hooks: the per-module maths of every router, as pytrees the model calls.
 
-Each hook is a `nn.hook.LoraHook`: `delta(layer, name, x) -> (delta, trace) | None`, the trace
+Each hook is a `model.hook.LoraHook`: `delta(layer, name, x) -> (delta, trace) | None`, the trace
 being this call's routing arrays. Hooks are `flax.struct` pytrees: pool arrays and per-sequence
 decisions are leaves (new decisions never recompile), strategies and hyper-parameters are static
 fields. Every hook reads a module's layer through `PoolArrays.layer` (active mask and masked scale
 computed there, once).
 
-Shape letters (`hilora_jax.projections`): B batch, T tokens, A adapters (pool), C candidate slots,
-R ROCs per adapter, P packed ROCs, K sparse-mixture slots, D module input dim, E module output dim,
-L layers.
+Shape letters: the legend in `hilora_jax.model.projections` (D and E: a module's input and output
+dims; P packed ROCs; K sparse-mixture slots).
 
 * `HiLoRAHook`: method §3. For each candidate LoRA i of a sequence (from the sequence stage),
   `u_ij(t) = a_ij . x_t`; keep the n_i(module) largest |u| ROCs; delta =
@@ -41,8 +40,8 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from hilora_jax.lora.pool import PoolArrays, masked_scale
-from hilora_jax.nn.hook import LoraHook
-from hilora_jax.projections import shared_input_groups
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.projections import shared_input_groups
 from hilora_jax.routing.sequence import per_module_counts
 from hilora_jax.routing.token import roc_fixed_gates, topn_gates
 

@@ -4,7 +4,7 @@ Design
 ------
 * The adapter is a pytree hook (`TrainableLora`, a `flax.struct.dataclass`): per target module a
   stacked A `[L, R, D]` and B `[L, R, E]` (ROC rows, the project's one LoRA layout: see
-  `hilora_jax.projections`), and the static scale `alpha / r`. `CausalLM` calls it at every
+  `hilora_jax.model.projections`), and the static scale `alpha / r`. `CausalLM` calls it at every
   adaptable projection, so the base model is never rebuilt or mutated.
 * Initialisation matches PEFT's default (`init_lora_weights=True`): A is kaiming-uniform with
   `a = sqrt(5)` on the `[r, d_in]` weight, i.e. `U(-1/sqrt(d_in), 1/sqrt(d_in))`; B is zero, so
@@ -21,7 +21,7 @@ Design
   to one length bucket, so the answer is always in the last `K` positions and only those go through
   the LM head (`inference.tail_logprobs`, the scoring path of `Engine.score`).
 * `save_peft` writes the adapter through the project's one PEFT writer
-  (`interop.peft.write_adapter`; `peft_modules` is the only place the trainer's arrays meet PEFT),
+  (`io.peft.write_adapter`; `peft_modules` is the only place the trainer's arrays meet PEFT),
   atomically, loadable by `peft.PeftModel.from_pretrained`.
 """
 
@@ -54,10 +54,10 @@ from hilora_jax.eval.tasks import (
     pad_id_of,
 )
 from hilora_jax.inference import pad_batch, tail_logprobs
-from hilora_jax.interop.peft import PeftAdapter
-from hilora_jax.nn.hook import LoraHook
-from hilora_jax.nn.model import CausalLM
-from hilora_jax.projections import MODULES
+from hilora_jax.io.peft import PeftAdapter
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.llama import CausalLM
+from hilora_jax.model.projections import MODULES
 
 
 @struct.dataclass
@@ -329,7 +329,7 @@ def train_lora(
 # -- PEFT export -------------------------------------------------------------------------------
 def peft_modules(trained: TrainedLora) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
     """The trained ROC rows per `(layer, module)`, `(A [r, D], B [r, E])` float32, for the PEFT
-    writer (`interop.peft.write_adapter`; the scale is the config's, not folded in)."""
+    writer (`io.peft.write_adapter`; the scale is the config's, not folded in)."""
     layers = trained.adapter.layers
     out = {}
     for name in trained.targets:
@@ -341,7 +341,7 @@ def peft_modules(trained: TrainedLora) -> dict[tuple[int, str], tuple[np.ndarray
 
 
 def trainable_from_peft(adapter: PeftAdapter, num_layers: int) -> TrainableLora:
-    """A read PEFT adapter (`interop.peft.read_adapter`) as the trainer's hook (same layout)."""
+    """A read PEFT adapter (`io.peft.read_adapter`) as the trainer's hook (same layout)."""
     a, b, scale = {}, {}, {}
     for (layer, mod), (A, B, s) in adapter.modules.items():
         if mod not in a:
@@ -356,7 +356,7 @@ def trainable_from_peft(adapter: PeftAdapter, num_layers: int) -> TrainableLora:
 def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name: str, *,
               overwrite: bool = False) -> Path:
     """Write a standard PEFT LoRA adapter directory atomically; returns its path."""
-    from hilora_jax.interop.peft import write_adapter
+    from hilora_jax.io.peft import write_adapter
 
     config = {
         "peft_type": "LORA",
@@ -433,7 +433,7 @@ def train_lora_cli(args) -> int:
     model loads; a bad one is a `UsageError` (one line from the CLI)."""
     from hilora_jax.cli import check_model_source, check_output, load_task_files
     from hilora_jax.errors import UsageError
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     check_output(args.out, args.overwrite)
     for name in ("r", "steps", "batch_size", "max_len"):

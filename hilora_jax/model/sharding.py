@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from hilora_jax.projections import LLAMA, projection
+from hilora_jax.model.projections import LLAMA, projection
 
 DATA, MODEL = "data", "model"
 

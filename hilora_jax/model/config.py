@@ -2,7 +2,7 @@
 
 `ModelConfig.from_hf_config` reads both the transformers 4.x layout (`rope_theta`, `rope_scaling`,
 `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`, `layer_types`). The policy for every field
-of a `config.json` (the same one `interop.peft.check_config` applies to `adapter_config.json`):
+of a `config.json` (the same one `io.peft.check_config` applies to `adapter_config.json`):
 
 * read: a field we implement is read (`hidden_size`, `num_key_value_heads`, `rope_scaling`, ...);
 * value-checked: a known field is allowed only at values that keep the maths we implement
@@ -221,7 +221,7 @@ class ModelConfig:
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
         """`(d_in, d_out)` of every adaptable projection, by HF module name (`projections`)."""
-        from hilora_jax.projections import module_shapes
+        from hilora_jax.model.projections import module_shapes
 
         return module_shapes(self)
 

@@ -24,11 +24,11 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from hilora_jax import sharding as shd
 from hilora_jax._fs import atomic_dir
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.hf import _path_str, abstract_model
-from hilora_jax.nn.model import CausalLM
+from hilora_jax.io.hf import _path_str, abstract_model
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.llama import CausalLM
 
 FORMAT_VERSION = 1
 

@@ -20,7 +20,7 @@ Config handling follows peft 0.21 exactly (`peft/tuners/tuners_utils.py::check_t
 The tensor keys are the truth about which modules and layers are adapted; the set the config predicts
 is cross-checked against them and any difference is an error.
 
-`adapter_config.json` fields follow the same policy as model configs (`hilora_jax.config`): a field we
+`adapter_config.json` fields follow the same policy as model configs (`hilora_jax.model.config`): a field we
 implement is read and validated (`r`, `lora_alpha`, `use_rslora`, `target_modules`, patterns, ...); a
 known field is allowed only at values that keep plain-LoRA maths (`use_dora`, `lora_bias`, `bias`,
 `init_lora_weights`, ... else `AdapterError` naming field and value); metadata (`base_model_name_or_path`,
@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from hilora_jax.config import ModelConfig, unknown_fields_warning
-from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile
-from hilora_jax.projections import BLOCKS, MODULES, PROJECTIONS, projection
+from hilora_jax.io.safetensors import CheckpointError, SafetensorsFile
+from hilora_jax.model.config import ModelConfig, unknown_fields_warning
+from hilora_jax.model.projections import BLOCKS, MODULES, PROJECTIONS, projection
 
 
 class AdapterError(CheckpointError):
@@ -321,7 +321,7 @@ class PeftAdapter:
     """One PEFT adapter read into host memory.
 
     `modules[(layer, name)] = (A [r, d_in], B [r, d_out], scale)`, float32, in the project's LoRA
-    layout (`hilora_jax.projections`: ROC j is the pair of rows A[j], B[j]; B is the transpose of
+    layout (`hilora_jax.model.projections`: ROC j is the pair of rows A[j], B[j]; B is the transpose of
     PEFT's `lora_B.weight [d_out, r]`).
     """
 
@@ -341,10 +341,10 @@ def resolve_adapter_dir(src: str | os.PathLike, name: str) -> Path:
     if p.exists():
         raise AdapterError(f"adapter {name!r}: {p} is not a directory")
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
-        from hilora_jax.loading import _hub_download
+        from hilora_jax.io.hub import hub_download
 
         try:
-            return _hub_download(s, allow_patterns=("adapter_config.json", "adapter_model.safetensors",
+            return hub_download(s, allow_patterns=("adapter_config.json", "adapter_model.safetensors",
                                                     "adapter_model.bin"))
         except (OSError, ImportError) as e:
             raise AdapterError(f"adapter {name!r}: {e}") from e
@@ -465,7 +465,7 @@ def write_adapter(out: str | os.PathLike, config: Mapping[str, Any],
     `adapter_config.json`, `adapter_model.safetensors` from `modules` (`peft_tensors`) and any
     `extra_files` (`{file name: text}`). The one PEFT writer (pool export and the trainer)."""
     from hilora_jax._fs import atomic_dir
-    from hilora_jax.interop.safetensors_io import save_file
+    from hilora_jax.io.safetensors import save_file
 
     check_config(config, Path(out).name)  # what we write, we can read back
     tensors = peft_tensors(modules)

@@ -5,7 +5,7 @@ Every fact about a projection that LoRA touches lives here, once: its HF/PEFT mo
 `model.layers.{l}.{block}.{name}`), the activation it reads (projections reading the same one are
 computed together by packed routing), the logical axes of its input and output (sharding of the
 base kernel `[in, out]`, and of LoRA A / B after qwix's rule), and its `(d_in, d_out)` as config
-attributes. PEFT interop (`interop.peft`), sharding (`sharding.PARAM_AXES`, `sharding.lora_axes`),
+attributes. PEFT files (`io.peft`), sharding (`sharding.PARAM_AXES`, `sharding.lora_axes`),
 the config (`ModelConfig.module_shapes`), the model's layers, the pool, the routing hooks and the
 trainer all read `LLAMA`. Another family (T5, say) is one more tuple of `Projection`s.
 
@@ -35,7 +35,7 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from hilora_jax.config import ModelConfig
+    from hilora_jax.model.config import ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)

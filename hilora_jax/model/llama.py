@@ -1,14 +1,14 @@
 """Flax NNX Llama-family decoder with HF attribute names and a LoRA delta hook.
 
 Modules are thin shells holding parameters (kernels `[in, out]`, HF names: `model.layers[i].
-self_attn.q_proj.kernel`); the maths lives in `hilora_jax.nn.layers`. Hot paths split the model once
+self_attn.q_proj.kernel`); the maths lives in `hilora_jax.model.layers`. Hot paths split the model once
 and `jax.jit` a pure function (see `hilora_jax.inference`).
 
-LoRA hook (`hilora_jax.nn.hook.LoraHook`): for each activation it projects, the model asks the
+LoRA hook (`hilora_jax.model.hook.LoraHook`): for each activation it projects, the model asks the
 hook once for the deltas of the projections reading it (`lora.deltas(layer, ("q_proj", "k_proj",
 "v_proj"), x)`) and adds them to the base outputs. Pools and routing decisions are *arguments* of
 the hook, not module state, so swapping a pool or changing gates never rebuilds the model and new
-gate values never recompile. Shape letters: `hilora_jax.projections`.
+gate values never recompile. Shape letters: `hilora_jax.model.projections`.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax.config import ModelConfig
-from hilora_jax.nn import layers
-from hilora_jax.nn.hook import LoraHook
-from hilora_jax.projections import projection
+from hilora_jax.model import layers
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.projections import projection
 
 
 @struct.dataclass

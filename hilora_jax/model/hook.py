@@ -1,6 +1,6 @@
 """The LoRA hook protocol: how the model asks for the low-rank delta of a projection.
 
-Every adaptable projection `y = x W` of the model (`hilora_jax.projections`) becomes
+Every adaptable projection `y = x W` of the model (`hilora_jax.model.projections`) becomes
 `y = x W + delta`, where the delta comes from a hook passed as an *argument* of the forward pass
 (`CausalLM(..., lora=hook)`), never stored in the model: a new pool, new gates or new routing
 decisions are new leaves of the hook pytree and never rebuild or recompile the model.
@@ -15,7 +15,7 @@ Hooks subclass `LoraHook` and implement `delta(layer, name, x)`; a hook that gai
 shared input once (packed HiLoRA: one matmul against the concatenated q/k/v packs) overrides
 `deltas` as well. Every hook is a `flax.struct` pytree: arrays are leaves, strategies and
 hyper-parameters static fields. Implementations: `lora.pool.GatedHook` (fixed gates),
-`routing.hooks` (HiLoRA, roc-fixed, Arrow, sparse mixture, fusion), `train.TrainableLora`.
+`routing.hooks` (HiLoRA, roc-fixed, Arrow, sparse mixture, fusion), `lora.train.TrainableLora`.
 """
 
 from __future__ import annotations
