@@ -347,3 +347,83 @@ def test_projection_table_matches_hf_modules(tmp_path):
         assert {p.name for p in projections(cfg)} == (
             {"q", "k", "v", "o", "wi_0", "wi_1", "wo"} if variant == "v1.1"
             else {"q", "k", "v", "o", "wi", "wo"})
+
+
+# -- PEFT LoRA adapters --------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", ["v1.0", "v1.1"])
+def test_peft_t5_adapter_matches_peftmodel(tmp_path, variant):
+    """All T5 targets (q,k,v,o in encoder self-attention, decoder self-attention and
+    EncDecAttention; wi / wi_0 / wi_1 / wo), rank and alpha patterns, layers_to_transform."""
+    from peft import LoraConfig, get_peft_model
+
+    from hilora_jax.t5.lora import SingleLoraHook, read_t5_adapter
+
+    hf = make_hf_t5(tmp_path / "base", variant)
+    rng = np.random.default_rng(6)
+    ids, mask = padded(rng, (14, 6), 14)
+    dids, dmask = padded(rng, (7, 4), 7)
+    base_ref = hf_logits(hf, ids, mask, dids, dmask)
+    torch.manual_seed(1)
+    lcfg = LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, lora_alpha=8, init_lora_weights=False,
+                      target_modules=["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"],
+                      rank_pattern={"wo": 2}, alpha_pattern={"EncDecAttention.q": 3.0},
+                      layers_to_transform=[0, 2])
+    pm = get_peft_model(hf, lcfg).eval()
+    ref = hf_logits(pm, ids, mask, dids, dmask)
+    assert np.abs(ref - base_ref)[dmask.astype(bool)].max() > 1e-2  # the adapter matters
+    pm.save_pretrained(str(tmp_path / "ad"))
+    model = load_t5(tmp_path / "base")
+    ad = read_t5_adapter(tmp_path / "ad", model.config)
+    ffn = {"wi_0", "wi_1", "wo"} if variant == "v1.1" else {"wi", "wo"}
+    assert {p.rsplit(".", 1)[-1] for p in ad.modules} == {"q", "k", "v", "o"} | ffn
+    assert not any(".block.1." in p for p in ad.modules)  # layers_to_transform=[0, 2]
+    assert any(p.startswith("decoder.block.2.layer.1.EncDecAttention") for p in ad.modules)
+    assert ad.modules["encoder.block.0.layer.1.DenseReluDense.wo"][0].shape[0] == 2  # rank_pattern
+    out = np.asarray(T5Engine(model).forward(ids, mask, dids, dmask,
+                                             lora=SingleLoraHook.from_adapter(ad)))
+    err = np.abs(out - ref)[dmask.astype(bool)].max()
+    assert err <= TOL, err
+
+
+def _fake_adapter(d: Path, cfg: dict, tensors: dict):
+    d.mkdir()
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    save_file(tensors, d / "adapter_model.safetensors")
+
+
+def test_adapter_of_other_family_or_wrong_modules_is_one_line(tmp_path):
+    from hilora_jax.interop.peft import AdapterError
+    from hilora_jax.t5.lora import read_t5_adapter
+
+    make_hf_t5(tmp_path / "base", "v1.1")
+    cfg = load_t5(tmp_path / "base").config
+    z = np.zeros((4, 40), np.float32)
+    # a Llama adapter on a T5 base: refused by its targets, and by its keys
+    _fake_adapter(tmp_path / "llama", {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                       "target_modules": ["q_proj", "v_proj"]},
+                  {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": z})
+    with pytest.raises(AdapterError) as e:
+        read_t5_adapter(tmp_path / "llama", cfg)
+    assert "Llama-family" in _one_line(e) and "'target_modules'" in str(e.value)
+    _fake_adapter(tmp_path / "llama2", {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                        "target_modules": "all-linear"},
+                  {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": z})
+    with pytest.raises(AdapterError) as e:
+        read_t5_adapter(tmp_path / "llama2", cfg)
+    assert "Llama-family module" in _one_line(e)
+    # targets q but the tensors hold only encoder block 0 (the config targets every block)
+    _fake_adapter(tmp_path / "partial", {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                         "target_modules": ["q"]},
+                  {"base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_A.weight": z,
+                   "base_model.model.encoder.block.0.layer.0.SelfAttention.q.lora_B.weight":
+                   np.zeros((35, 4), np.float32)})
+    with pytest.raises(AdapterError) as e:
+        read_t5_adapter(tmp_path / "partial", cfg)
+    assert "config targets but no tensors" in _one_line(e)
+    # a v1.0 ('wi') adapter on a v1.1 (gated) base
+    _fake_adapter(tmp_path / "wi", {"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                    "target_modules": ["wi"]},
+                  {"base_model.model.encoder.block.0.layer.1.DenseReluDense.wi.lora_A.weight": z})
+    with pytest.raises(AdapterError) as e:
+        read_t5_adapter(tmp_path / "wi", cfg)
+    assert "DenseReluDense.wi.lora_A" in _one_line(e)
