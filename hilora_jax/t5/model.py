@@ -18,8 +18,10 @@ Numerics follow transformers (fp32 parity <= 1e-4):
   boundaries that fall on integers, e.g. distance 16/32/64 with 32 buckets);
 * head: tied (`shared`, decoder output scaled by `d_model ** -0.5` when `scale_decoder_outputs`)
   or an untied `lm_head`;
-* bf16: `wo` of every feed-forward is kept and computed in float32, as transformers'
-  `_keep_in_fp32_modules = ["wo"]` does (T5 activations overflow in half precision there).
+* bf16: `wo` of every feed-forward is kept and computed in float32 (transformers' T5 declares
+  `_keep_in_fp32_modules = ["wo"]` because activations overflow in half precision there; 5.24
+  loading with `dtype=torch.bfloat16` nevertheless leaves it in bf16). Only fp32 is held to
+  transformers' numbers; bf16 is tested to be as close to fp32 as transformers' own bf16 is.
 
 LoRA hook: each adaptable projection calls `lora(path, x)` with its HF module path (e.g.
 `"decoder.block.1.layer.1.EncDecAttention.q"`, the key PEFT uses) and adds the returned delta
