@@ -50,6 +50,29 @@ def test_published_configs_load(path):
     assert path.name in re.findall(r"`([\w.-]+\.json)`", (PUBLISHED / "SOURCES.md").read_text())
 
 
+@pytest.mark.parametrize("path", sorted(PUBLISHED.glob("*.json")), ids=lambda p: p.stem)
+def test_published_configs_build_transformers_shapes(path):
+    """At full size (shapes only: our abstract model, transformers on the meta device), every
+    transformers tensor maps through the loader's table onto a parameter of the same shape."""
+    import transformers as tf
+
+    from hilora_jax.t5.load import _T, EMBED_ALIASES, abstract_model, map_key
+
+    cfg = T5Config.from_hf_config(path)
+    _, _, flat = abstract_model(cfg)
+    with torch.device("meta"):
+        hf = tf.T5ForConditionalGeneration(tf.T5Config.from_dict(json.loads(path.read_text())))
+    seen = set()
+    for key, t in hf.state_dict().items():
+        if key in EMBED_ALIASES or (key == "lm_head.weight" and cfg.tie_word_embeddings):
+            continue
+        target, fn = map_key(key)
+        want = tuple(t.shape[::-1]) if fn is _T else tuple(t.shape)
+        assert tuple(flat[target].shape) == want, key
+        seen.add(target)
+    assert seen == set(flat)
+
+
 BASE = {"model_type": "t5", "vocab_size": 10, "d_model": 8, "d_kv": 3, "d_ff": 12, "num_layers": 1,
         "num_heads": 2}
 
