@@ -127,3 +127,55 @@ def test_goal_checks_read_the_issue_criteria(rp):
                    "hilora above uniform in seen by >= 2 SE": False,
                    "do no harm: hilora not below base in unseen-cross by > 1 SE": False,
                    "hilora mean candidate-set size for seen inputs <= 3": True}
+
+
+def test_choose_rule_takes_the_best_mean_over_protocols_ties_to_the_first(rp):
+    protos = ["seen", "unseen-within"]
+    acc = {("hilora", "seen"): 0.6, ("hilora", "unseen-within"): 0.4,      # mean 0.50
+           ("hilora-cal", "seen"): 0.7, ("hilora-cal", "unseen-within"): 0.3,  # mean 0.50
+           ("hilora-f5", "seen"): 0.5, ("hilora-f5", "unseen-within"): 0.45}   # mean 0.475
+    res = {k: {"mean": {"acc": v}} for k, v in acc.items()}
+    best, score = rp.choose_rule(res, ["hilora", "hilora-cal", "hilora-f5"], protos)
+    assert best == "hilora" and score["hilora-f5"] == pytest.approx(0.475)
+    best, _ = rp.choose_rule(res, ["hilora-cal", "hilora", "hilora-f5"], protos)
+    assert best == "hilora-cal"  # the tie goes to the earlier label
+    res[("hilora-f5", "seen")] = {"mean": {"acc": 0.9}}
+    assert rp.choose_rule(res, ["hilora", "hilora-cal", "hilora-f5"], protos)[0] == "hilora-f5"
+
+
+def test_stages_are_gated_and_freeze_records_the_dev_choice(rp, tmp_path):
+    """--dev-routing needs the selection, --freeze the dev routing results, --test frozen.json;
+    the frozen `hilora` is the rule chosen on dev, with its options, and the other rules stay
+    as labelled variants."""
+    import json
+
+    res = tmp_path / "res"
+    res.mkdir()
+    args = ["--results", str(res), "--out", str(tmp_path / "out")]
+    for stage, missing in (("--dev-routing", "selection.json"), ("--freeze", "selection.json"),
+                           ("--test", "frozen.json")):
+        with pytest.raises(SystemExit, match=missing):
+            rp.main(args + [stage])
+    ad = tmp_path / "ad"
+    ad.mkdir()
+    (ad / "adapter_config.json").write_text("{}")
+    sel = {"selected_at": "t", "selection": {"rule": "r"}, "seed": 0, "model": "smollm2",
+           "splits": {}, "train": {}, "tasks": [{"task": "a", "cluster": "A", "adapter": str(ad)}]}
+    (res / "selection.json").write_text(json.dumps(sel))
+    with pytest.raises(SystemExit, match="dev_routing.json"):
+        rp.main(args + ["--freeze"])
+    runs = [["hilora", "hilora", {}], ["hilora-cal", "hilora", {"preset": "calibrated"}]]
+    (res / "dev_routing.json").write_text(json.dumps(
+        {"runs": runs, "choice": {"rule": "r", "best": "hilora-cal",
+                                  "scores": {"hilora": 0.4, "hilora-cal": 0.5}}}))
+    assert rp.main(args + ["--freeze", "--dev-variant", "hilora-cal=hilora:preset=calibrated",
+                           "--dev-variant", "hilora-p=hilora:preset=paper"]) == 0
+    fr = json.loads((res / "frozen.json").read_text())
+    assert fr["hilora"]["chosen_on_dev"] == "hilora-cal"
+    assert fr["hilora"]["options"] == {"preset": "calibrated"}
+    assert "hilora-p=hilora:preset=paper" in fr["variants"]
+    assert "hilora-default=hilora" in fr["variants"]
+    assert not any(v.startswith("hilora-cal=") for v in fr["variants"])
+    (ad / "adapter_config.json").unlink()
+    with pytest.raises(SystemExit, match="missing"):
+        rp.main(args + ["--test"])

@@ -23,11 +23,16 @@ such a pool with the project's JAX trainer and judges it the way issue 13 asks:
 5. Dev screen right after each adapter: base vs own LoRA on the task's dev items, the paired
    difference and its standard error (`screen.json`, `screen.md`, updated after every adapter).
 6. Selection (dev only): tasks whose LoRA beats base by >= `--min-gain` and by >= `--min-se`
-   standard errors; >= 16 tasks in >= 5 clusters are required. The frozen configuration
-   (selected tasks, recipes and adapter keys, protocols, routers and variants, seeds) is written
-   to `frozen.json` before any test run.
-7. `--test` (reads the test split once): every router and variant of `frozen.json` under the
-   three protocols, paired differences with standard errors (the DG runner's reporting code).
+   standard errors; >= 16 tasks in >= 5 clusters are required (`selection.json`).
+7. `--dev-routing` (dev only): every router and every HiLoRA rule (`DEV_VARIANTS`: the paper's
+   preset, the calibrated preset at floors -3/-5/-8, and the library default) on the selected
+   pool under the three protocols (`dev_routing.{json,md}`); `CHOICE_RULE`, stated before any
+   run, picks the rule.
+8. `--freeze`: `frozen.json` (selected tasks, recipes and adapter keys, protocols, routers, the
+   HiLoRA rule chosen on dev and its dev evidence, the other rules as variants, seeds, splits).
+9. `--test` (reads the test split once, only after `frozen.json` exists): every router and
+   variant under the three protocols, paired differences with standard errors (the DG runner's
+   reporting code), and issue 13's goals.
 """
 
 from __future__ import annotations
@@ -68,6 +73,13 @@ TARGETS = {"qv": ("q_proj", "v_proj"), "all-linear": "all-linear"}
 PROTOCOLS = dg.PROTOCOLS
 ROUTERS = dg.ROUTERS
 VARIANTS = ["hilora-paper=hilora:preset=paper", "hilora-kappa1=hilora:kappa=none"]
+# the HiLoRA rules compared on dev (`--dev-routing`) before one becomes `hilora` for the test run;
+# `hilora` itself (the library default) is always among them
+DEV_VARIANTS = ["hilora-paper=hilora:preset=paper", "hilora-cal=hilora:preset=calibrated",
+                "hilora-cal-f5=hilora:preset=calibrated,floor=-5",
+                "hilora-cal-f8=hilora:preset=calibrated,floor=-8"]
+CHOICE_RULE = ("the HiLoRA rule (library default `hilora` or one of the dev variants) with the highest "
+               "dev accuracy averaged over the three protocols; ties go to the earlier in the list")
 SPLIT_KEYS = ("min_examples", "max_tokens", "per_family", "max_candidates", "n_test", "n_dev",
               "n_holdout", "gym", "seed")  # dg.add_split_args: frozen, and reused by --test
 TRAIN_VERSION = 1  # bump when the training procedure changes in a way the key cannot see
@@ -235,18 +247,33 @@ def main(argv=None) -> int:
                    help=f"extra routers for the test stage (default: {VARIANTS})")
     p.add_argument("--limit", type=int, default=None,
                    help="train at most this many new adapters in this run, then stop")
-    p.add_argument("--test", action="store_true",
-                   help="evaluate every frozen router x protocol on the test split (reads test once)")
+    p.add_argument("--dev-items", type=int, default=32,
+                   help="--dev-routing: the first N dev items per task (the carved ones come first)")
+    p.add_argument("--dev-variant", action="append", default=None, metavar="LABEL=ROUTER[:k=v,...]",
+                   help=f"--dev-routing: the HiLoRA rules compared on dev (default: {DEV_VARIANTS})")
+    stage = p.add_mutually_exclusive_group()
+    stage.add_argument("--dev-routing", action="store_true",
+                       help="every router and HiLoRA rule on the selected pool, dev split only")
+    stage.add_argument("--freeze", action="store_true",
+                       help="choose the HiLoRA rule from the dev routing results and write frozen.json")
+    stage.add_argument("--test", action="store_true",
+                       help="evaluate every frozen router x protocol on the test split (reads test once)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.variant is None:
         args.variant = list(VARIANTS)
-    for v in args.variant:
+    if args.dev_variant is None:
+        args.dev_variant = list(DEV_VARIANTS)
+    for v in args.variant + args.dev_variant:
         dg.parse_variant(v)  # bad specs fail before any slow work
     res_dir, out = Path(args.results), Path(args.out)
     res_dir.mkdir(parents=True, exist_ok=True)
     if args.test:
         return run_test(args, res_dir, out)
+    if args.dev_routing:
+        return run_dev_routing(args, res_dir, out)
+    if args.freeze:
+        return run_freeze(args, res_dir)
 
     from hilora_jax.eval.runner import write_json_atomic
     from hilora_jax.eval.tasks import ChoiceScorer
@@ -358,19 +385,19 @@ def main(argv=None) -> int:
         log(f"only {len(chosen)} tasks in {n_cl} clusters pass the dev criterion (need "
             f"{args.min_tasks} in {args.min_clusters}): widen --shortlist or train longer")
         return 1
-    frozen = {
-        "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    selection = {
+        "selected_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "selection": {"rule": f"dev gain >= {args.min_gain} and >= {args.min_se} SE",
                       "min_tasks": args.min_tasks, "min_clusters": args.min_clusters},
         "tasks": [{k: r[k] for k in ("task", "cluster", "recipe", "key", "adapter", "base_dev",
                                      "lora_dev", "gain", "se")} for r in chosen],
-        "protocols": PROTOCOLS, "routers": [x for x in args.routers.split(",") if x],
-        "variants": args.variant, "seed": args.seed, "model": args.model,
+        "seed": args.seed, "model": args.model,
         "splits": {**{k: getattr(args, k) for k in SPLIT_KEYS}, "m_samples": dg.N_SAMPLES},
         "train": train_cfg,
     }
-    write_json_atomic(res_dir / "frozen.json", frozen)
-    log(f"frozen: {len(chosen)} tasks in {n_cl} clusters -> {res_dir / 'frozen.json'}")
+    write_json_atomic(res_dir / "selection.json", selection)
+    log(f"selected: {len(chosen)} tasks in {n_cl} clusters -> {res_dir / 'selection.json'}; "
+        f"next: --dev-routing, then --freeze")
     return 0
 
 
@@ -389,32 +416,161 @@ def _write_progress(res_dir, rows, plan, args):
     write_screen(res_dir, allrows, meta)
 
 
-# -- the test stage (not run until the routing algorithm is frozen) ----------------------------
-def run_test(args, res_dir: Path, out: Path) -> int:
-    from hilora_jax.eval.runner import (
-        PrefixScorer,
-        evaluate,
-        first_adapted_layer,
-        write_json_atomic,
-    )
-    from hilora_jax.inference import Engine
-    from hilora_jax.io.loading import load_model, load_tokenizer
+# -- routing evaluation on the selected pool (dev, then test) ---------------------------------
+def _read_json(path: Path, stage: str, keys, hint: str) -> dict:
+    if not path.exists():
+        raise SystemExit(f"{stage}: {path} does not exist; {hint}")
+    doc = json.loads(path.read_text())
+    for k in keys:
+        if k not in doc:
+            raise SystemExit(f"{stage}: {path} has no {k!r} field")
+    missing = [t["adapter"] for t in doc["tasks"]
+               if not (Path(t["adapter"]) / "adapter_config.json").exists()]
+    if missing:
+        raise SystemExit(f"{stage}: adapter(s) listed in {path} are missing: {missing}")
+    return doc
+
+
+def _selected_pool(model, tasks: list[dict], samples):
+    """The selected adapters as one pool, each with its m sequence-stage samples."""
     from hilora_jax.lora import load_pool
+
+    samp = defaultdict(list)
+    for ex in samples:
+        samp[ex.task].append(ex.prompt)
+    manifest = {"base": "selected",
+                "adapters": {t["task"]: {"path": t["adapter"], "samples": samp[t["task"]],
+                                         "cluster": t["cluster"]} for t in tasks}}
+    return load_pool(manifest, model=model)
+
+
+def _evaluate_runs(eng, tok, pool, runs, protocols, examples, eval_dir: Path) -> dict:
+    """`{(label, protocol): evaluate(...)}` for every `(label, router, options)` run; base is
+    evaluated once (protocols do not change it) and the oracle only under `seen`."""
+    from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
     from hilora_jax.routing import build_router
     from hilora_jax.routing.routers import pool_fingerprint
 
-    fpath = res_dir / "frozen.json"
-    if not fpath.exists():
-        raise SystemExit(f"--test: {fpath} does not exist; run the training and dev selection first "
-                         f"(the test split is read only after the configuration is frozen)")
-    frozen = json.loads(fpath.read_text())
-    for k in ("tasks", "routers", "variants", "protocols", "seed", "splits", "model"):
-        if k not in frozen:
-            raise SystemExit(f"--test: {fpath} has no {k!r} field")
-    missing = [t["adapter"] for t in frozen["tasks"]
-               if not (Path(t["adapter"]) / "adapter_config.json").exists()]
-    if missing:
-        raise SystemExit(f"--test: frozen adapter(s) missing: {missing}")
+    scorer = PrefixScorer(eng, first_adapted_layer(pool))
+    pool_fp = pool_fingerprint(pool)
+    results = {}
+    for label, name, options in runs:
+        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok)
+        for proto in protocols:
+            if name == "base" and proto != protocols[0]:
+                results[(label, proto)] = results[(label, protocols[0])]
+                continue
+            if name == "oracle" and proto != "seen":
+                continue
+            log(f"evaluating {label} / {proto} ({len(examples)} items)")
+            results[(label, proto)] = evaluate(
+                eng, tok, pool, router, examples, protocol=proto, scorer=scorer, progress=False,
+                out=eval_dir / f"{label}_{proto}.json",
+                config={"router": name, "router_options": options, "pool_fp": pool_fp})
+    return results
+
+
+def _tables(results, paired) -> list[str]:
+    return dg.method_table(results) + [""] + dg.paired_table(paired)
+
+
+def choose_rule(results, labels: list[str], protocols) -> tuple[str, dict]:
+    """CHOICE_RULE: the label with the highest dev accuracy averaged over `protocols`."""
+    score = {lab: float(np.mean([results[(lab, p)]["mean"]["acc"] for p in protocols]))
+             for lab in labels}
+    best = max(labels, key=lambda lab: (score[lab], -labels.index(lab)))
+    return best, score
+
+
+def run_dev_routing(args, res_dir: Path, out: Path) -> int:
+    """Every router and HiLoRA rule on the selected pool, on the dev split (never the test)."""
+    from hilora_jax.eval.runner import write_json_atomic
+    from hilora_jax.inference import Engine
+    from hilora_jax.io.loading import load_model, load_tokenizer
+
+    sel = _read_json(res_dir / "selection.json", "--dev-routing", ("tasks", "splits", "model"),
+                     "train and screen first (no --dev-routing before the pool is selected)")
+    t_start = time.time()
+    model, tok = load_model(sel["model"]), load_tokenizer(sel["model"])
+    for k in SPLIT_KEYS:
+        if k in sel["splits"]:
+            setattr(args, k, sel["splits"][k])
+    _, dev, samples, _ = dg.prepare_splits(args, tok, out / "data", with_test=False)
+    keep = {t["task"] for t in sel["tasks"]}
+    per = defaultdict(list)
+    for ex in dev:
+        if ex.task in keep and len(per[ex.task]) < args.dev_items:
+            per[ex.task].append(ex)
+    dev_sel = [ex for t in sorted(per) for ex in per[t]]
+    pool = _selected_pool(model, sel["tasks"], samples)
+    eng = Engine(model)
+    routers = [x for x in args.routers.split(",") if x]
+    runs = [(n, n, {}) for n in routers] + [dg.parse_variant(v) for v in args.dev_variant]
+    results = _evaluate_runs(eng, tok, pool, runs, PROTOCOLS, dev_sel, out / "dev_eval")
+    rules = ["hilora"] + [dg.parse_variant(v)[0] for v in args.dev_variant]
+    best, score = choose_rule(results, rules, PROTOCOLS)
+    against = [label for label, _, _ in runs if label != "hilora"]
+    paired = dg.paired_differences(results, ref="hilora", against=against)
+    doc = {"selection": sel["selected_at"], "dev_items_per_task": args.dev_items,
+           "n_items": len(dev_sel), "runs": [list(r) for r in runs], "protocols": PROTOCOLS,
+           "results": {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"],
+                                    "tasks": r["tasks"], "routing": r["routing"]}
+                       for (m, p), r in results.items()},
+           "paired": paired, "choice": {"rule": CHOICE_RULE, "scores": score, "best": best},
+           "timing": {"total_s": round(time.time() - t_start, 1)}}
+    write_json_atomic(res_dir / "dev_routing.json", doc)
+    lines = [f"Realistic pool, **dev** split ({len(dev_sel)} items: the first {args.dev_items} dev "
+             f"items of each of {len(keep)} tasks). Test split not read.", ""] + \
+        _tables(results, paired) + ["", f"Choice rule: {CHOICE_RULE}.", ""] + \
+        [f"- {lab}: {score[lab]:.4f}{'  <- chosen' if lab == best else ''}" for lab in rules]
+    (res_dir / "dev_routing.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+def run_freeze(args, res_dir: Path) -> int:
+    """frozen.json: the selected pool, the routers, and the HiLoRA rule chosen on dev, which the
+    test run evaluates as `hilora` (the other rules stay as labelled variants)."""
+    from hilora_jax.eval.runner import write_json_atomic
+
+    sel = _read_json(res_dir / "selection.json", "--freeze", ("tasks", "splits", "model"),
+                     "train and screen first")
+    dpath = res_dir / "dev_routing.json"
+    if not dpath.exists():
+        raise SystemExit(f"--freeze: {dpath} does not exist; run --dev-routing first")
+    devr = json.loads(dpath.read_text())
+    best = devr["choice"]["best"]
+    runs = {label: (name, opts) for label, name, opts in devr["runs"]}
+    name, options = runs[best]
+    variants = [v for v in args.dev_variant if dg.parse_variant(v)[0] != best]
+    if best != "hilora":
+        variants.append("hilora-default=hilora")  # the library default, for the record
+    variants += [v for v in args.variant if dg.parse_variant(v)[0] not in
+                 {dg.parse_variant(x)[0] for x in variants}]
+    frozen = {
+        "frozen_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **{k: sel[k] for k in ("selection", "tasks", "seed", "model", "splits", "train")},
+        "protocols": PROTOCOLS, "routers": [x for x in args.routers.split(",") if x],
+        "hilora": {"chosen_on_dev": best, "router": name, "options": options,
+                   "rule": devr["choice"]["rule"], "dev_scores": devr["choice"]["scores"]},
+        "variants": variants,
+    }
+    write_json_atomic(res_dir / "frozen.json", frozen)
+    log(f"frozen: {len(sel['tasks'])} tasks; `hilora` = {best} ({options}) -> "
+        f"{res_dir / 'frozen.json'}")
+    return 0
+
+
+def run_test(args, res_dir: Path, out: Path) -> int:
+    from hilora_jax.eval.runner import write_json_atomic
+    from hilora_jax.inference import Engine
+    from hilora_jax.io.loading import load_model, load_tokenizer
+
+    frozen = _read_json(res_dir / "frozen.json", "--test",
+                        ("tasks", "routers", "variants", "protocols", "seed", "splits", "model",
+                         "hilora"),
+                        "run the training, --dev-routing and --freeze first (the test split is "
+                        "read only after the configuration is frozen)")
     for v in frozen["variants"]:
         dg.parse_variant(v)
     t_start = time.time()
@@ -424,32 +580,13 @@ def run_test(args, res_dir: Path, out: Path) -> int:
             setattr(args, k, frozen["splits"][k])
     _, _, samples, test = dg.prepare_splits(args, tok, out / "data")
     keep = [t["task"] for t in frozen["tasks"]]
-    samp = defaultdict(list)
-    for ex in samples:
-        samp[ex.task].append(ex.prompt)
-    manifest = {"base": frozen["model"],
-                "adapters": {t["task"]: {"path": t["adapter"], "samples": samp[t["task"]],
-                                         "cluster": t["cluster"]} for t in frozen["tasks"]}}
-    pool = load_pool(manifest, model=model)
+    pool = _selected_pool(model, frozen["tasks"], samples)
     test_sel = [ex for ex in test if ex.task in set(keep)]
     eng = Engine(model)
-    scorer = PrefixScorer(eng, first_adapted_layer(pool))
-    pool_fp = pool_fingerprint(pool)
-    runs = [(n, n, {}) for n in frozen["routers"]] + [dg.parse_variant(v) for v in frozen["variants"]]
-    results = {}
-    for label, name, options in runs:
-        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok)
-        for proto in frozen["protocols"]:
-            if name == "base" and proto != "seen":
-                results[(label, proto)] = results[(label, "seen")]
-                continue
-            if name == "oracle" and proto != "seen":
-                continue
-            log(f"evaluating {label} / {proto}")
-            results[(label, proto)] = evaluate(
-                eng, tok, pool, router, test_sel, protocol=proto, scorer=scorer, progress=False,
-                out=out / "eval" / f"{label}_{proto}.json",
-                config={"router": name, "router_options": options, "pool_fp": pool_fp})
+    hil = frozen["hilora"]
+    runs = [(n, n, {}) if n != "hilora" else ("hilora", hil["router"], hil["options"])
+            for n in frozen["routers"]] + [dg.parse_variant(v) for v in frozen["variants"]]
+    results = _evaluate_runs(eng, tok, pool, runs, frozen["protocols"], test_sel, out / "eval")
     against = [label for label, _, _ in runs if label != "hilora"]
     paired = dg.paired_differences(results, ref="hilora", against=against)
     table = {f"{m}/{p}": {"mean": r["mean"], "clusters": r["clusters"], "tasks": r["tasks"],
@@ -459,8 +596,9 @@ def run_test(args, res_dir: Path, out: Path) -> int:
            "timing": {"total_s": round(time.time() - t_start, 1)}}
     write_json_atomic(res_dir / "test_results.json", doc)
     lines = [f"Realistic pool, test split ({len(test_sel)} items, {len(keep)} tasks); frozen "
-             f"{frozen['frozen_at']}.", ""] + dg.method_table(results) + [""] + \
-        dg.paired_table(paired) + ["", "Issue 13's goals:", ""] + \
+             f"{frozen['frozen_at']}; `hilora` = {hil['chosen_on_dev']} {hil['options']} "
+             f"(chosen on dev).", ""] + _tables(results, paired) + \
+        ["", "Issue 13's goals:", ""] + \
         [f"- {'met' if c['met'] else 'NOT met'}: {c['goal']} ({c['value']})" for c in checks]
     (res_dir / "test_results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

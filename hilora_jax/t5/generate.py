@@ -1,0 +1,192 @@
+"""Jitted T5 inference: teacher-forced logits, greedy / sampled generation, choice scoring.
+
+The model is split once (`nnx.split`); each entry point is a pure function of
+`(state, inputs, lora)` compiled once per shape. Generation encodes the (padded) batch once,
+computes every decoder layer's cross-attention keys/values once (`init_cache`), then decodes inside
+one `jax.lax.while_loop` with a self-attention KV cache, stopping early when every row has hit a
+stop token (greedy, or temperature / top-p sampling from an explicit PRNG key). Encoder inputs may
+be padded on either side (T5 positions are relative; padded keys are masked).
+
+Multiple-choice scoring runs the encoder once per example and scores every choice as the
+decoder target (`[start] + choice[:-1]` in, `choice` as labels): the summed log-probability,
+as transformers' loss with `labels` gives it (`-loss * number of target tokens`).
+
+With a mesh, parameters carry the T5 rules table's shardings (`hilora_jax.t5.load`), inputs are
+sharded over `data`, and block outputs are constrained to the activation layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from hilora_jax.inference import GenerationOutput, _sample, bucket_length, pad_batch
+from hilora_jax.model import sharding as shd
+from hilora_jax.t5.model import T5ForConditionalGeneration
+
+
+class T5Engine:
+    """Split-once, jit-compiled inference over a `T5ForConditionalGeneration`."""
+
+    def __init__(self, model: T5ForConditionalGeneration, mesh: Mesh | None = None):
+        self.config = model.config
+        self.mesh = mesh
+        self.graphdef, self.state = nnx.split(model)
+        self._constrain = shd.make_constrain(mesh)
+        self._forward = jax.jit(self._forward_impl)
+        self._encode = jax.jit(self._encode_impl)
+        self._score = jax.jit(self._score_impl)
+        self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
+
+    # -- pure functions ----------------------------------------------------------------------
+    def _model(self, state) -> T5ForConditionalGeneration:
+        return nnx.merge(self.graphdef, state)
+
+    def _encode_impl(self, state, ids, mask, lora):
+        return self._model(state).encode(ids, mask, lora=lora, constrain=self._constrain)
+
+    def _forward_impl(self, state, ids, mask, dec_ids, dec_mask, lora):
+        return self._model(state)(ids, mask, dec_ids, dec_mask, lora=lora,
+                                  constrain=self._constrain)
+
+    def _score_impl(self, state, ids, mask, targets, target_mask, lora):
+        """ids/mask `[B, T]`; targets/target_mask `[B, C, L]` -> summed log-probs `[B, C]`."""
+        model = self._model(state)
+        b, c, n = targets.shape
+        enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)  # once per example
+        enc = jnp.repeat(enc, c, axis=0)  # (B C) T D
+        emask = jnp.repeat(mask, c, axis=0)
+        tgt = targets.reshape(b * c, n)
+        tmask = target_mask.reshape(b * c, n)
+        start = jnp.full((b * c, 1), self.config.decoder_start_token_id, tgt.dtype)
+        dec_in = jnp.concatenate([start, tgt[:, :-1]], axis=1)
+        dec_mask = jnp.concatenate([jnp.ones((b * c, 1), bool), tmask[:, :-1]], axis=1)
+        cache = model.init_cache(enc, emask, n, lora=lora)
+        logits, _ = model.decode(dec_in, cache, dec_mask, lora=lora, constrain=self._constrain)
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        tok_lp = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(tmask, tok_lp, 0.0), axis=-1).reshape(b, c)
+
+    def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
+                       lora, *, max_new, greedy):
+        model = self._model(state)
+        b = ids.shape[0]
+        enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)
+        cache = model.init_cache(enc, mask, max_new, lora=lora)
+        start = jnp.full((b,), self.config.decoder_start_token_id, jnp.int32)
+
+        def step_logits(tok, cache):
+            logits, cache = model.decode(tok[:, None], cache, lora=lora,
+                                         constrain=self._constrain, logits_at="last")
+            return logits[:, 0], cache
+
+        def record(step, tok, out, done, lengths):
+            out = out.at[:, step].set(jnp.where(done, 0, tok))
+            lengths = jnp.where(done, lengths, step + 1)
+            done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+            return out, done, lengths
+
+        def cond(carry):
+            step, _, _, _, done, _, _ = carry
+            return (step < max_tokens) & ~jnp.all(done)
+
+        def body(carry):
+            step, tok, cache, out, done, lengths, key = carry
+            logits, cache = step_logits(tok, cache)
+            key, sub = jax.random.split(key)
+            tok = _sample(logits, sub, temperature, top_p, greedy)
+            out, done, lengths = record(step, tok, out, done, lengths)
+            return step + 1, tok, cache, out, done, lengths, key
+
+        out = jnp.zeros((b, max_new), jnp.int32)
+        carry = (jnp.zeros((), jnp.int32), start, cache, out, jnp.zeros((b,), bool),
+                 jnp.zeros((b,), jnp.int32), key)
+        _, _, _, out, _, lengths, _ = jax.lax.while_loop(cond, body, carry)
+        return out, lengths
+
+    # -- public API ----------------------------------------------------------------------------
+    def _place(self, *arrays):
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
+
+    def encode(self, input_ids, attention_mask=None, *, lora=None):
+        """Encoder output `[B, T, D]` (after the final layer norm)."""
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+        return self._encode(self.state, *self._place(ids, mask), lora)
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
+                *, lora=None):
+        """Teacher-forced logits `[B, Td, V]` float32 (HF's forward with `decoder_input_ids`)."""
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
+        dids = np.asarray(decoder_input_ids, np.int32)
+        dmask = (np.ones(dids.shape, bool) if decoder_attention_mask is None
+                 else np.asarray(decoder_attention_mask, bool))
+        return self._forward(self.state, *self._place(ids, mask, dids, dmask), lora)
+
+    def score_choices(self, prompts: Sequence[Sequence[int]],
+                      choices: Sequence[Sequence[Sequence[int]]], *, lora=None,
+                      pad_id: int | None = None) -> np.ndarray:
+        """Summed log-prob `[B, C]` of each choice (token ids) as the decoder target of its
+        prompt. Every example needs the same number of choices, each non-empty."""
+        if not prompts or len(prompts) != len(choices):
+            raise ValueError("score_choices needs one list of choices per prompt")
+        c = len(choices[0])
+        if c == 0 or any(len(ch) != c for ch in choices):
+            raise ValueError("every prompt needs the same, non-zero number of choices")
+        if any(len(x) == 0 for ch in choices for x in ch) or any(len(p) == 0 for p in prompts):
+            raise ValueError("prompts and choices must be non-empty token lists")
+        pad = self.config.pad_token_id if pad_id is None else pad_id
+        pad = 0 if pad is None else pad
+        ids, mask = pad_batch(prompts, max(len(p) for p in prompts), pad, side="right")
+        n = max(len(x) for ch in choices for x in ch)
+        tgt = np.full((len(prompts), c, n), pad, np.int32)
+        tm = np.zeros((len(prompts), c, n), bool)
+        for i, ch in enumerate(choices):
+            for j, x in enumerate(ch):
+                tgt[i, j, :len(x)] = x
+                tm[i, j, :len(x)] = True
+        ids, mask = self._place(ids, mask)
+        tgt, tm = jnp.asarray(tgt), jnp.asarray(tm)
+        return np.asarray(self._score(self.state, ids, mask, tgt, tm, lora))
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
+                 stop_tokens: Sequence[int] | None = None, pad_id: int | None = None, lora=None,
+                 prompt_bucket: int | None = None) -> GenerationOutput:
+        """Generate for a batch of token-id prompts (right-padded into a length bucket).
+
+        Returns `GenerationOutput`: tokens `[B, max_new_tokens]` (without the decoder start
+        token; `pad_id` after a stop token) and per-row lengths (including the stop token)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty batch of non-empty prompts")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pad = self.config.pad_token_id if pad_id is None else pad_id
+        pad = 0 if pad is None else pad
+        t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
+        new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
+        ids, mask = pad_batch(prompts, t, pad, side="right")
+        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id) or [-1]
+        greedy = temperature <= 0.0
+        if key is None:
+            if not greedy:
+                raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
+            key = jax.random.key(0)
+        ids, mask = self._place(ids, mask)
+        out, lengths = self._generate(
+            self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p),
+            jnp.asarray(stops, jnp.int32), jnp.int32(max_new_tokens), lora,
+            max_new=new_bucket, greedy=greedy)
+        out = np.array(out)[:, :max_new_tokens]
+        lengths = np.minimum(np.asarray(lengths), max_new_tokens)
+        for i, n in enumerate(lengths):
+            out[i, n:] = pad
+        return GenerationOutput(tokens=out, lengths=lengths)
