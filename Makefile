@@ -29,17 +29,17 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 assets: setup
-	$(BIN)/python -m hilora_jax.assets
+	$(BIN)/python -m hilora_jax.io.assets
 
 test: setup
-	$(BIN)/python -m hilora_jax.assets
+	$(BIN)/python -m hilora_jax.io.assets
 	$(BIN)/python -m pytest -q tests
 
 lint: setup
 	$(BIN)/ruff check hilora_jax convert tests benchmarks
 
 demo: setup
-	$(BIN)/python -m hilora_jax.assets --only smollm2 --only minilm --only bigbench
+	$(BIN)/python -m hilora_jax.io.assets --only smollm2 --only minilm --only bigbench
 	test -f $(ART)/smollm2-135m-instruct/hilora_model.json || \
 	  $(BIN)/hilora convert-model smollm2 $(ART)/smollm2-135m-instruct
 	$(BIN)/hilora generate --model $(ART)/smollm2-135m-instruct \
@@ -57,7 +57,7 @@ $(VENV)/.installed-bench: $(STAMP)
 	touch $@
 
 bench-dg: $(VENV)/.installed-bench
-	$(BIN)/python -m hilora_jax.assets --only smollm2 --only minilm --only bigbench
+	$(BIN)/python -m hilora_jax.io.assets --only smollm2 --only minilm --only bigbench
 	XLA_FLAGS= $(BIN)/python benchmarks/bigbench_dg/run.py $(DG_ARGS)
 
 clean:

@@ -20,7 +20,7 @@ from common import RESULTS_DIR, write_json  # noqa: E402
 
 def main() -> int:
     from hilora_jax import aot
-    from hilora_jax.nn import layers
+    from hilora_jax.model import layers
 
     cfg = dataclasses.replace(aot.PRESETS["llama-2-7b"], num_layers=2)
     out = {}

@@ -32,7 +32,7 @@ MODEL, N, RANK, TARGETS, PROMPT, NEW = "llama-2-7b", 50, 8, ("q_proj", "v_proj")
 def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
             hlo_dir: str | None = None) -> dict:
     from hilora_jax import aot
-    from hilora_jax.nn import layers
+    from hilora_jax.model import layers
 
     spec = aot.AotSpec(cfg=aot.PRESETS[MODEL], name=MODEL, topology=topology, dtype="bfloat16",
                        pool=aot.PoolSpec(n=N, rank=RANK, targets=TARGETS), routers=routers,

@@ -153,8 +153,8 @@ def child(model_dir: str, mesh: str, dtype: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from hilora_jax import sharding as shd
-    from hilora_jax.loading import load_model
+    from hilora_jax.io.loading import load_model
+    from hilora_jax.model import sharding as shd
 
     data, model = (int(x) for x in mesh.split("x"))
     m = shd.make_mesh(data, model)

@@ -26,8 +26,8 @@ import numpy as np
 
 _CONFIG_SNIPPET = """
 import json, sys
-from hilora_jax.loading import resolve_source
-from hilora_jax.interop.gguf import read_gguf
+from hilora_jax.io.loading import resolve_source
+from hilora_jax.io.gguf import read_gguf
 kind, path = resolve_source("smollm2")
 print(json.dumps(read_gguf(path).config))
 """
@@ -44,8 +44,8 @@ def smollm2_config() -> dict:
 
 
 def write_adapters(root: Path, cfg, n: int, r: int, seed: int = 0) -> dict:
-    from hilora_jax.interop.peft import tensor_key
-    from hilora_jax.interop.safetensors_io import save_file
+    from hilora_jax.io.peft import tensor_key
+    from hilora_jax.io.safetensors import save_file
 
     rng = np.random.default_rng(seed)
     shapes = cfg.module_shapes()
@@ -77,8 +77,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "pool_conversion.json"))
     args = ap.parse_args(argv)
 
-    from hilora_jax.config import ModelConfig
     from hilora_jax.lora import convert_pool, load_pool_dir
+    from hilora_jax.model.config import ModelConfig
 
     t0 = time.perf_counter()
     cfg = ModelConfig.from_hf_config(smollm2_config(), source="smollm2")

@@ -170,12 +170,12 @@ def _make_prepare():
     import jax.numpy as jnp
     from flax import struct
 
-    from hilora_jax.routing.hooks import _layer
+    from hilora_jax.model.hook import LoraHook
     from hilora_jax.routing.sequence import per_module_counts
     from hilora_jax.routing.token import topn_gates
 
     @struct.dataclass
-    class PreGathered:
+    class PreGathered(LoraHook):
         A_c: dict  # m -> L B C R D
         B_c: dict  # m -> L B C R E
         w_c: dict  # m -> L B C R  (s * valid)
@@ -183,7 +183,7 @@ def _make_prepare():
         n_mod: dict  # m -> L B C
         kappa: jax.Array  # B
 
-        def __call__(self, layer, name, x):
+        def delta(self, layer, name, x):
             if name not in self.A_c:
                 return None
             valid = self.valid_c[name][layer]
@@ -191,7 +191,7 @@ def _make_prepare():
             g = topn_gates(u, self.n_mod[name][layer], valid)
             coef = u * g * self.w_c[name][layer][:, None]
             delta = jnp.einsum("BTCR,BCRE->BTE", coef, self.B_c[name][layer])
-            return delta * self.kappa[:, None, None]
+            return delta * self.kappa[:, None, None], {}
 
     @jax.jit
     def prepare(h):
@@ -200,7 +200,7 @@ def _make_prepare():
         for m in h.arrays.A:
             per = []
             for layer in range(h.arrays.A[m].shape[0]):
-                A_l, B_l, mask_l, w_l = _layer(h.arrays, m, layer)
+                A_l, B_l, mask_l, w_l = h.arrays.layer(m, layer)
                 valid = mask_l[idx] & h.cand_valid[..., None]
                 n_mod = per_module_counts(h.n_rocs, h.arrays.ranks[idx],
                                           valid.sum(-1).astype(jnp.int32))
@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     os.environ.setdefault("HILORA_QUIET", "1")
     jax.config.update("jax_compilation_cache_dir", "/tmp/hilora_jax_cc_routing_overhead")

@@ -95,9 +95,9 @@ def main(argv=None) -> int:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    from hilora_jax.assets import smollm2_gguf
     from hilora_jax.inference import Engine, bucket_length
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.assets import smollm2_gguf
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     os.environ.setdefault("HILORA_QUIET", "1")
     gguf = smollm2_gguf()
@@ -287,7 +287,7 @@ def profile_decode(engine, ids, mask, cache_size, repeats):
     import jax
     import jax.numpy as jnp
 
-    from hilora_jax.nn.model import KVCache
+    from hilora_jax.model.llama import KVCache
 
     cfg = engine.config
     b = ids.shape[0]
@@ -295,13 +295,13 @@ def profile_decode(engine, ids, mask, cache_size, repeats):
     def prefill(state, ids, mask):
         model = engine._model(state)
         cache = KVCache.empty(cfg, b, cache_size, model.dtype)
-        _, cache, _ = model(ids, mask, cache=cache, logits_at="last")
+        _, cache = model(ids, mask, cache=cache, logits_at="last")
         return cache
 
     def step(state, tok, cache, logits_at):
         model = engine._model(state)
-        logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache,
-                                 logits_at=logits_at)
+        logits, cache = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache,
+                              logits_at=logits_at)
         return logits, cache
 
     cache = jax.block_until_ready(jax.jit(prefill)(engine.state, ids, mask))

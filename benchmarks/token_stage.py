@@ -1,7 +1,7 @@
 """Token stage with real candidate sets: HiLoRA's routed step over a heterogeneous pool.
 
 Model: SmolLM2-135M-Instruct fp32 (`load_model("smollm2")`, 30 layers, d 576, ffn 1536, kv 192).
-Pool (built in memory with `LoraPool.from_adapters` from `LoraAdapter`s): N adapters, ranks drawn
+Pool (built in memory with `LoraPool.from_adapters` from `PeftAdapter`s): N adapters, ranks drawn
 from {4, 8, 16, 32}; even adapters target q_proj+v_proj, odd ones all linear layers (q, k, v, o,
 gate, up, down); adapter 1 uses rsLoRA (s = alpha/sqrt(r)), the others s = alpha/r, alpha 16;
 A ~ N(0, 1/d_in), B ~ N(0, 0.02^2), every layer. Rank padding: every module's
@@ -88,7 +88,7 @@ def make_pool(cfg, n, seed):
     """Heterogeneous pool (module docstring) through the library's constructor."""
     import numpy as np
 
-    from hilora_jax.interop.peft import LoraAdapter
+    from hilora_jax.io.peft import PeftAdapter
     from hilora_jax.lora.pool import LoraPool
 
     rng = np.random.default_rng(seed)
@@ -106,9 +106,9 @@ def make_pool(cfg, n, seed):
                 d_in, d_out = shapes[m]
                 a = rng.standard_normal((r, d_in), np.float32) * np.float32(d_in ** -0.5)
                 b = rng.standard_normal((d_out, r), np.float32) * np.float32(0.02)
-                mods[(li, m)] = (a, b, float(s))
+                mods[(li, m)] = (a, b.T, float(s))  # B as ROC rows [r, d_out]
         cfg_d = {"r": r, "lora_alpha": alpha, "use_rslora": rs, "target_modules": list(targets)}
-        adapters.append(LoraAdapter(name=f"lora{i}", source="synthetic", config=cfg_d, r=r,
+        adapters.append(PeftAdapter(name=f"lora{i}", source="synthetic", config=cfg_d, r=r,
                                     modules=mods))
         desc.append({"name": f"lora{i}", "r": r, "targets": "q,v" if i % 2 == 0 else "all-linear",
                      "rslora": rs})
@@ -146,7 +146,6 @@ def profile_layer(args, cfg, pool, hook, layer=0):
     import jax.numpy as jnp
     import numpy as np
 
-    from hilora_jax.routing.hooks import _layer
     from hilora_jax.routing.token import topn_gates
 
     arr = pool.arrays
@@ -175,10 +174,14 @@ def profile_layer(args, cfg, pool, hook, layer=0):
         fns["STEP base projections (all 7 modules x 30 layers)"] = run(
             lambda xa, Wl: [jnp.einsum("BTD,DE->BTE", xa[m], Wl[li][m])
                             for li in range(cfg.num_layers) for m in ALL], xall, Wl)
+        # the model asks once per input: (q, k, v), (o), (gate, up), (down)
+        groups = [g for g in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                              ("down_proj",)) if any(m in mods for m in g)]
         for strat in STRATS:
             h = hook.prepared(strat)
             fns[f"STEP hilora {strat} (30 layers)"] = run(
-                lambda h, xa: [h(li, m, xa[m]) for li in range(cfg.num_layers) for m in mods],
+                lambda h, xa, groups=groups: [h.deltas(li, g, xa[g[0]])
+                                              for li in range(cfg.num_layers) for g in groups],
                 h, xall)
         fns["base projections"] = run(
             lambda xs, W: [jnp.einsum("BTD,DE->BTE", xs[m], W[m]) for m in mods], xs, W)
@@ -192,7 +195,7 @@ def profile_layer(args, cfg, pool, hook, layer=0):
         def gather(h):
             res = []
             for m in mods:
-                A_l, B_l, _, w_l = _layer(h.arrays, m, layer)
+                A_l, B_l, _, w_l = h.arrays.layer(m, layer)
                 res += [A_l[h.cand_idx], B_l[h.cand_idx], w_l[h.cand_idx]]
             return res
 
@@ -203,7 +206,7 @@ def profile_layer(args, cfg, pool, hook, layer=0):
         fns["gathered: responses u"] = run(
             lambda xs, A_c: [jnp.einsum("BTD,BCRD->BTCR", xs[m], A_c[m]) for m in mods], xs, A_c)
         us = {m: jnp.einsum("BTD,BCRD->BTCR", xs[m], A_c[m]) for m in mods}
-        valid = {m: (_layer(arr, m, layer)[2][idx] & h.cand_valid[..., None]) for m in mods}
+        valid = {m: (arr.layer(m, layer)[2][idx] & h.cand_valid[..., None]) for m in mods}
         n = jnp.minimum(h.n_rocs, 8)
         for meth in ("pairwise", "sort"):
             fns[f"gathered: top-n ({meth})"] = run(

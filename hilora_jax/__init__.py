@@ -41,7 +41,7 @@ __all__ = ["load_model", "load_tokenizer", "load_pool", "save_model", "save_pool
 
 def __getattr__(name):  # lazy: importing the package stays cheap
     if name in ("load_model", "load_tokenizer"):
-        from hilora_jax import loading
+        from hilora_jax.io import loading
 
         return getattr(loading, name)
     if name in ("load_pool", "save_pool"):
@@ -49,7 +49,7 @@ def __getattr__(name):  # lazy: importing the package stays cheap
 
         return getattr(io, name)
     if name == "save_model":
-        from hilora_jax.checkpoint import save_model
+        from hilora_jax.io.checkpoint import save_model
 
         return save_model
     if name == "Engine":
@@ -57,7 +57,7 @@ def __getattr__(name):  # lazy: importing the package stays cheap
 
         return Engine
     if name == "ModelConfig":
-        from hilora_jax.config import ModelConfig
+        from hilora_jax.model.config import ModelConfig
 
         return ModelConfig
     raise AttributeError(f"module 'hilora_jax' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 The programs are the real ones: `inference.prefill_jit` (prompt -> KV cache) and
 `inference.decode_step_jit` (one token), the very functions `Engine.generate` composes, lowered with
 *abstract* arguments (`jax.ShapeDtypeStruct` carrying the `NamedSharding`s of the rules table in
-`hilora_jax.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
+`hilora_jax.model.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
 The LoRA hook is the router's real hook pytree (`HiLoRAHook`, `ArrowHook`, `SparseMixtureHook`).
 
 Targets: a TPU topology (`v4-8`, `v5e-1`, `v5e-8`, `v5p-8`, `v6e-1`, `v6e-8`), described on any
@@ -44,12 +44,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax import sharding as shd
-from hilora_jax.config import ModelConfig, RopeConfig
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import bucket_length, decode_step_jit, kv_cache_sharding, prefill_jit
-from hilora_jax.interop.peft import MODULES
-from hilora_jax.nn.model import KVCache
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig, RopeConfig
+from hilora_jax.model.llama import KVCache
+from hilora_jax.model.projections import MODULES, projection
 
 
 class AotError(HiloraUserError, ValueError):
@@ -170,7 +170,7 @@ def model_config(model: str | None = None, preset: str | None = None) -> tuple[s
         return preset, PRESETS[preset]
     p = Path(model).expanduser()
     if p.is_dir() and (p / "hilora_model.json").exists():
-        from hilora_jax.checkpoint import read_meta
+        from hilora_jax.io.checkpoint import read_meta
 
         return p.name, ModelConfig.from_dict(read_meta(p)["config"])
     cfg_file = p / "config.json" if p.is_dir() else p
@@ -282,7 +282,7 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
         protos = {}
         for m in arrays.A:
             L, A, _, d = arrays.A[m].shape
-            spec = shd.logical_to_spec(("layers", "adapters", shd.MODULE_IO_AXES[m][0]),
+            spec = shd.logical_to_spec(("layers", "adapters", projection(m).in_axis),
                                        (L, A, d), mesh)
             protos[m] = _sds((L, A, d), jnp.float32, NamedSharding(mesh, spec))
         return ArrowHook(arrays, protos, top_k=3), n
@@ -297,7 +297,7 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
 
 def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh):
     """Graph definition and state of the model with `ShapeDtypeStruct` leaves on their shardings."""
-    from hilora_jax.interop.hf import _path_str, abstract_model
+    from hilora_jax.io.hf import _path_str, abstract_model
 
     graphdef, state, _ = abstract_model(cfg, dtype)
     for path, var in nnx.to_flat_state(state):

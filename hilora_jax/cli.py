@@ -53,7 +53,7 @@ def check_path(src: str | os.PathLike, what: str) -> Path:
 
 def check_model_source(src: str) -> None:
     """Local sources must exist and be a model; hub ids and built-in names pass (fetched later)."""
-    from hilora_jax.loading import BUILTIN, looks_like_hub_id, resolve_source
+    from hilora_jax.io.loading import BUILTIN, looks_like_hub_id, resolve_source
 
     if src in BUILTIN or (looks_like_hub_id(src) and not Path(src).exists()):
         return
@@ -111,7 +111,7 @@ def check_router(name: str, options: dict) -> None:
                          f"(its options: {have})")
     emb = options.get("embedder")
     if emb and emb != "minilm" and not emb.startswith("llm"):  # a checkpoint dir or a hub id
-        from hilora_jax.loading import looks_like_hub_id
+        from hilora_jax.io.loading import looks_like_hub_id
 
         if not Path(emb).expanduser().exists() and not looks_like_hub_id(emb):
             raise MissingPathError(f"--router-option embedder={emb}: no such directory (expected "
@@ -220,8 +220,8 @@ def _positive(**values) -> None:
 def cmd_convert_model(args) -> int:
     check_output(args.out, args.overwrite)
     check_model_source(args.src)
-    from hilora_jax.checkpoint import save_model
-    from hilora_jax.loading import load_model, load_tokenizer, resolve_source
+    from hilora_jax.io.checkpoint import save_model
+    from hilora_jax.io.loading import load_model, load_tokenizer, resolve_source
 
     t0 = time.time()
     kind, path = resolve_source(args.src)
@@ -277,7 +277,7 @@ def cmd_generate(args) -> int:
     import jax
 
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype)
     tok = load_tokenizer(args.model)
@@ -360,11 +360,11 @@ def cmd_eval(args) -> int:
     dist.initialize(auto=args.multihost)
     import jax
 
-    from hilora_jax import sharding as shd
     from hilora_jax.eval.runner import evaluate
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
     from hilora_jax.lora import load_pool
+    from hilora_jax.model import sharding as shd
 
     mesh = None
     if mesh_shape:
@@ -401,7 +401,7 @@ def cmd_aot(args) -> int:
 
 
 def cmd_train_lora(args) -> int:
-    from hilora_jax.train import train_lora_cli
+    from hilora_jax.lora.train import train_lora_cli
 
     return train_lora_cli(args)
 
@@ -494,7 +494,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     tr = add("train-lora", cmd_train_lora, "train one LoRA on a task with optax; writes PEFT")
     if argv is None or "train-lora" in argv:  # its flags live in train.py (heavy imports)
-        from hilora_jax.train import add_train_lora_args
+        from hilora_jax.lora.train import add_train_lora_args
 
         add_train_lora_args(tr)
     return p
@@ -510,7 +510,7 @@ def _warning_line(message, category, filename, lineno, file=None, line=None):
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """What the CLI reports as one line: `HiloraUserError` and the config-field refusals."""
-    from hilora_jax.config import UnsupportedConfigError
+    from hilora_jax.model.config import UnsupportedConfigError
 
     return (HiloraUserError, UnsupportedConfigError)
 

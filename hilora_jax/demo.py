@@ -46,14 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from hilora_jax.assets import bigbench_tasks_dir
     from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
     from hilora_jax.eval.tasks import load_tasks
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.assets import bigbench_tasks_dir
+    from hilora_jax.io.loading import load_model, load_tokenizer
     from hilora_jax.lora import load_pool
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.lora.build import build_task_pool
     from hilora_jax.routing import build_router
 
     out = Path(args.out)

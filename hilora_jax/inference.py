@@ -1,5 +1,11 @@
 """Jitted inference entry points: forward, score (log-probs of continuations) and generate.
 
+Scoring has one path, `Engine.score` (over `tail_logprobs`): the last `tail` positions only go
+through the final norm and the LM head; optionally resumed from cached hidden states of a layer
+(prefix reuse). Multiple-choice scoring (`eval.tasks.ChoiceScorer`), router evaluation
+(`eval.runner.PrefixScorer`) and the trainer's loss all use it; batches are placed on the mesh by
+`Engine.place`, the one batch placement.
+
 The model is split once (`nnx.split`) into a static graph definition and a state pytree; each
 entry point is a pure function of `(state, inputs, lora)` compiled once per shape bucket with
 `jax.jit`. The LoRA hook (`lora`) is a pytree argument: new pools of the same shape, new gates or new
@@ -28,9 +34,30 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax import sharding as shd
-from hilora_jax.nn.layers import log_softmax_gather
-from hilora_jax.nn.model import CausalLM, KVCache
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.layers import log_softmax_gather
+from hilora_jax.model.llama import CausalLM, KVCache
+
+
+def tail_logprobs(model: CausalLM, input_ids, attention_mask, tail: int, lora=None,
+                  constrain=None, *, start_layer: int = 0, hidden_in=None):
+    """Log-probs `[B, K]` of the last `tail` tokens of each row (K = tail), given everything
+    before them.
+
+    Only the hidden states at positions `T-K-1 .. T-2` go through the final norm and the LM head,
+    so the `[B, T, V]` logits are never built. Entry `[b, k]` is
+    `log p(ids[b, T-K+k] | ids[b, :T-K+k])`. With `start_layer=k, hidden_in=h` the model resumes
+    from cached layer-k hidden states. Pure function of its arguments (differentiable in `lora`);
+    used by `Engine.score` and the trainer.
+    """
+    if (start_layer > 0) != (hidden_in is not None):
+        raise ValueError("start_layer > 0 and hidden_in go together")
+    x = model.embed(input_ids, constrain) if hidden_in is None else hidden_in  # B T D
+    pos = model.positions(attention_mask.astype(bool), dtype=x.dtype)
+    x, _, _ = model.run_layers(x, pos, start_layer, lora=lora, constrain=constrain)
+    logits = model.head(x[:, -tail - 1:-1])  # B K V: only the scored positions
+    return log_softmax_gather(logits, input_ids[:, -tail:])  # B K
 
 
 def bucket_length(n: int, minimum: int = 16, multiple: int = 64) -> int:
@@ -80,22 +107,23 @@ def _sample(logits, key, temperature, top_p, greedy: bool):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-class _Recorder:
-    """Wraps a hook during tracing and collects its per-module aux outputs (returned by jit)."""
+class _Recorder(LoraHook):
+    """Wraps a hook during tracing and collects its per-module routing traces (returned by jit;
+    calls without a trace record nothing)."""
 
-    def __init__(self, hook):
+    def __init__(self, hook: LoraHook):
         self.hook = hook
         self.aux: dict = {}
 
-    def __call__(self, layer, name, x):
-        if not hasattr(self.hook, "with_aux"):
-            return self.hook(layer, name, x)
-        out = self.hook.with_aux(layer, name, x)
-        if out is None:
-            return None
-        delta, aux = out
-        self.aux[f"{layer}.{name}"] = aux
-        return delta
+    def deltas(self, layer, names, x):
+        outs = self.hook.deltas(layer, names, x)
+        for name, out in zip(names, outs, strict=True):
+            if out is not None and out[1]:
+                self.aux[f"{layer}.{name}"] = out[1]
+        return outs
+
+    def delta(self, layer, name, x):
+        return self.deltas(layer, (name,), x)[0]
 
 
 def kv_cache_sharding(mesh: Mesh, cache: KVCache) -> KVCache:
@@ -122,8 +150,8 @@ def prefill(graphdef, state, ids, mask, lora, *, cache_size: int, mesh: Mesh | N
     model = nnx.merge(graphdef, state)
     cache = _constrain_cache(KVCache.empty(model.config, ids.shape[0], cache_size, model.dtype),
                              mesh)
-    logits, cache, _ = model(ids, mask, cache=cache, lora=lora, logits_at="last",
-                             constrain=shd.make_constrain(mesh))
+    logits, cache = model(ids, mask, cache=cache, lora=lora, logits_at="last",
+                          constrain=shd.make_constrain(mesh))
     return logits[:, 0], _constrain_cache(cache, mesh)
 
 
@@ -132,8 +160,8 @@ def decode_step(graphdef, state, tok, cache, lora, *, mesh: Mesh | None = None):
     Pure: `Engine.generate`'s decode loop and `hilora aot` use exactly this."""
     model = nnx.merge(graphdef, state)
     b = tok.shape[0]
-    logits, cache, _ = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache, lora=lora,
-                             logits_at="last", constrain=shd.make_constrain(mesh))
+    logits, cache = model(tok[:, None], jnp.ones((b, 1), bool), cache=cache, lora=lora,
+                          logits_at="last", constrain=shd.make_constrain(mesh))
     return logits[:, 0], _constrain_cache(cache, mesh)
 
 
@@ -155,7 +183,7 @@ class Engine:
         self._constrain = shd.make_constrain(mesh)
         self._forward = jax.jit(self._forward_impl,
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
-        self._score = jax.jit(self._score_impl)
+        self._score = jax.jit(self._score_impl, static_argnames=("tail", "start_layer"))
         self._generate = jax.jit(
             self._generate_impl, static_argnames=("cache_size", "max_new", "greedy")
         )
@@ -167,15 +195,24 @@ class Engine:
     def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,
                       trace=False):
         rec = _Recorder(lora) if trace and lora is not None else None
-        logits, _, hidden = self._model(state)(
-            ids, mask, lora=rec or lora, logits_at=logits_at, hidden_layer=hidden_layer,
-            constrain=self._constrain)
+        model, hook, c = self._model(state), rec or lora, self._constrain
+        hidden = None
+        if hidden_layer is None:
+            logits, _ = model(ids, mask, lora=hook, logits_at=logits_at, constrain=c)
+        else:  # composed: layers [0, k) -> hidden, then [k, L) -> head unless logits_at="none"
+            x = model.embed(ids, c)
+            pos = model.positions(mask, dtype=x.dtype)
+            hidden, _, _ = model.run_layers(x, pos, 0, hidden_layer, lora=hook, constrain=c)
+            logits = None
+            if logits_at != "none":
+                x, _, _ = model.run_layers(hidden, pos, hidden_layer, lora=hook, constrain=c)
+                logits = model.head(x[:, -1:] if logits_at == "last" else x, c)
         return logits, hidden, (rec.aux if rec is not None else {})
 
-    def _score_impl(self, state, ids, mask, target_mask, lora):
-        logits, _, _ = self._model(state)(ids, mask, lora=lora, constrain=self._constrain)
-        lp = log_softmax_gather(logits[:, :-1], ids[:, 1:])  # B T-1
-        tm = target_mask[:, 1:].astype(jnp.float32)
+    def _score_impl(self, state, ids, mask, target_mask, lora, hidden, *, tail, start_layer):
+        lp = tail_logprobs(self._model(state), ids, mask, tail, lora, self._constrain,
+                           start_layer=start_layer, hidden_in=hidden)  # B K
+        tm = target_mask[:, -tail:].astype(jnp.float32)
         return jnp.sum(lp * tm, axis=1), lp * tm
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
@@ -214,34 +251,36 @@ class Engine:
         return out, lengths
 
     # -- public API ----------------------------------------------------------------------
-    def _place(self, *arrays):
+    def place(self, *arrays):
+        """Host batches on the engine's devices: dim 0 sharded over the mesh's `data` axis (when it
+        divides), the rest replicated; without a mesh, the default device."""
         if self.mesh is None:
             return tuple(jnp.asarray(a) for a in arrays)
         return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
 
     def prefill(self, ids, mask, *, cache_size: int, lora=None):
         """Prompt stage alone (the compiled `prefill_jit`): `(last logits [B, V], KVCache)`."""
-        ids, mask = self._place(np.asarray(ids, np.int32), np.asarray(mask, bool))
+        ids, mask = self.place(np.asarray(ids, np.int32), np.asarray(mask, bool))
         return prefill_jit(self.graphdef, self.state, ids, mask, lora, cache_size=cache_size,
                            mesh=self.mesh)
 
     def decode_step(self, tok, cache: KVCache, *, lora=None):
         """One decode step (the compiled `decode_step_jit`; `cache` is donated):
         `(logits [B, V], new cache)`."""
-        (tok,) = self._place(np.asarray(tok, np.int32))
+        (tok,) = self.place(np.asarray(tok, np.int32))
         return decode_step_jit(self.graphdef, self.state, tok, cache, lora, mesh=self.mesh)
 
     def forward(self, input_ids, attention_mask=None, *, lora=None, logits_at: str = "all",
                 hidden_layer: int | None = None, trace: bool = False):
         """Logits `[B, T, V]` (float32); with `hidden_layer`, also that layer's hidden states;
-        with `trace=True` (and a hook that has `with_aux`), also the hook's per-module routing
+        with `trace=True`, also the hook's per-module routing
         trace `{"<layer>.<module>": {...}, "attention_mask": [B, T]}` (e.g. ROCs fired per token
         and candidate; padding positions are included, mask them with `attention_mask`)."""
         input_ids = np.asarray(input_ids, np.int32)
         if attention_mask is None:
             attention_mask = np.ones(input_ids.shape, bool)
         self._check_length(input_ids.shape[1])
-        ids, mask = self._place(input_ids, np.asarray(attention_mask, bool))
+        ids, mask = self.place(input_ids, np.asarray(attention_mask, bool))
         logits, hidden, aux = self._forward(self.state, ids, mask, lora, logits_at=logits_at,
                                             hidden_layer=hidden_layer, trace=trace)
         if trace:
@@ -249,13 +288,29 @@ class Engine:
         out = (logits,) + ((hidden,) if hidden_layer is not None else ()) + ((aux,) if trace else ())
         return out if len(out) > 1 else logits
 
-    def score(self, input_ids, attention_mask, target_mask, *, lora=None):
+    def score(self, input_ids, attention_mask, target_mask, *, lora=None, tail: int | None = None,
+              resume: tuple[int, np.ndarray] | None = None):
         """Summed log-prob `[B]` of the tokens where `target_mask` is set (continuations), and
-        per-token log-probs `[B, T-1]` (position t scores token t+1)."""
-        self._check_length(np.shape(input_ids)[1])
-        ids, mask, tm = self._place(np.asarray(input_ids, np.int32),
-                                    np.asarray(attention_mask, bool), np.asarray(target_mask, bool))
-        return self._score(self.state, ids, mask, tm, lora)
+        masked per-token log-probs `[B, K]` (entry k scores token `T-K+k`).
+
+        `tail`: only the last `K = tail` tokens can be targets (left-padded continuations), so
+        only those positions go through the LM head; default `T-1` (every position t scores token
+        t+1). `resume=(layer, hidden [B, T, D])` starts from cached hidden states after `layer`
+        (`forward(..., logits_at="none", hidden_layer=layer)` of the same rows): the prefix reuse
+        of evaluation. One compile per (shape, tail, layer)."""
+        t = np.shape(input_ids)[1]
+        self._check_length(t)
+        tail = t - 1 if tail is None else int(tail)
+        if not 0 < tail < t:
+            raise ValueError(f"tail must be in [1, {t - 1}] for {t} tokens, got {tail}")
+        ids, mask, tm = self.place(np.asarray(input_ids, np.int32),
+                                   np.asarray(attention_mask, bool), np.asarray(target_mask, bool))
+        layer, hidden = (0, None) if resume is None else resume
+        if layer > 0:
+            (hidden,) = self.place(hidden)
+        else:
+            hidden = None
+        return self._score(self.state, ids, mask, tm, lora, hidden, tail=tail, start_layer=layer)
 
     def generate(
         self,
@@ -284,7 +339,7 @@ class Engine:
             if not greedy:
                 raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
             key = jax.random.key(0)
-        ids, mask = self._place(ids, mask)
+        ids, mask = self.place(ids, mask)
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p), stop_ids,
             jnp.int32(max_new_tokens), lora, cache_size=t + new_bucket, max_new=new_bucket,

@@ -76,8 +76,8 @@ from lm_eval.models.utils import (
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from hilora_jax import sharding as shd
 from hilora_jax.inference import Engine, bucket_length
+from hilora_jax.model import sharding as shd
 
 log = logging.getLogger(__name__)
 
@@ -146,8 +146,7 @@ class _Scorer:
         from flax import nnx
 
         model = nnx.merge(self.engine.graphdef, state)
-        _, _, hidden = model(ids, mask, lora=lora, logits_at="none",
-                             hidden_layer=model.config.num_layers, constrain=self._constrain)
+        hidden = model.hidden(ids, mask, lora=lora, constrain=self._constrain)
         h = model.model.norm(hidden[:, -tail:])
         logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
                   else model.lm_head(h)).astype(jnp.float32)  # B K V
@@ -225,7 +224,7 @@ class HiLoRALM(TemplateLM):
         self.custom_prefix_token_id = prefix_token_id
         mesh_ = _parse_mesh(mesh)
 
-        from hilora_jax.loading import load_model, load_tokenizer
+        from hilora_jax.io.loading import load_model, load_tokenizer
 
         self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else src)

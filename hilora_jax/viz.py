@@ -12,7 +12,7 @@ never leaves a truncated image behind. In Jupyter a returned figure renders inli
 * `plot_results(results)`: accuracy by method and protocol (grouped bars) from `evaluate` results.
 * `plot_routing_heatmap(matrix, row_labels, col_labels)`: a task x LoRA routing heatmap; build the
   matrix with `routing_fractions(routing, tasks)`.
-* `plot_training_curves({name: losses})`: loss curves of `train.train_lora` runs.
+* `plot_training_curves({name: losses})`: loss curves of `lora.train.train_lora` runs.
 * `trace_usage(routing, trace, mask=None)` / `sequence_usage(routing)`: the numbers behind the
   routing panels, as arrays.
 """
@@ -97,7 +97,7 @@ def sequence_usage(routing) -> tuple[np.ndarray, str]:
 
 def _parse_trace(trace: Mapping[str, Any]):
     """`{"<layer>.<module>": aux}` -> sorted layers, modules (model order), `{(l, m): aux}`."""
-    from hilora_jax.interop.peft import MODULES
+    from hilora_jax.model.projections import MODULES
 
     cells = {}
     for key, aux in trace.items():

@@ -23,7 +23,7 @@ from routing_utils import random_pool  # noqa: E402
 
 from hilora_jax.eval.runner import evaluate  # noqa: E402
 from hilora_jax.inference import Engine  # noqa: E402
-from hilora_jax.loading import load_model  # noqa: E402
+from hilora_jax.io.loading import load_model  # noqa: E402
 from hilora_jax.routing import build_router  # noqa: E402
 
 model = load_model(model_dir, progress=False)

@@ -6,9 +6,9 @@ import zlib
 
 import numpy as np
 
-from hilora_jax.config import ModelConfig
 from hilora_jax.embed import PrecomputedEmbedder
 from hilora_jax.lora.pool import LoraPool, PoolArrays
+from hilora_jax.model.config import ModelConfig
 
 
 def random_pool(cfg: ModelConfig, ranks=(4, 8, 6, 8, 2), *, modules=("q_proj", "v_proj", "down_proj"),

@@ -15,8 +15,8 @@ from hf_utils import hf_logits, make_hf_model, padded_batch
 
 from hilora_jax import aot
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
-from hilora_jax.nn import layers
+from hilora_jax.io.loading import load_model
+from hilora_jax.model import layers
 
 ROOT = Path(__file__).resolve().parents[1]
 

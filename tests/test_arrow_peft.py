@@ -15,7 +15,7 @@ from peft import ArrowConfig, create_arrow_model
 from peft_utils import load_base, make_peft_adapter
 
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
 from hilora_jax.lora import load_pool
 from hilora_jax.routing import build_router
 from hilora_jax.routing.hooks import torch_randn

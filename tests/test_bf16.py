@@ -11,7 +11,7 @@ within `MAX_RATIO` = 2 x its worst element. Inputs: 4 left-padded rows of up to 
 RoPE positions pass 256, beyond which bf16 cannot hold every integer.
 
 Measured when this was written (3 layers, the 5 variants below): our RMS error is 0.84-0.97 x
-transformers', the max error 0.45-0.97 x. Checked by patching hilora_jax.nn.layers: RoPE angles
+transformers', the max error 0.45-0.97 x. Checked by patching hilora_jax.model.layers: RoPE angles
 from bf16 positions fail the bounds (RMS 3.1-4.0 x, max 8-11 x); RMSNorm in bf16 (RMS
 0.96-1.03 x) and a bf16 softmax (0.91-1.04 x) do NOT, as their effect on these tiny models is
 within transformers' own bf16 noise.
@@ -25,7 +25,7 @@ from hf_utils import hf_logits, make_hf_model, padded_batch
 
 import hilora_jax.inference as inference
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
 
 RATIO, MAX_RATIO = 1.1, 2.0
 

@@ -14,7 +14,7 @@ from hf_utils import make_hf_model, padded_batch
 from routing_utils import random_pool
 
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
 from hilora_jax.routing import build_router
 from hilora_jax.routing.gaussian import (
     GaussianBank,

@@ -84,8 +84,8 @@ def ws(tmp_path_factory):
 
 
 def test_convert_model(ws):
-    from hilora_jax.checkpoint import flat_params
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.checkpoint import flat_params
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     root, runs = ws
     r = ok(runs["convert-model"])
@@ -140,7 +140,7 @@ def test_export_adapter(ws):
 def inproc(ws):
     """The same model, tokenizer and engine in this process (the reference for the CLI)."""
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     root, runs = ws
     ok(runs["convert-model"])

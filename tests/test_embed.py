@@ -166,7 +166,7 @@ def test_legacy_sentence_transformers_format(tiny_hf: Path, tmp_path: Path) -> N
 
 @pytest.mark.real
 def test_minilm_matches_sentence_transformers() -> None:
-    from hilora_jax.assets import minilm_dir
+    from hilora_jax.io.assets import minilm_dir
 
     texts = [
         "A man is eating food.",

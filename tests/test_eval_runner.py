@@ -14,11 +14,11 @@ from eval_utils import mc_examples, word_tokenizer
 from hf_utils import make_hf_model
 from routing_utils import random_pool
 
-from hilora_jax import sharding as shd
 from hilora_jax.eval import runner
 from hilora_jax.eval.runner import evaluate, protocol_active
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
+from hilora_jax.model import sharding as shd
 from hilora_jax.routing import build_router
 
 

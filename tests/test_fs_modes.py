@@ -9,8 +9,7 @@ matplotlib.use("Agg")
 import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from hilora_jax._fs import atomic_file  # noqa: E402
-from hilora_jax.checkpoint import atomic_dir  # noqa: E402
+from hilora_jax._fs import atomic_dir, atomic_file  # noqa: E402
 from hilora_jax.eval.tasks import MCExample, write_jsonl  # noqa: E402
 from hilora_jax.viz import save_png  # noqa: E402
 

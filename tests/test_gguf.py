@@ -1,4 +1,4 @@
-"""Tests for the torch-free GGUF reader (hilora_jax.interop.gguf).
+"""Tests for the torch-free GGUF reader (hilora_jax.io.gguf).
 
 Hermetic part: a tiny random ``LlamaForCausalLM`` is written as GGUF the way llama.cpp's
 ``convert_hf_to_gguf.py`` does (metadata keys, q/k row permutation, F32 norms, quantised 2-D
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as QT
 
-from hilora_jax.interop.gguf import (
+from hilora_jax.io.gguf import (
     GGUFError,
     GGUFModel,
     _permute_qk,
@@ -441,7 +441,7 @@ def test_unhandled_metadata(tmp_path):
 
 @pytest.mark.real
 def test_smollm2_q4_1_matches_transformers():
-    from hilora_jax.assets import smollm2_gguf
+    from hilora_jax.io.assets import smollm2_gguf
 
     path = smollm2_gguf()
     ours = read_gguf(path)

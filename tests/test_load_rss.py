@@ -28,9 +28,9 @@ import torch
 from flax import nnx
 from safetensors import safe_open
 
-from hilora_jax import sharding as shd
-from hilora_jax.interop.hf import map_key
-from hilora_jax.loading import load_model
+from hilora_jax.io.hf import map_key
+from hilora_jax.io.loading import load_model
+from hilora_jax.model import sharding as shd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import load_rss  # noqa: E402

@@ -11,13 +11,13 @@ import pytest
 from flax import nnx
 from hf_utils import hf_logits, make_hf_model, padded_batch
 
-from hilora_jax import sharding as shd
-from hilora_jax.checkpoint import restore_model, save_model
 from hilora_jax.cli import main as cli_main
-from hilora_jax.config import ModelConfig, UnsupportedConfigError
 from hilora_jax.inference import Engine
-from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile, save_file
-from hilora_jax.loading import load_model
+from hilora_jax.io.checkpoint import restore_model, save_model
+from hilora_jax.io.loading import load_model
+from hilora_jax.io.safetensors import CheckpointError, SafetensorsFile, save_file
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig, UnsupportedConfigError
 
 
 @pytest.fixture
@@ -104,7 +104,7 @@ def test_unsupported_config_field_is_named(hf_dir, field, value, match):
 def test_unset_unknown_fields_load_with_one_warning(hf_dir):
     """Published configs carry fields transformers accepts when unset (e.g. Qwen2.5's
     `use_mrope: false`); an unknown one that is null/false/empty loads with one warning line."""
-    from hilora_jax.config import UnknownFieldWarning
+    from hilora_jax.model.config import UnknownFieldWarning
 
     p = hf_dir / "config.json"
     cfg = json.loads(p.read_text())

@@ -7,7 +7,7 @@ import torch
 from hf_utils import hf_logits, make_hf_model, padded_batch
 
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
 
 TOL = 1e-4
 
@@ -55,7 +55,7 @@ def test_rope_scaling(tmp_path, rope):
 
 def test_rope_scaling_old_layout_is_read(tmp_path):
     """transformers 4.x configs carry `rope_theta` + `rope_scaling` instead of `rope_parameters`."""
-    from hilora_jax.config import ModelConfig
+    from hilora_jax.model.config import ModelConfig
 
     cfg = ModelConfig.from_hf_config({
         "model_type": "llama", "vocab_size": 61, "hidden_size": 48, "intermediate_size": 40,

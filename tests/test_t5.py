@@ -14,9 +14,9 @@ import torch
 from t5_utils import VOCAB, hf_logits, make_hf_t5, padded
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from hilora_jax import sharding as shd
-from hilora_jax.config import UnknownFieldWarning, UnsupportedConfigError
-from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile, save_file
+from hilora_jax.io.safetensors import CheckpointError, SafetensorsFile, save_file
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import UnknownFieldWarning, UnsupportedConfigError
 from hilora_jax.t5.config import T5Config
 from hilora_jax.t5.generate import T5Engine
 from hilora_jax.t5.load import load_t5
@@ -448,7 +448,7 @@ def _fake_adapter(d: Path, cfg: dict, tensors: dict):
 
 
 def test_adapter_of_other_family_or_wrong_modules_is_one_line(tmp_path):
-    from hilora_jax.interop.peft import AdapterError
+    from hilora_jax.io.peft import AdapterError
     from hilora_jax.t5.lora import read_t5_adapter
 
     make_hf_t5(tmp_path / "base", "v1.1")

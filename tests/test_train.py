@@ -13,8 +13,9 @@ from test_eval_metrics import CharTok
 
 from hilora_jax.eval.tasks import ChoiceScorer, MCExample, mc_batches
 from hilora_jax.inference import Engine
-from hilora_jax.loading import load_model
-from hilora_jax.train import LoraAdapter, init_lora, peft_state_dict, save_peft, train_lora
+from hilora_jax.io.loading import load_model
+from hilora_jax.io.peft import peft_tensors
+from hilora_jax.lora.train import TrainableLora, init_lora, peft_modules, save_peft, train_lora
 
 WORDS = ["cat", "dog", "sun", "tree", "fish", "bird", "rock", "leaf"]
 
@@ -41,7 +42,7 @@ def test_init_matches_peft_default(tiny):
     ad = init_lora(model, r=4, alpha=8, targets=("q_proj", "down_proj"), seed=1)
     d_in = model.config.module_shapes()["down_proj"][0]
     a = np.asarray(ad.a["down_proj"])
-    assert a.shape == (model.config.num_layers, d_in, 4)
+    assert a.shape == (model.config.num_layers, 4, d_in)  # ROC rows [L, R, D]
     assert np.abs(a).max() <= 1 / np.sqrt(d_in) and np.abs(a).max() > 0.5 / np.sqrt(d_in)
     assert not np.asarray(ad.b["q_proj"]).any() and ad.scale == 2.0
     with pytest.raises(ValueError, match="unknown target"):
@@ -97,7 +98,7 @@ def test_save_peft_loads_in_peft_with_equal_logits(tiny, tmp_path):
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert (cfg["r"], cfg["lora_alpha"], cfg["peft_type"], cfg["task_type"]) == (4, 8.0, "LORA", "CAUSAL_LM")
     assert sorted(cfg["target_modules"]) == sorted(targets)
-    sd = peft_state_dict(tr)
+    sd = peft_tensors(peft_modules(tr))
     assert sd["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 48)
     assert sd["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (48, 4)
 
@@ -122,22 +123,22 @@ def test_save_peft_loads_in_peft_with_equal_logits(tiny, tmp_path):
 def test_save_peft_is_atomic_and_refuses_overwrite(tiny, tmp_path):
     _, _, model = tiny
     ad = init_lora(model, r=2)
-    from hilora_jax.train import TrainedLora
+    from hilora_jax.lora.train import TrainedLora
 
     tr = TrainedLora(ad, 2, 4.0, ("q_proj", "v_proj"), [1.0], 0.0, "t")
     save_peft(tr, tmp_path / "a", "m")
     with pytest.raises(FileExistsError):
         save_peft(tr, tmp_path / "a", "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
-    assert isinstance(ad, LoraAdapter)
+    assert isinstance(ad, TrainableLora)
 
 
 def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
     import argparse
 
-    import hilora_jax.loading as loading
+    import hilora_jax.io.loading as loading
     from hilora_jax.eval.tasks import write_jsonl
-    from hilora_jax.train import add_train_lora_args, train_lora_cli
+    from hilora_jax.lora.train import add_train_lora_args, train_lora_cli
 
     path, _, _ = tiny
     monkeypatch.setattr(loading, "load_tokenizer", lambda src: CharTok())
@@ -163,7 +164,7 @@ def test_train_lora_cli(tiny, tmp_path, monkeypatch, capsys):
 
 
 def test_choice_scorer_sharded_equals_unsharded(tiny):
-    from hilora_jax.sharding import make_mesh
+    from hilora_jax.model.sharding import make_mesh
 
     path, _, model = tiny
     exs, tok = toy_examples(), CharTok()
@@ -181,7 +182,7 @@ def test_choice_scorer_sharded_equals_unsharded(tiny):
 def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
     """`layers=[1]`: only layer 1 is adapted, steps resume from cached layer-1 hidden states
     (equal to the full forward), and the PEFT export (layers_to_transform) matches PEFT."""
-    from hilora_jax.eval.tasks import tail_logprobs
+    from hilora_jax.inference import tail_logprobs
 
     peft = pytest.importorskip("peft")
     path, hf, model = tiny
@@ -195,7 +196,7 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
     b = next(mc_batches(exs, tok, batch_size=8))
     ids, mask = b.input_ids, b.attention_mask
     full = tail_logprobs(model, ids, mask, b.tail, tr.adapter)
-    h = model(ids, mask, logits_at="none", hidden_layer=1)[2]
+    h = model.hidden(ids, mask, layer=1)
     part = tail_logprobs(model, ids, mask, b.tail, tr.adapter, start_layer=1, hidden_in=h)
     np.testing.assert_allclose(np.asarray(part), np.asarray(full), atol=1e-5)
     scorer = ChoiceScorer(Engine(model))
@@ -203,7 +204,7 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
     assert tuned >= 0.75
     out = save_peft(tr, tmp_path / "top", str(path))
     assert json.loads((out / "adapter_config.json").read_text())["layers_to_transform"] == [1]
-    assert not any(".layers.0." in k for k in peft_state_dict(tr))
+    assert not any(".layers.0." in k for k in peft_tensors(peft_modules(tr)))
     rng = np.random.default_rng(1)
     ids = rng.integers(3, 61, size=(2, 9))
     m = np.ones_like(ids)
@@ -218,10 +219,10 @@ def test_top_layer_training_with_cached_prefix(tiny, tmp_path):
 
 
 def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
-    """`poolbuild.build_task_pool`: one adapter per task, samples + clusters in the pool; a second
+    """`lora.build.build_task_pool`: one adapter per task, samples + clusters in the pool; a second
     call reuses the cached adapters (same pool arrays) and keeps their training records."""
     from hilora_jax.lora import load_pool
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.lora.build import build_task_pool
 
     path, _, model = tiny
     tok = CharTok()
@@ -250,7 +251,7 @@ def test_build_task_pool_trains_once_and_reuses(tiny, tmp_path):
 
 
 def test_parse_layers():
-    from hilora_jax.train import parse_layers
+    from hilora_jax.lora.train import parse_layers
 
     assert parse_layers("26-29") == [26, 27, 28, 29]
     assert parse_layers("0, 5,9") == [0, 5, 9]
@@ -272,13 +273,14 @@ def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, re
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
 
-    from hilora_jax.interop.peft import module_rank_alpha as peft_rank_alpha
-    from hilora_jax.train import MLP_MODULES
+    from hilora_jax.io.peft import module_rank_alpha as peft_rank_alpha
+    from hilora_jax.model.projections import MODULES, projection
 
     path, _, model = tiny
     tr = train_lora(model, CharTok(), toy_examples(), steps=6, lr=5e-2, batch_size=4,
                     progress=False, **recipe)
-    all_mods = ("q_proj", "k_proj", "v_proj", "o_proj") + MLP_MODULES
+    all_mods = MODULES
+    assert all_mods == ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     assert tr.targets == (all_mods if recipe["targets"] == "all-linear" else recipe["targets"])
     out = save_peft(tr, tmp_path / "ad", str(path))
     cfg = json.loads((out / "adapter_config.json").read_text())
@@ -287,8 +289,8 @@ def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, re
     assert cfg["use_rslora"] is bool(recipe.get("use_rslora"))
     assert cfg.get("rank_pattern") == recipe.get("rank_pattern")
     for name in tr.targets:  # our scale per module == PEFT's rule read back from the config
-        r_m, _, s_m = peft_rank_alpha(cfg, f"model.layers.0.{'mlp' if name in MLP_MODULES else 'self_attn'}.{name}")
-        assert tr.adapter.a[name].shape[-1] == r_m
+        r_m, _, s_m = peft_rank_alpha(cfg, projection(name).module_key(0))
+        assert tr.adapter.a[name].shape[1] == r_m
         assert tr.adapter.scale_of(name) == pytest.approx(s_m)
     fresh = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager")
     pm = peft.PeftModel.from_pretrained(fresh, str(out)).eval()
@@ -309,14 +311,14 @@ def test_heterogeneous_recipes_load_in_peft_with_equal_logits(tiny, tmp_path, re
     assert np.abs(ref - base)[valid].max() > 1e-2  # the adapter changes the logits
     assert np.abs(got - ref)[valid].max() <= 1e-4
     # the project's own PEFT reader reads back our arrays and per-module scales
-    from hilora_jax.interop.peft import read_adapter
+    from hilora_jax.io.peft import read_adapter
 
     ad = read_adapter(out, model.config)
     assert {m for _, m in ad.modules} == set(tr.targets)
     for (layer, name), (a, b, s) in ad.modules.items():
         assert s == pytest.approx(tr.adapter.scale_of(name))
-        np.testing.assert_array_equal(a, np.asarray(tr.adapter.a[name][layer]).T)
-        np.testing.assert_array_equal(b, np.asarray(tr.adapter.b[name][layer]).T)
+        np.testing.assert_array_equal(a, np.asarray(tr.adapter.a[name][layer]))  # one layout:
+        np.testing.assert_array_equal(b, np.asarray(tr.adapter.b[name][layer]))  # ROC rows
 
 
 def test_recipe_options_are_checked(tiny):
@@ -329,4 +331,4 @@ def test_recipe_options_are_checked(tiny):
     assert ad.scale == pytest.approx(8 / 2)
     ad = init_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"), rank_pattern={"v_proj": 2})
     assert ad.scale_of("q_proj") == 2.0 and ad.scale_of("v_proj") == 4.0
-    assert ad.a["v_proj"].shape[-1] == 2 and ad.b["v_proj"].shape[1] == 2
+    assert ad.a["v_proj"].shape[1] == 2 and ad.b["v_proj"].shape[1] == 2

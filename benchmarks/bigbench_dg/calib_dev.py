@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from hilora_jax.eval.runner import PROTOCOLS as _PROTOCOLS
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -43,7 +45,7 @@ POOL_TASKS = {  # the 13 tasks the benchmark's dev screen selected (README), wit
     "unit_conversion/si_conversion": "unit_conversion",
 }
 POOL_GYM = ["count_bits", "fraction_simplification", "syllogism"]
-PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+PROTOCOLS = list(_PROTOCOLS)
 
 
 def log(*a):
@@ -54,7 +56,7 @@ def load_splits(out: Path, tok):
     from run import MAX_LEN, split_dev  # noqa: F401
 
     from hilora_jax.eval.tasks import load_tasks
-    from hilora_jax.poolbuild import fitting
+    from hilora_jax.lora.build import fitting
 
     data = out / "data"
     by = defaultdict(list)
@@ -67,12 +69,12 @@ def load_splits(out: Path, tok):
 def prepare(args):
     from run import MAX_LEN, MAX_TRAIN, N_SAMPLES, split_dev
 
-    from hilora_jax.assets import bigbench_tasks_dir
     from hilora_jax.eval import gym
     from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.tasks import load_tasks, write_jsonl
-    from hilora_jax.loading import load_model, load_tokenizer
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.io.assets import bigbench_tasks_dir
+    from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.lora.build import build_task_pool
 
     out = Path(args.out)
     data = out / "data"
@@ -147,7 +149,7 @@ def _embed_all(out: Path, embedder: str, names, by_m, dev):
     else:
         from hilora_jax.embed.llm import LLMEmbedder
         from hilora_jax.inference import Engine
-        from hilora_jax.loading import load_model, load_tokenizer
+        from hilora_jax.io.loading import load_model, load_tokenizer
 
         model = load_model("smollm2")
         emb = LLMEmbedder(Engine(model), load_tokenizer("smollm2"), int(embedder.split(":")[1]))

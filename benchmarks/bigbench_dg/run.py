@@ -31,8 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROUTERS = ["base", "oracle", "uniform", "retrieval", "arrow", "roc-fixed", "hilora"]
-PROTOCOLS = ["seen", "unseen-within", "unseen-cross"]
+from hilora_jax.eval.runner import PROTOCOLS as _PROTOCOLS
+from hilora_jax.routing.routers import ROUTERS as _ROUTERS
+
+ROUTERS = list(_ROUTERS)  # the library's routers, in its order
+PROTOCOLS = list(_PROTOCOLS)
 MAX_TRAIN, N_SAMPLES, MAX_LEN = 256, 20, 256  # train items per LoRA, m, tokens per item
 # reasoning-gym generators screened next to BIG-bench (short prompts, answers a LoRA can learn).
 GYM_DEFAULT = ["gcd", "lcm", "products", "basic_arithmetic", "count_bits", "prime_factorization",
@@ -168,9 +171,9 @@ def prepare_splits(args, tok, data: Path, *, with_test: bool = True):
     items. `args` needs the candidate and split options of `main` (`--min-examples`,
     `--max-tokens`, `--per-family`, `--max-candidates`, `--gym`, `--n-test`, `--n-dev`,
     `--n-holdout`, `--seed`). `with_test=False` does not read the test split (None). Also used by `benchmarks/realistic_pool/run.py`."""
-    from hilora_jax.assets import bigbench_tasks_dir
     from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.tasks import load_tasks, write_jsonl
+    from hilora_jax.io.assets import bigbench_tasks_dir
 
     root = bigbench_tasks_dir()
     cands = find_candidates(root, tok, args)
@@ -194,7 +197,7 @@ def prepare_splits(args, tok, data: Path, *, with_test: bool = True):
         train, dev = split_dev(load_tasks(data / "train.jsonl"), args.n_dev, args.seed)
         write_jsonl(train, data / "train_fit.jsonl")
         write_jsonl(dev, data / "dev.jsonl")
-    from hilora_jax.poolbuild import fitting
+    from hilora_jax.lora.build import fitting
 
     def fit(exs):  # drop the rare over-long items (p90 <= max-tokens, but outliers exist)
         by = defaultdict(list)
@@ -267,11 +270,11 @@ def main(argv=None) -> int:
         write_json_atomic,
     )
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
     from hilora_jax.lora import load_pool
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.lora.build import build_task_pool
     from hilora_jax.routing import build_router
-    from hilora_jax.routing.routers import pool_fingerprint
+    from hilora_jax.routing.routers import RouterCache, pool_fingerprint
 
     t_start = time.time()
     out, res_dir = Path(args.out), Path(args.results)
@@ -317,8 +320,10 @@ def main(argv=None) -> int:
     pool_fp = pool_fingerprint(pool)  # stale partial records of another pool are not reused
     runs = [(n, n, {}) for n in args.routers.split(",") if n]
     runs += [parse_variant(v) for v in args.variant]
+    route_cache = RouterCache()  # sample embeddings and fits shared by the variants
     for label, name, options in runs:
-        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok)
+        router = build_router(name, pool, options=options, engine=eng, tokenizer=tok,
+                              cache=route_cache)
         for proto in PROTOCOLS:
             if name in ("base",) and proto != "seen":
                 results[(label, proto)] = results[(label, "seen")]
@@ -356,10 +361,12 @@ def _routing_map(router, pool, examples):
     return {"tasks": tasks, "loras": list(pool.names), "matrix": m.tolist()}
 
 
-def paired_differences(results, ref="hilora", against=("uniform", "retrieval", "arrow",
-                                                         "roc-fixed")):
+def paired_differences(results, ref="hilora", against=None):
     """`{protocol: {baseline: {diff, se, n}}}`: mean per-item accuracy difference of `ref` minus
-    each baseline on the same test items, with the standard error of the paired difference."""
+    each baseline on the same test items, with the standard error of the paired difference.
+    `against`: default every router but `ref`, the base model and the oracle."""
+    if against is None:
+        against = tuple(r for r in ROUTERS if r not in (ref, "base", "oracle"))
     out = {}
     for proto in PROTOCOLS:
         r = results.get((ref, proto))

@@ -16,7 +16,7 @@ such a pool with the project's JAX trainer and judges it the way issue 13 asks:
    quarter, a `rank_pattern` + `alpha_pattern` on about one in eight. All 30 layers. The learning
    rate is `--lr` scaled by `2 / scale` (clipped to [0.25, 2]) so that every scaling rule takes
    comparable steps, as a practitioner tunes it.
-4. Training (`hilora_jax.train.train_lora`, saved with `save_peft`), one adapter at a time, cached
+4. Training (`hilora_jax.lora.train.train_lora`, saved with `save_peft`), one adapter at a time, cached
    under `$HILORA_CACHE/realistic_pool/adapters/<task>-<key>` where the key hashes the recipe,
    the trainer settings, the base model and the training examples: an adapter is reused when all
    of them match, and an interrupted run resumes at the first missing adapter.
@@ -151,7 +151,7 @@ def shortlist(screen: list[dict], candidates: set[str], n: int) -> list[dict]:
 # -- training with a cache ---------------------------------------------------------------------
 def train_examples(exs, tok, max_train: int, max_len: int, seed: int):
     """The (at most `max_train`) training examples of one task that fit in `max_len` tokens."""
-    from hilora_jax.poolbuild import fitting
+    from hilora_jax.lora.build import fitting
 
     exs = fitting(exs, tok, max_len)
     if len(exs) > max_train:
@@ -184,21 +184,11 @@ def dev_screen_one(scorer, tok, dev_exs, lora, base_cache: dict, task: str, dev_
 
 
 def load_trained(adir, model):
-    """A saved PEFT adapter as the trainer's hook (`train.LoraAdapter`), for the dev screen."""
-    from hilora_jax.interop.peft import read_adapter
-    from hilora_jax.train import LoraAdapter
+    """A saved PEFT adapter as the trainer's hook (`lora.train.TrainableLora`), for the dev screen."""
+    from hilora_jax.io.peft import read_adapter
+    from hilora_jax.lora.train import trainable_from_peft
 
-    ad = read_adapter(adir, model.config)
-    a, b, scale = {}, {}, {}
-    L = model.config.num_layers
-    for (layer, mod), (A, B, s) in ad.modules.items():
-        if mod not in a:
-            a[mod] = np.zeros((L, A.shape[1], A.shape[0]), np.float32)
-            b[mod] = np.zeros((L, B.shape[1], B.shape[0]), np.float32)
-        a[mod][layer], b[mod][layer], scale[mod] = A.T, B.T, s
-    layers = tuple(sorted({layer for layer, _ in ad.modules}))
-    return LoraAdapter(a=a, b=b, scale=tuple(sorted(scale.items())),
-                       layers=None if len(layers) == L else layers)
+    return trainable_from_peft(read_adapter(adir, model.config), model.config.num_layers)
 
 
 # -- reports -----------------------------------------------------------------------------------
@@ -285,12 +275,12 @@ def main(argv=None) -> int:
     if args.freeze:
         return run_freeze(args, res_dir)
 
-    from hilora_jax.assets import cache_root
     from hilora_jax.eval.runner import write_json_atomic
     from hilora_jax.eval.tasks import ChoiceScorer
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
-    from hilora_jax.train import save_peft, train_lora
+    from hilora_jax.io.assets import cache_root
+    from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.lora.train import save_peft, train_lora
 
     cache = Path(args.cache) if args.cache else cache_root() / "realistic_pool"
     (cache / "adapters").mkdir(parents=True, exist_ok=True)
@@ -496,7 +486,7 @@ def run_dev_routing(args, res_dir: Path, out: Path) -> int:
     """Every router and HiLoRA rule on the selected pool, on the dev split (never the test)."""
     from hilora_jax.eval.runner import write_json_atomic
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     sel = _read_json(res_dir / "selection.json", "--dev-routing", ("tasks", "splits", "model"),
                      "train and screen first (no --dev-routing before the pool is selected)")
@@ -574,7 +564,7 @@ def run_freeze(args, res_dir: Path) -> int:
 def run_test(args, res_dir: Path, out: Path) -> int:
     from hilora_jax.eval.runner import write_json_atomic
     from hilora_jax.inference import Engine
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     frozen = _read_json(res_dir / "frozen.json", "--test",
                         ("tasks", "routers", "variants", "protocols", "seed", "splits", "model",

@@ -1,4 +1,4 @@
-"""Full-depth LoRA training speed of `hilora_jax.train.train_lora` on SmolLM2-135M-Instruct.
+"""Full-depth LoRA training speed of `hilora_jax.lora.train.train_lora` on SmolLM2-135M-Instruct.
 
 `python benchmarks/realistic_pool/speed.py [TOKENS] [BATCH] [STEPS]` trains two recipes (r=8 q/v
 and r=16 all-linear, all 30 layers) on synthetic items of TOKENS tokens, once for 2 steps and once
@@ -19,8 +19,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     T, B, steps = (int(x) for x in (argv + ["96", "8", "6"][len(argv):]))
     from hilora_jax.eval.tasks import MCExample
-    from hilora_jax.loading import load_model, load_tokenizer
-    from hilora_jax.train import train_lora
+    from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.lora.train import train_lora
 
     model, tok = load_model("smollm2"), load_tokenizer("smollm2")
     words = "the quick brown fox jumps over the lazy dog and then runs away".split()

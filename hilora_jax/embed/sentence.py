@@ -257,7 +257,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike[str]) -> Path:
     """Local directory for ``"minilm"``, a path, or a HF Hub id (downloaded unless offline)."""
     name = os.fspath(name_or_path)
     if name.lower() in MINILM_NAMES:
-        from hilora_jax.assets import minilm_dir
+        from hilora_jax.io.assets import minilm_dir
 
         return minilm_dir()
     path = Path(name).expanduser()

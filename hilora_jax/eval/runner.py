@@ -38,9 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from hilora_jax import distributed as dist
-from hilora_jax import sharding as shd
 from hilora_jax._fs import atomic_file
-from hilora_jax.eval.tasks import MCExample, mc_batches, tail_logprobs
+from hilora_jax.eval.tasks import MCExample, mc_batches
 from hilora_jax.lora.pool import LoraPool
 from hilora_jax.routing.routers import Router
 
@@ -60,53 +59,28 @@ class PrefixScorer:
     """Choice scoring that shares the un-adapted prefix of the model between runs.
 
     Every adapted module of the pool lies at or above `layer`, so the hidden states below it do not
-    depend on the router or protocol: they are computed once per batch (base model only), kept on
-    the host, and each run resumes from them (`CausalLM(start_layer=, hidden_in=)`). Results equal
-    the full forward up to float summation order. `layer=0` disables sharing.
+    depend on the router or protocol: they are computed once per batch (base model only,
+    `Engine.forward(..., hidden_layer=layer)`), kept on the host, and each run resumes from them
+    (`Engine.score(..., resume=(layer, hidden))`). Results equal the full forward up to float
+    summation order. `layer=0` disables sharing.
     """
 
     def __init__(self, engine, layer: int):
-        import jax
-
         self.engine, self.layer = engine, int(layer)
         self._cache: dict[str, np.ndarray] = {}
-        self._constrain = shd.make_constrain(engine.mesh)
-        self._prefix = jax.jit(self._prefix_impl)
-        self._tail = jax.jit(self._tail_impl, static_argnames=("tail",))
-
-    def _prefix_impl(self, state, ids, mask):
-        from flax import nnx
-
-        model = nnx.merge(self.engine.graphdef, state)
-        _, _, h = model(ids, mask, logits_at="none", hidden_layer=self.layer,
-                        constrain=self._constrain)
-        return h
-
-    def _tail_impl(self, state, hidden, ids, mask, tmask, lora, *, tail):
-        import jax.numpy as jnp
-        from flax import nnx
-
-        model = nnx.merge(self.engine.graphdef, state)
-        lp = tail_logprobs(model, ids, mask, tail, lora, constrain=self._constrain,
-                           start_layer=self.layer, hidden_in=hidden)  # B K
-        return jnp.sum(jnp.where(tmask[:, -tail:], lp, 0.0), axis=1)
-
-    def _put(self, a):
-        import jax
-
-        mesh = self.engine.mesh
-        return jax.numpy.asarray(a) if mesh is None else jax.device_put(
-            a, shd.batch_sharding(mesh, a.shape))
 
     def batch(self, b, lora=None) -> np.ndarray:
-        ids, mask, tm = (self._put(a) for a in (b.input_ids, b.attention_mask, b.target_mask))
-        hidden = None
+        resume = None
         if self.layer > 0:
             key = hashlib.sha1(b.input_ids.tobytes() + b.attention_mask.tobytes()).hexdigest()
             if key not in self._cache:
-                self._cache[key] = np.asarray(self._prefix(self.engine.state, ids, mask))
-            hidden = self._put(self._cache[key])
-        return np.asarray(self._tail(self.engine.state, hidden, ids, mask, tm, lora, tail=b.tail))
+                _, h = self.engine.forward(b.input_ids, b.attention_mask, logits_at="none",
+                                           hidden_layer=self.layer)
+                self._cache[key] = np.asarray(h)
+            resume = (self.layer, self._cache[key])
+        total, _ = self.engine.score(b.input_ids, b.attention_mask, b.target_mask, lora=lora,
+                                     tail=b.tail, resume=resume)
+        return np.asarray(total)
 
 
 def protocol_active(pool: LoraPool, task: str, cluster: str | None, protocol: str) -> np.ndarray:
@@ -229,75 +203,21 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     cfg = {"router": router.name, "protocol": protocol, "batch_size": batch_size,
            "max_len": max_len, "pool": list(pool.names), **(config or {})}
-    # the examples are part of the fingerprint: records of another test set are never reused
-    h = hashlib.sha1()
-    for ex in examples:
-        h.update(json.dumps([ex.task, ex.prompt, list(ex.choices), ex.answer]).encode())
-    fp = fingerprint({**cfg, "examples": h.hexdigest()})
+    fp = fingerprint({**cfg, "examples": _examples_digest(examples)})
     partial = Path(str(out) + ".partial.jsonl") if out else None
-    done = _read_partial(partial, fp) if (partial and resume and dist.process_index() == 0) else {}
-    if partial and not resume and partial.exists() and dist.process_index() == 0:
-        partial.unlink()
+    done = _resume_records(partial, fp, resume)
     # every process must skip the same examples: process 0's view of the partial file decides
     done_keys = set(dist.allgather_json(sorted(done))[0])
-    if scorer is None:
-        scorer = PrefixScorer(engine, first_adapted_layer(pool))
-    elif scorer.layer > first_adapted_layer(pool):
-        raise ValueError(f"scorer shares layers below {scorer.layer}, but the pool adapts layer "
-                         f"{first_adapted_layer(pool)}")
-    by_task: dict[str, list[tuple[int, MCExample]]] = defaultdict(list)
-    counters: dict[str, int] = defaultdict(int)
-    for ex in examples:
-        by_task[ex.task].append((counters[ex.task], ex))
-        counters[ex.task] += 1
-    tasks = sorted(by_task)
+    scorer = _checked_scorer(scorer, engine, pool)
+    by_task = _by_task(examples)
     records: dict[str, dict] = dict(done)
-    embeds = hasattr(router, "embed")
-    bar = None
-    if progress and dist.process_index() == 0 and os.environ.get("HILORA_QUIET") != "1":
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(examples), initial=len(done_keys), desc=f"{router.name}/{protocol}",
-                   unit="ex", file=sys.stderr)
-    for task in tasks:
+    bar = _progress(progress, len(examples), len(done_keys), f"{router.name}/{protocol}")
+    for task in sorted(by_task):
         items = [(i, ex) for i, ex in by_task[task] if f"{task}:{i}" not in done_keys]
         mine = dist.share(items)
-        new: list[dict] = []
-        if mine:
-            cluster = mine[0][1].cluster
-            active = protocol_active(pool, task, cluster, protocol)
-            own = pool.index(task) if task in pool.names else None
-            exs = [ex for _, ex in mine]
-            emb = router.embed([ex.prompt for ex in exs]) if embeds else None
-            lp = [np.full(len(ex.choices), np.nan) for ex in exs]
-            nt = [np.zeros(len(ex.choices)) for ex in exs]
-            route_stats: list[dict | None] = [None] * len(exs)
-            for b in mc_batches(exs, tokenizer, batch_size=batch_size, max_len=max_len):
-                rows = np.where(b.example_index >= 0, b.example_index, b.example_index[0])
-                kw = {"active": active}
-                if emb is not None:
-                    kw["embeddings"] = emb[rows]
-                if router.name == "oracle":
-                    if own is None:
-                        raise ValueError(f"router 'oracle' needs an adapter named {task!r}")
-                    kw["adapter_names"] = [task] * len(rows) if active[own] else [None] * len(rows)
-                routing = router.route([exs[r].prompt for r in rows], **kw)
-                s = scorer.batch(b, lora=routing.hook)
-                ntok = b.target_mask.sum(1)
-                stats = _routing_rows(routing.info, np.arange(len(rows)), own)
-                for r in range(len(rows)):
-                    e = b.example_index[r]
-                    if e >= 0:
-                        lp[e][b.choice_index[r]] = s[r]
-                        nt[e][b.choice_index[r]] = ntok[r]
-                        if route_stats[e] is None:
-                            route_stats[e] = stats[r]
-            for (i, ex), a, n, rs in zip(mine, lp, nt, route_stats, strict=True):
-                new.append({"key": f"{task}:{i}", "fp": fp, "task": task, "cluster": ex.cluster,
-                            "answer": ex.answer, "logprob": a.tolist(), "n_tokens": n.tolist(),
-                            "routing": rs or {}})
-        gathered = [r for part in dist.allgather_json(new) for r in part]
-        gathered.sort(key=lambda r: int(r["key"].rsplit(":", 1)[1]))
+        new = _score_task(scorer, tokenizer, pool, router, task, mine, protocol, fp,
+                          batch_size=batch_size, max_len=max_len) if mine else []
+        gathered = _gather(new)
         for r in gathered:
             records[r["key"]] = r
         if partial and dist.process_index() == 0 and gathered:
@@ -312,6 +232,107 @@ def evaluate(
     if out and dist.process_index() == 0:
         write_json_atomic(out, result)
     return result
+
+
+# -- the concerns of `evaluate` ----------------------------------------------------------------
+def _examples_digest(examples: Sequence[MCExample]) -> str:
+    """Content hash of a test set (part of the fingerprint: records of another set are never
+    reused)."""
+    h = hashlib.sha1()
+    for ex in examples:
+        h.update(json.dumps([ex.task, ex.prompt, list(ex.choices), ex.answer]).encode())
+    return h.hexdigest()
+
+
+def _resume_records(partial: Path | None, fp: str, resume: bool) -> dict[str, dict]:
+    """Finished records of this configuration from the partial file (process 0 reads it); without
+    `resume` the file is removed."""
+    if partial is None or dist.process_index() != 0:
+        return {}
+    if not resume:
+        if partial.exists():
+            partial.unlink()
+        return {}
+    return _read_partial(partial, fp)
+
+
+def _checked_scorer(scorer: PrefixScorer | None, engine, pool: LoraPool) -> PrefixScorer:
+    first = first_adapted_layer(pool)
+    if scorer is None:
+        return PrefixScorer(engine, first)
+    if scorer.layer > first:
+        raise ValueError(f"scorer shares layers below {scorer.layer}, but the pool adapts layer "
+                         f"{first}")
+    return scorer
+
+
+def _by_task(examples: Sequence[MCExample]) -> dict[str, list[tuple[int, MCExample]]]:
+    """`task -> [(index within the task, example)]` in input order."""
+    by_task: dict[str, list[tuple[int, MCExample]]] = defaultdict(list)
+    for ex in examples:
+        by_task[ex.task].append((len(by_task[ex.task]), ex))
+    return by_task
+
+
+def _progress(progress: bool, total: int, initial: int, desc: str):
+    if not progress or dist.process_index() != 0 or os.environ.get("HILORA_QUIET") == "1":
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="ex", file=sys.stderr)
+
+
+def _route_kwargs(router: Router, pool: LoraPool, task: str, active: np.ndarray,
+                  rows: int) -> dict:
+    """What the router is told besides the prompts: the protocol's active set and, for routers
+    that declare `needs_task_labels` (oracle), the task's own adapter per row (None, the base
+    model, when the protocol holds it out)."""
+    kw: dict = {"active": active}
+    if router.needs_task_labels:
+        if task not in pool.names:
+            raise ValueError(f"router {router.name!r} needs an adapter named {task!r}")
+        own = pool.index(task)
+        kw["adapter_names"] = [task if active[own] else None] * rows
+    return kw
+
+
+def _score_task(scorer: PrefixScorer, tokenizer, pool: LoraPool, router: Router, task: str,
+                mine: Sequence[tuple[int, MCExample]], protocol: str, fp: str, *,
+                batch_size: int, max_len: int) -> list[dict]:
+    """Route and score this process's examples of one task; one record per example."""
+    active = protocol_active(pool, task, mine[0][1].cluster, protocol)
+    own = pool.index(task) if task in pool.names else None
+    exs = [ex for _, ex in mine]
+    emb = router.embed([ex.prompt for ex in exs]) if hasattr(router, "embed") else None
+    lp = [np.full(len(ex.choices), np.nan) for ex in exs]
+    nt = [np.zeros(len(ex.choices)) for ex in exs]
+    route_stats: list[dict | None] = [None] * len(exs)
+    for b in mc_batches(exs, tokenizer, batch_size=batch_size, max_len=max_len):
+        rows = np.where(b.example_index >= 0, b.example_index, b.example_index[0])
+        kw = _route_kwargs(router, pool, task, active, len(rows))
+        if emb is not None:
+            kw["embeddings"] = emb[rows]
+        routing = router.route([exs[r].prompt for r in rows], **kw)
+        s = scorer.batch(b, lora=routing.hook)
+        ntok = b.target_mask.sum(1)
+        stats = _routing_rows(routing.info, np.arange(len(rows)), own)
+        for r in range(len(rows)):
+            e = b.example_index[r]
+            if e >= 0:
+                lp[e][b.choice_index[r]] = s[r]
+                nt[e][b.choice_index[r]] = ntok[r]
+                if route_stats[e] is None:
+                    route_stats[e] = stats[r]
+    return [{"key": f"{task}:{i}", "fp": fp, "task": task, "cluster": ex.cluster,
+             "answer": ex.answer, "logprob": a.tolist(), "n_tokens": n.tolist(), "routing": rs or {}}
+            for (i, ex), a, n, rs in zip(mine, lp, nt, route_stats, strict=True)]
+
+
+def _gather(new: list[dict]) -> list[dict]:
+    """Every process's records of one task, in example order (the same on every process)."""
+    gathered = [r for part in dist.allgather_json(new) for r in part]
+    gathered.sort(key=lambda r: int(r["key"].rsplit(":", 1)[1]))
+    return gathered
 
 
 def summarize(records, config: dict) -> dict:

@@ -39,18 +39,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
-from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax import sharding as shd
 from hilora_jax._fs import atomic_file
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import Engine, bucket_length, pad_batch
-from hilora_jax.nn.layers import log_softmax_gather
-from hilora_jax.nn.model import CausalLM
 
 GEN_METRICS = ("em", "rouge", "bleu")
 
@@ -289,28 +282,6 @@ def mc_batches(examples: Sequence[MCExample], tokenizer: Tokenizer, *, batch_siz
 
 
 # -- scoring -----------------------------------------------------------------------------------
-def tail_logprobs(model: CausalLM, input_ids: Int[Array, "B T"], attention_mask: Bool[Array, "B T"],
-                  tail: int, lora=None, constrain=None, *, start_layer: int = 0,
-                  hidden_in=None) -> Float[Array, "B K"]:
-    """Log-probs of the last `tail` tokens of each row (K = tail), given everything before them.
-
-    Only the hidden states at positions `T-K-1 .. T-2` go through the final norm and the LM head,
-    so the `[B, T, V]` logits are never built. Entry `[b, k]` is `log p(ids[b, T-K+k] | ids[b, :T-K+k])`.
-    With `start_layer=k, hidden_in=h` the model resumes from cached layer-k hidden states.
-    Pure function of its arguments (differentiable in `lora`); used by scoring and training.
-    """
-    cfg = model.config
-    kw = dict(start_layer=start_layer, hidden_in=hidden_in) if start_layer > 0 else {}
-    _, _, hidden = model(input_ids, attention_mask, lora=lora, logits_at="none",
-                         hidden_layer=cfg.num_layers, constrain=constrain, **kw)  # B T D
-    h = model.model.norm(hidden[:, -tail - 1:-1])  # B K D
-    if model.lm_head is None:
-        logits = model.model.embed_tokens.attend(h)  # B K V
-    else:
-        logits = model.lm_head(h)
-    return log_softmax_gather(logits, input_ids[:, -tail:])  # B K
-
-
 @dataclasses.dataclass
 class ChoiceScores:
     """Per-example choice scores. `logprob[c]`: summed log-prob of choice c; `n_tokens[c]`: its
@@ -333,35 +304,17 @@ class ChoiceScores:
 
 
 class ChoiceScorer:
-    """Jitted multiple-choice scorer over an `Engine`'s split model (one compile per shape bucket).
-
-    Uses `engine.graphdef` / `engine.state` (split once) and, when the engine has a mesh, places
-    each batch with the batch axis sharded over the data axis.
-    """
+    """Multiple-choice scorer over an `Engine` (`Engine.score` with the batch's tail: one compile
+    per shape bucket, batches placed by the engine)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._constrain = shd.make_constrain(engine.mesh)
-        self._fn = jax.jit(self._impl, static_argnames=("tail",))
-
-    def _impl(self, state, ids, mask, tmask, lora, *, tail):
-        model = nnx.merge(self.engine.graphdef, state)
-        lp = tail_logprobs(model, ids, mask, tail, lora, constrain=self._constrain)
-        return jnp.sum(jnp.where(tmask[:, -tail:], lp, 0.0), axis=1)  # B
 
     def batch(self, b: MCBatch, lora=None) -> np.ndarray:
         """Summed continuation log-probs `[B]` for one batch."""
-        limit = self.engine.config.max_position_embeddings
-        if b.input_ids.shape[1] > limit:
-            raise ValueError(f"batch of {b.input_ids.shape[1]} tokens exceeds the model's "
-                             f"max_position_embeddings={limit}")
-        arrays = (b.input_ids, b.attention_mask, b.target_mask)
-        mesh = self.engine.mesh
-        if mesh is None:
-            ids, mask, tm = (jnp.asarray(a) for a in arrays)
-        else:
-            ids, mask, tm = (jax.device_put(a, shd.batch_sharding(mesh, a.shape)) for a in arrays)
-        return np.asarray(self._fn(self.engine.state, ids, mask, tm, lora, tail=b.tail))
+        total, _ = self.engine.score(b.input_ids, b.attention_mask, b.target_mask, lora=lora,
+                                     tail=b.tail)
+        return np.asarray(total)
 
     def __call__(self, examples: Sequence[MCExample], tokenizer: Tokenizer, *, lora=None,
                  batch_size: int = 16, max_len: int = 256, progress: bool = False

@@ -5,7 +5,7 @@
 * `manifest`: pool manifests (JSON/YAML/dict/folder of adapters) with per-adapter samples/clusters.
 * `io`: `load_pool` (front door), orbax `save_pool` / `load_pool_dir`, PEFT export, and the CLI entry
   points `convert_pool` / `export_adapter`.
-PEFT reading itself lives in `hilora_jax.interop.peft`.
+PEFT reading itself lives in `hilora_jax.io.peft`.
 """
 
 from hilora_jax.lora.io import (

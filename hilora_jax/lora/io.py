@@ -2,13 +2,14 @@
 
 * `load_pool(src, model=...)`: `src` is a manifest file (JSON/YAML), a manifest dict, a folder of
   adapter directories, or a saved pool directory. Every adapter is read torch-free and checked
-  against the base model's config (`interop.peft.read_adapter`), then stacked (`LoraPool`).
+  against the base model's config (`io.peft.read_adapter`), then stacked (`LoraPool`).
 * `save_pool(pool, out)` writes `out/arrays` (orbax, flat `{"A.q_proj": ..., "ranks": ...}`) and
   `out/pool.json` (format version, names, clusters, samples, sources, configs, array shapes) into a
-  temp dir renamed into place (`checkpoint.atomic_dir`): a failure leaves nothing behind.
+  temp dir renamed into place (`_fs.atomic_dir`): a failure leaves nothing behind.
   `load_pool_dir(path, mesh)` restores every array straight onto its sharding.
 * `export_peft(pool, name_or_weights, out)` writes one adapter, or a weighted combination of
-  adapters as one concatenated-rank LoRA, as a PEFT adapter directory: for every adapted
+  adapters as one concatenated-rank LoRA, as a PEFT adapter directory (`io.peft.write_adapter`,
+  the one PEFT writer): for every adapted
   (layer, module), `lora_A = [A_i rows]`, `lora_B = [w_i s_i b_ij columns]`, so
   `lora_B @ lora_A = sum_i w_i s_i B_i A_i`. The config sets `lora_alpha = r` and, per module whose
   rank differs, `rank_pattern[k] = alpha_pattern[k] = rank`, so PEFT's scale is exactly 1;
@@ -32,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from hilora_jax.checkpoint import atomic_dir, restore_arrays, save_arrays
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.peft import AdapterError, module_key, read_adapter, tensor_key
-from hilora_jax.interop.safetensors_io import save_file
+from hilora_jax._fs import atomic_dir
+from hilora_jax.io.checkpoint import restore_arrays, save_arrays
+from hilora_jax.io.peft import AdapterError, module_key, read_adapter, write_adapter
 from hilora_jax.lora.manifest import PoolManifest, read_manifest
 from hilora_jax.lora.pool import LoraPool, PoolArrays, pool_shardings
+from hilora_jax.model.config import ModelConfig
 
 POOL_FORMAT_VERSION = 1
 POOL_META = "pool.json"
@@ -50,16 +51,16 @@ def model_config_of(model: Any) -> ModelConfig:
         return model
     if hasattr(model, "config") and isinstance(model.config, ModelConfig):
         return model.config
-    from hilora_jax.loading import resolve_source
+    from hilora_jax.io.loading import resolve_source
 
     kind, path = resolve_source(model)
     if kind == "converted":
-        from hilora_jax.checkpoint import read_meta
+        from hilora_jax.io.checkpoint import read_meta
 
         return ModelConfig.from_dict(read_meta(path)["config"])
     if kind == "hf":
         return ModelConfig.from_hf_config(path / "config.json")
-    from hilora_jax.interop.gguf import read_gguf
+    from hilora_jax.io.gguf import read_gguf
 
     return ModelConfig.from_hf_config(read_gguf(path).config, source=str(path))
 
@@ -198,10 +199,12 @@ def combination_weights(pool: LoraPool, name_or_weights: str | Sequence[float] |
     return w * np.asarray(pool.arrays.active)
 
 
-def peft_state_dict(pool: LoraPool, weights: np.ndarray) -> tuple[dict[str, np.ndarray], dict]:
-    """Concatenated-rank PEFT tensors and `{module key: rank}` for `sum_i w_i s_i B_i A_i`."""
+def combined_modules(pool: LoraPool, weights: np.ndarray
+                     ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """Concatenated-rank ROC rows `(A [r, D], B [r, E])` per `(layer, module)` for
+    `sum_i w_i s_i B_i A_i` (the scale folded into B)."""
     a = jax.tree.map(np.asarray, pool.arrays)
-    tensors, ranks = {}, {}
+    modules = {}
     used = np.flatnonzero(weights != 0)
     for m in a.modules:
         L = a.A[m].shape[0]
@@ -216,11 +219,8 @@ def peft_state_dict(pool: LoraPool, weights: np.ndarray) -> tuple[dict[str, np.n
                 cols_b.append(a.B[m][li, i, valid].astype(np.float32) * coef[:, None])  # r E
             if not rows_a:
                 continue
-            A_cat, B_cat = np.concatenate(rows_a), np.concatenate(cols_b)
-            tensors[tensor_key(li, m, "A")] = np.ascontiguousarray(A_cat)  # [r, D]
-            tensors[tensor_key(li, m, "B")] = np.ascontiguousarray(B_cat.T)  # [E, r]
-            ranks[module_key(li, m)] = int(A_cat.shape[0])
-    return tensors, ranks
+            modules[(li, m)] = (np.concatenate(rows_a), np.concatenate(cols_b))  # [r, D], [r, E]
+    return modules
 
 
 def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
@@ -229,9 +229,10 @@ def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
     w = combination_weights(pool, name_or_weights)
     if not np.any(w):
         raise ValueError("nothing to export: every weight is zero (or the adapters are inactive)")
-    tensors, ranks = peft_state_dict(pool, w)
-    if not tensors:
+    modules = combined_modules(pool, w)
+    if not modules:
         raise ValueError("nothing to export: the selected adapters adapt no module")
+    ranks = {module_key(li, m): int(a.shape[0]) for (li, m), (a, _) in modules.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
     used = [pool.names[i] for i in np.flatnonzero(w)]
@@ -246,11 +247,7 @@ def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
         "init_lora_weights": True, "inference_mode": True,
     }
     meta = {"hilora_export": json.dumps({n: float(w[pool.index(n)]) for n in used})}
-    out = Path(out).absolute()
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt", **meta})
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    return out
+    return write_adapter(out, cfg, modules, metadata=meta, overwrite=overwrite)
 
 
 # -- CLI entry points ----------------------------------------------------------------------

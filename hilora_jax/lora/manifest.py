@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hilora_jax.errors import HiloraUserError
-from hilora_jax.interop.peft import AdapterError
+from hilora_jax.io.peft import AdapterError
 
 
 class ManifestError(HiloraUserError, ValueError):

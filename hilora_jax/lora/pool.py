@@ -1,8 +1,8 @@
 # ruff: noqa: F722  (jaxtyping shape strings are not forward references)
 """The LoRA pool: N adapters stacked per target module as rank-one components (ROCs).
 
-Shape legend (used in every einsum here): L layers, B batch, T tokens, A adapters (the pool's N),
-R ROCs per adapter (padded to the module's max rank), D module input dim, E module output dim.
+Shape letters and the LoRA layout: the legend in `hilora_jax.model.projections` (here D and E are a
+module's input and output dims; A is the pool's N).
 
 For each target module name `m` (`q_proj`, ..., `down_proj`) the pool holds
 
@@ -36,9 +36,11 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax import sharding as shd
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.peft import MODULES, LoraAdapter
+from hilora_jax.io.peft import PeftAdapter
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.projections import MODULES, projection
 
 
 @struct.dataclass
@@ -69,6 +71,18 @@ class PoolArrays:
         """Valid ROCs per layer and adapter for module `m`."""
         return self.mask[m].sum(-1).astype(jnp.int32)
 
+    def layer(self, m: str, layer: int):
+        """Module `m` at `layer` as every hook reads it: `(A_l [A, R, D], B_l [A, R, E],
+        mask_l [A, R], w_l [A, R])`, the mask restricted to active adapters and `w_l` the masked
+        scale (s_ij on valid ROCs, 0 elsewhere)."""
+        mask_l = self.mask[m][layer] & self.active[:, None]
+        return self.A[m][layer], self.B[m][layer], mask_l, masked_scale(mask_l, self.scale[m][layer])
+
+
+def masked_scale(mask, scale):
+    """s_ij where the ROC exists (`mask`), 0 elsewhere: the one place padded ROCs are zeroed."""
+    return jnp.where(mask, scale, 0)
+
 
 def lora_delta(
     A_l: Float[Array, "A R D"],
@@ -84,15 +98,15 @@ def lora_delta(
     Computed in `x`'s dtype promoted with the pool's.
     """
     u = jnp.einsum("BTD,ARD->BTAR", x, A_l)  # ROC responses a_ij . x_t
-    w = jnp.where(mask_l, scale_l, 0).astype(u.dtype)  # A R: s_ij on valid ROCs, 0 elsewhere
+    w = masked_scale(mask_l, scale_l).astype(u.dtype)  # A R
     if gates.ndim == 3:
         gates = gates[:, None]  # B 1 A R
     return jnp.einsum("BTAR,ARE->BTE", u * w * gates.astype(u.dtype), B_l)
 
 
 @struct.dataclass
-class GatedHook:
-    """Model hook `lora(layer, name, x) -> delta` applying the pool with given gates.
+class GatedHook(LoraHook):
+    """Model hook (`model.hook.LoraHook`) applying the pool with given gates.
 
     `gates`: per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter `[B, A]`
     (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide
@@ -103,7 +117,7 @@ class GatedHook:
     arrays: PoolArrays
     gates: Array
 
-    def __call__(self, layer: int, name: str, x: Float[Array, "B T D"]) -> Array | None:
+    def delta(self, layer: int, name: str, x: Float[Array, "B T D"]):
         if name not in self.arrays.A:
             return None
         g = self.gates
@@ -115,13 +129,13 @@ class GatedHook:
             g = g[..., :r]  # pool-wide R_max -> this module's R (valid ROCs are a prefix)
         g = jnp.broadcast_to(g, g.shape[:-1] + (r,))
         return lora_delta(self.arrays.A[name][layer], self.arrays.B[name][layer],
-                          self.arrays.scale[name][layer], mask, x, g)
+                          self.arrays.scale[name][layer], mask, x, g), {}
 
 
 def dense_delta_weights(arrays: PoolArrays, m: str, weights: Float[Array, " A"]) -> Float[Array, "L D E"]:
     """`sum_i w_i s_i B_i^T A_i` per layer in kernel layout `[in, out]` (inactive adapters skipped)."""
     w = jnp.asarray(weights, arrays.A[m].dtype) * arrays.active.astype(arrays.A[m].dtype)
-    coef = jnp.where(arrays.mask[m], arrays.scale[m], 0) * w[None, :, None]  # L A R
+    coef = masked_scale(arrays.mask[m], arrays.scale[m]) * w[None, :, None]  # L A R
     return jnp.einsum("LAR,LARD,LARE->LDE", coef, arrays.A[m], arrays.B[m])
 
 
@@ -138,8 +152,7 @@ def merge_into(model, pool: LoraPool | PoolArrays, weights: Sequence[float] | Ar
     for m in arrays.modules:
         dw = dense_delta_weights(arrays, m, weights)  # L D E
         for li, layer in enumerate(new.model.layers):
-            block = layer.self_attn if m in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-            kern = getattr(block, m).kernel
+            kern = getattr(getattr(layer, projection(m).block), m).kernel
             old = kern.get_value()
             kern.set_value((old.astype(jnp.float32) + dw[li].astype(jnp.float32)).astype(old.dtype))
     return new
@@ -184,10 +197,10 @@ class LoraPool:
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def from_adapters(cls, adapters: Sequence[LoraAdapter], model_cfg: ModelConfig, *,
+    def from_adapters(cls, adapters: Sequence[PeftAdapter], model_cfg: ModelConfig, *,
                       clusters=None, samples=None, dtype=jnp.float32,
                       mesh: Mesh | None = None) -> LoraPool:
-        """Stack host adapters (`interop.peft.read_adapter`) into a pool; see the module docstring."""
+        """Stack host adapters (`io.peft.read_adapter`) into a pool; see the module docstring."""
         if not adapters:
             raise ValueError("cannot build an empty pool (no adapters)")
         L, N = model_cfg.num_layers, len(adapters)
@@ -207,7 +220,7 @@ class LoraPool:
             for (li, m), (a, b, s) in ad.modules.items():
                 r = a.shape[0]
                 A[m][li, i, :r] = a  # [r, D]
-                B[m][li, i, :r] = b.T  # PEFT lora_B [E, r] -> rows b_ij
+                B[m][li, i, :r] = b  # [r, E]: rows b_ij
                 S[m][li, i, :r] = s
                 M[m][li, i, :r] = True
         np_arrays = PoolArrays(A=A, B=B, scale=S, mask=M,

@@ -5,8 +5,8 @@ fitted once per pool, host-side, in NumPy float64 (:func:`fit_gaussians`). The r
 :class:`GaussianBank`, a pytree of float32 arrays that is stored with the pool and scored inside jit
 (:func:`log_likelihood`, :func:`scores`).
 
-Shape legend: B batch (sequences), A adapters (pool size N), E embedding dim, D modelled dim
-(``D = E``, or ``d'`` after PCA), W width of the low-rank factor (``max_i min(m_i - 1, D)``, >= 1).
+Shape letters: the embedding-space legend in ``hilora_jax.model.projections`` (E embedding dim,
+D modelled dim, W width of the low-rank factor, here ``max_i min(m_i - 1, D)``, >= 1).
 
 Estimators ([choice], method §2.1; S is the sample covariance with 1/(m-1), mu = trace(S)/D):
 
@@ -89,7 +89,7 @@ _LOG_2PI = math.log(2.0 * math.pi)
 class GaussianBank:
     """One Gaussian per adapter, in whitened low-rank form (see module docstring).
 
-    Fields (A adapters, D modelled dim, W low-rank width, E raw embedding dim):
+    Fields (shape letters as in the module docstring):
       mean:      [A, D] sample means (in the PCA space for ``pca``).
       scale:     [A, D] square root of the diagonal part of Sigma (constant ``sqrt(c_i)`` for LW/ridge).
       basis:     [A, D, W] orthonormal columns Q_i (whitened coordinates), zero-padded.

@@ -1,12 +1,13 @@
 """Routing hooks: the per-module maths of every router, as pytrees the model calls.
 
-Each hook implements the model's `lora(layer, name, x) -> delta | None` protocol and
-`with_aux(layer, name, x) -> (delta, aux)` for routing traces. Hooks are `flax.struct` pytrees: pool
-arrays and per-sequence decisions are leaves (new decisions never recompile), strategies and
-hyper-parameters are static fields.
+Each hook is a `model.hook.LoraHook`: `delta(layer, name, x) -> (delta, trace) | None`, the trace
+being this call's routing arrays. Hooks are `flax.struct` pytrees: pool arrays and per-sequence
+decisions are leaves (new decisions never recompile), strategies and hyper-parameters are static
+fields. Every hook reads a module's layer through `PoolArrays.layer` (active mask and masked scale
+computed there, once).
 
-Shape legend: B batch, T tokens, A adapters (pool), C candidate slots, R ROCs per adapter,
-D module input dim, E module output dim, L layers.
+Shape letters: the legend in `hilora_jax.model.projections` (D and E: a module's input and output
+dims; P packed ROCs; K sparse-mixture slots).
 
 * `HiLoRAHook`: method §3. For each candidate LoRA i of a sequence (from the sequence stage),
   `u_ij(t) = a_ij . x_t`; keep the n_i(module) largest |u| ROCs; delta =
@@ -38,32 +39,18 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
-from hilora_jax.lora.pool import PoolArrays
+from hilora_jax.lora.pool import PoolArrays, masked_scale
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.projections import shared_input_groups
 from hilora_jax.routing.sequence import per_module_counts
 from hilora_jax.routing.token import roc_fixed_gates, topn_gates
 
 STRATEGIES = ("dense", "gathered", "packed", "auto")
 
 
-def _layer(arrays: PoolArrays, name: str, layer: int):
-    A_l = arrays.A[name][layer]  # A R D
-    B_l = arrays.B[name][layer]  # A R E
-    mask_l = arrays.mask[name][layer] & arrays.active[:, None]  # A R
-    w_l = jnp.where(mask_l, arrays.scale[name][layer], 0.0)  # A R  (s_ij on valid ROCs)
-    return A_l, B_l, mask_l, w_l
-
-
-class _Hook:
-    """`__call__` from `with_aux` (the aux outputs are only collected when tracing)."""
-
-    def __call__(self, layer: int, name: str, x: Float[Array, "B T D"]):
-        out = self.with_aux(layer, name, x)
-        return None if out is None else out[0]
-
-
-# Modules the model calls with the same input `x` (attention: q, k, v; MLP: gate, up): `packed`
-# computes their responses with one matmul against the concatenated packs.
-SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# Modules the model calls with the same input `x` (attention: q, k, v; MLP: gate, up; from the
+# projection table): `packed` computes their responses with one matmul against the concatenated packs.
+SHARED_INPUT = shared_input_groups()
 
 
 @struct.dataclass
@@ -141,7 +128,7 @@ def pack_rocs(arrays: PoolArrays) -> RocPack:
         A_m[m] = jnp.asarray(arrays.A[m])[:, ai, ji]  # L P D
         b_m = jnp.asarray(arrays.B[m])[:, ai, ji]  # L P E
         B[m] = [b_m[li] for li in range(n_layers)]
-        w_m = np.where(mask, np.asarray(arrays.scale[m], np.float32), 0.0)[:, ai, ji]  # L P
+        w_m = np.asarray(masked_scale(mask, np.asarray(arrays.scale[m], np.float32)))[:, ai, ji]  # L P
         W[m] = [jnp.asarray(w_m[li]) for li in range(n_layers)]
         V[m] = [jnp.asarray(mask[li, ai, ji]) for li in range(n_layers)]
         groups.append((m, tuple(grp)))
@@ -198,7 +185,7 @@ def token_cost(strategy: str, *, b: int, t: int, c: int, a: int, r: int, p: int,
 
 
 @struct.dataclass
-class HiLoRAHook(_Hook):
+class HiLoRAHook(LoraHook):
     """HiLoRA token stage over a batch's sequence decisions (module docstring: strategies).
 
     `pack` is needed by `packed` (and lets `auto` choose it): build it with `prepared()` on the
@@ -268,15 +255,24 @@ class HiLoRAHook(_Hook):
         costs = {s: token_cost(s, b=b, t=t, c=c, a=a, r=r, p=p or 0, d=d, e=e) for s in options}
         return min(options, key=lambda s: (costs[s], s != "packed"))
 
-    def with_aux(self, layer: int, name: str, x: Float[Array, "B T D"]):
+    def deltas(self, layer: int, names, x: Float[Array, "B T D"]):
+        """`delta` of each of `names` (all reading `x`); the `packed` ones share one matmul of `x`
+        against their input's concatenated packs (q/k/v; gate/up)."""
+        shared: dict = {}  # pack input key -> responses u [B, T, P_key], computed once
+        return tuple(self._delta(layer, n, x, shared) for n in names)
+
+    def delta(self, layer: int, name: str, x: Float[Array, "B T D"]):
+        return self._delta(layer, name, x, {})
+
+    def _delta(self, layer: int, name: str, x, shared: dict):
         if name not in self.arrays.A:
             return None
         strategy = self.choose(name, x.shape)
         if strategy not in STRATEGIES[:3]:
             raise ValueError(f"unknown strategy {self.strategy!r}; choose from {STRATEGIES}")
         if strategy == "packed":
-            return self._packed(layer, name, x)
-        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+            return self._packed(layer, name, x, shared)
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         idx = self.cand_idx
         n_mod = self._n_module(mask_l)
         valid_c = mask_l[idx] & self.cand_valid[..., None]  # B C R
@@ -304,29 +300,20 @@ class HiLoRAHook(_Hook):
         module_rank = jnp.where(self.cand_valid, mask_l.sum(-1)[idx], 0).astype(jnp.int32)  # B C
         return per_module_counts(self.n_rocs, self.arrays.ranks[idx], module_rank)
 
-    def _packed(self, layer: int, name: str, x):
-        """u against the packed ROCs once per batch (one matmul for all modules that read this
-        `x`: the model calls q, k, v, and gate, up, with the same input; the others' results are
-        kept for their calls in this trace, keyed on the identity of `x`); top-n per rank group;
-        one `[B, T, P] x [P, E]` matmul. Non-candidate adapters get n = 0 (no ROC fires)."""
+    def _packed(self, layer: int, name: str, x, shared: dict):
+        """u against the packed ROCs (one matmul per input: `shared` holds the responses of this
+        `x` against its input's concatenated packs, so q, k, v (gate, up) asked together in
+        `deltas` share it); top-n per rank group; one `[B, T, P] x [P, E]` matmul.
+        Non-candidate adapters get n = 0 (no ROC fires)."""
         if self.pack is None:
             raise ValueError("strategy 'packed' needs the pool's RocPack: use hook.prepared() on "
                              "the host before jit")
-        memo = self.__dict__.setdefault("_shared_input_memo", {})
-        hit = memo.pop((layer, name), None)
-        if hit is not None and hit[0] is x:
-            return hit[1]
         pk = self.pack
         key, members = pk.module_input(name)
-        u_all = jnp.einsum("BTD,PD->BTP", x, pk.A[key][layer].astype(x.dtype))  # B T P_key
-        out = None
-        for m, off, p in members:
-            res = self._packed_module(layer, m, u_all[..., off:off + p], x.dtype)
-            if m == name:
-                out = res
-            else:
-                memo[(layer, m)] = (x, res)
-        return out
+        if key not in shared:
+            shared[key] = jnp.einsum("BTD,PD->BTP", x, pk.A[key][layer].astype(x.dtype))  # B T P_key
+        _, off, p = next(mm for mm in members if mm[0] == name)
+        return self._packed_module(layer, name, shared[key][..., off:off + p], x.dtype)
 
     def _packed_module(self, layer: int, name: str, u, dtype):
         pk = self.pack
@@ -365,14 +352,14 @@ class HiLoRAHook(_Hook):
 
 
 @struct.dataclass
-class RocFixedHook(_Hook):
+class RocFixedHook(LoraHook):
     arrays: PoolArrays
     budget: int = struct.field(pytree_node=False, default=24)
 
-    def with_aux(self, layer, name, x):
+    def delta(self, layer, name, x):
         if name not in self.arrays.A:
             return None
-        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         u = jnp.einsum("BTD,ARD->BTAR", x, A_l.astype(x.dtype))
         budget = min(self.budget, int(np.prod(mask_l.shape)))
         g = roc_fixed_gates(u, mask_l, budget=budget)
@@ -381,16 +368,16 @@ class RocFixedHook(_Hook):
 
 
 @struct.dataclass
-class ArrowHook(_Hook):
+class ArrowHook(LoraHook):
     arrays: PoolArrays
     protos: dict  # module -> [L, A, D] unit prototypes
     top_k: int = struct.field(pytree_node=False, default=3)
     temperature: float = struct.field(pytree_node=False, default=1.0)
 
-    def with_aux(self, layer, name, x):
+    def delta(self, layer, name, x):
         if name not in self.arrays.A:
             return None
-        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         proto = self.protos[name][layer].astype(x.dtype)  # A D
         present = mask_l.any(-1)  # A: adapter has this module at this layer and is active
         sim = jnp.abs(jnp.einsum("BTD,AD->BTA", x, proto))
@@ -408,7 +395,7 @@ class ArrowHook(_Hook):
 
 
 @struct.dataclass
-class SparseMixtureHook(_Hook):
+class SparseMixtureHook(LoraHook):
     """Output mixture of a few adapters per sequence, gathered first (cost independent of A).
 
     `idx [B, K]` adapter indices and `weights [B, K]` (0 for unused slots): delta =
@@ -419,10 +406,10 @@ class SparseMixtureHook(_Hook):
     idx: Int[Array, "B K"]
     weights: Float[Array, "B K"]
 
-    def with_aux(self, layer, name, x):
+    def delta(self, layer, name, x):
         if name not in self.arrays.A:
             return None
-        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         A_c = A_l[self.idx].astype(x.dtype)  # B K R D
         coef = (w_l[self.idx] * self.weights[..., None]).astype(x.dtype)  # B K R
         u = jnp.einsum("BTD,BKRD->BTKR", x, A_c)
@@ -442,14 +429,14 @@ def trim_slots(n: np.ndarray) -> int:
 
 
 @struct.dataclass
-class FusionHook(_Hook):
+class FusionHook(LoraHook):
     arrays: PoolArrays
     weights: Float[Array, "B A"]
 
-    def with_aux(self, layer, name, x):
+    def delta(self, layer, name, x):
         if name not in self.arrays.A:
             return None
-        A_l, B_l, mask_l, w_l = _layer(self.arrays, name, layer)
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         wts = self.weights.astype(x.dtype)
         m = mask_l.astype(x.dtype)
         A_f = jnp.einsum("BA,AR,ARD->BRD", wts, m, A_l.astype(x.dtype))

@@ -10,6 +10,13 @@ Routers: `base`, `oracle` (named adapter per row), `uniform` (mixture or fusion)
 (top-k by cosine to each LoRA's mean sample embedding; mixture or fusion), `arrow` (PEFT's Arrow),
 `roc-fixed` (global top-24 ROCs per token), `hilora` (the method). Only the pool's *active*
 adapters are ever used (`LoraPool.subset` for evaluation protocols, no recompilation).
+
+State: a pool is a plain value. What routers derive from it on the host (sample embeddings per
+embedder, Gaussian banks, Arrow prototypes) is built once, in the router's constructor (or on
+first use for a new active set), and kept in a `RouterCache` the router holds: its own, or one the
+caller passes (`build_router(..., cache=)`) so that several routers over one pool share the work.
+What a router needs from evaluation beyond the prompt is declared, not guessed from its name:
+`needs_task_labels` routers (oracle) get `adapter_names` per row.
 """
 
 from __future__ import annotations
@@ -68,12 +75,46 @@ class Routing:
         return f"[{inf.get('router', '?')}] token-level routing over {len(self.names)} LoRAs"
 
 
+class RouterCache:
+    """Host-side routing state derived from pools, shared explicitly by the routers given it.
+
+    Entries are keyed by what they depend on: sample embeddings by the embedder and the samples'
+    texts, Gaussian banks by those and the fit options, Arrow prototypes by the pool arrays'
+    identity (the entry keeps the arrays and is only reused for the very same ones). Make one and
+    pass it to `build_router(..., cache=)` for several routers over one pool; a router built
+    without one makes its own.
+    """
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key, build, *, owner=None):
+        """The entry for `key`, built by `build()` on a miss. With `owner`, an entry is reused
+        only for the identical object (`is`), e.g. a pool's arrays."""
+        hit = self._entries.get(key)
+        if hit is not None and (owner is None or hit[0] is owner):
+            return hit[1]
+        value = build()
+        self._entries[key] = (owner, value)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _samples_key(pool: LoraPool) -> tuple:
+    return tuple((n, tuple(pool.samples[n] or ())) for n in pool.names)
+
+
 class Router:
     name = "base"
     needs_samples = False
+    # the router needs each row's task adapter (`route(..., adapter_names=)`); evaluation gives it
+    needs_task_labels = False
 
-    def __init__(self, pool: LoraPool | None, **options):
+    def __init__(self, pool: LoraPool | None, *, cache: RouterCache | None = None, **options):
         self.pool = pool
+        self.cache = cache if cache is not None else RouterCache()
         if options:
             raise TypeError(f"router {self.name!r} got unknown options {sorted(options)}")
         if pool is not None and not np.asarray(pool.arrays.active).any():
@@ -143,6 +184,7 @@ class OracleRouter(_WeightsRouter):
     """Each row uses the adapter named for it (`adapter_names=[...]`; None = base model)."""
 
     name = "oracle"
+    needs_task_labels = True
 
     def route(self, texts, *, adapter_names: Sequence[str | None] | None = None, active=None,
               **kw):
@@ -183,12 +225,10 @@ class _EmbeddingRouter(Router):
 
             embedder = load_embedder(embedder or "minilm")
         self.embedder = embedder
-        cache = pool.__dict__.setdefault("_route_cache", {})
-        key = ("sample_embeddings", _embedder_key(embedder))
-        if key not in cache:
-            cache[key] = {n: _embed_checked(embedder, list(pool.samples[n]), f"samples of {n!r}")
-                          for n in pool.names if pool.samples.get(n)}
-        self.sample_embeddings = cache[key]
+        self.sample_embeddings = self.cache.get(
+            ("sample_embeddings", _embedder_key(embedder), _samples_key(pool)),
+            lambda: {n: _embed_checked(embedder, list(pool.samples[n]), f"samples of {n!r}")
+                     for n in pool.names if pool.samples.get(n)})
 
     def embed(self, texts, embeddings=None) -> np.ndarray:
         if embeddings is not None:
@@ -262,15 +302,13 @@ class ArrowRouter(Router):
         if general:
             self._general[[pool.index(n) for n in general]] = True
             arrays = genknowsub(arrays, self._general)
-        cache = pool.__dict__.setdefault("_route_cache", {})
         init_key = None if power_init is None else hashlib.sha1(
             np.asarray(power_init, np.float32).tobytes()).hexdigest()
         key = ("arrow_protos", tuple(general), prototypes, int(power_iters), init_key, int(seed))
-        if key not in cache:
-            protos = arrow_prototypes(arrays, prototypes, iters=power_iters, init=power_init,
-                                      seed=seed)
-            cache[key] = {m: jnp.asarray(v) for m, v in protos.items()}
-        self.hook = ArrowHook(arrays, cache[key], top_k=self.top_k, temperature=self.temperature)
+        protos = self.cache.get(key, lambda: {m: jnp.asarray(v) for m, v in arrow_prototypes(
+            arrays, prototypes, iters=power_iters, init=power_init, seed=seed).items()},
+            owner=pool.arrays.A)
+        self.hook = ArrowHook(arrays, protos, top_k=self.top_k, temperature=self.temperature)
 
     def route(self, texts, *, active=None, **kw):
         # follow the active set (protocol views); general adapters never route
@@ -375,17 +413,14 @@ class HiLoRARouter(_EmbeddingRouter):
 
     def _bank_for(self, active: np.ndarray) -> gs.GaussianBank:
         """The Gaussians for this active set (only ``pca`` depends on it: the basis)."""
-        cache = self.pool.__dict__.setdefault("_route_cache", {})
         act = np.asarray(active, bool)
         sub = act.tobytes() if self.estimator == "pca" else None
-        key = ("gaussians", _embedder_key(self.embedder), self.estimator, self.pca_dim,
-               self.calibrate, sub)
-        if key not in cache:
-            cache[key] = gs.fit_gaussians(
-                [self.sample_embeddings[n] for n in self.pool.names], self.estimator,
-                pca_dim=self.pca_dim, names=self.pool.names, calibrate=self.calibrate,
-                basis_from=act if self.estimator == "pca" else None)
-        return cache[key]
+        key = ("gaussians", _embedder_key(self.embedder), _samples_key(self.pool), self.estimator,
+               self.pca_dim, self.calibrate, sub)
+        return self.cache.get(key, lambda: gs.fit_gaussians(
+            [self.sample_embeddings[n] for n in self.pool.names], self.estimator,
+            pca_dim=self.pca_dim, names=self.pool.names, calibrate=self.calibrate,
+            basis_from=act if self.estimator == "pca" else None))
 
     def route(self, texts, *, embeddings: np.ndarray | None = None, active=None,
               **kw) -> Routing:
@@ -450,11 +485,13 @@ def _coerce(v: str) -> Any:
 
 
 def build_router(name: str, pool: LoraPool | str | None, *, options: dict | None = None,
-                 model=None, engine=None, tokenizer=None) -> Router:
+                 model=None, engine=None, tokenizer=None, cache: RouterCache | None = None
+                 ) -> Router:
     """Make a router by name. `options` values may be strings (from `--router-option k=v`).
 
     `embedder=llm` or `embedder=llm:<layer>` uses the base LLM's mean-pooled hidden states
-    (needs `engine` and `tokenizer`).
+    (needs `engine` and `tokenizer`). `cache`: a `RouterCache` shared with other routers over the
+    same pool (sample embeddings, Gaussians and prototypes are then built once).
     """
     if name not in ROUTERS:
         raise ValueError(f"unknown router {name!r}; choose from {sorted(ROUTERS)}")
@@ -473,7 +510,7 @@ def build_router(name: str, pool: LoraPool | str | None, *, options: dict | None
 
         layer = int(emb.split(":", 1)[1]) if ":" in emb else None
         opts["embedder"] = LLMEmbedder(engine, tokenizer, layer)
-    return ROUTERS[name](pool, **opts)
+    return ROUTERS[name](pool, cache=cache, **opts)
 
 
 def pool_fingerprint(pool: LoraPool) -> str:

@@ -5,7 +5,7 @@ generated token. Static shapes throughout: the candidate axis has ``C = min(max_
 slots, sorted by score (descending; equal scores: lower adapter index first); unused slots have
 ``cand_valid = False``, ``cand_idx = 0`` and ``n_rocs = 0``.
 
-Shape legend: B batch (sequences), A adapters (pool), C candidate slots.
+Shape letters: the legend in ``hilora_jax.model.projections`` (B, A, C).
 
 Rules (the method doc, with this module's resolutions marked [choice]):
 

@@ -4,8 +4,8 @@ Called inside every adapted projection with that module's ROC responses ``u_ij(t
 of the sequence's candidate LoRAs, so decisions differ per layer, module and token. Gates are
 {0, 1} masks in ``u``'s dtype; the caller forms ``kappa * sum_i s_i sum_j gate_ij u_ij b_ij``.
 
-Shape legend: B batch, T tokens, C candidate slots, A adapters (whole pool), R ROCs per adapter
-(padded to the max rank; padding marked by ``roc_valid = False``).
+Shape letters: the legend in ``hilora_jax.model.projections`` (R is padded to the max rank; padding
+is marked by ``roc_valid = False``).
 
 Top-n selection (``topn_gates``) keeps, per token and candidate, the ``n_i`` valid ROCs with the
 largest ``|u|``; equal ``|u|``: the lower ROC index wins. ``n`` is an *array* (it varies per row and

@@ -1,6 +1,6 @@
 """T5 / FLAN-T5 configuration, read strictly from a HF `config.json` (transformers 4.x and 5.x).
 
-The field policy is the Llama one (`hilora_jax.config`): a field is *read* (and validated),
+The field policy is the Llama one (`hilora_jax.model.config`): a field is *read* (and validated),
 *value-checked* (allowed only at values that keep the maths we implement), *metadata* (cannot
 touch the forward maths), or *unknown* (accepted with one `UnknownFieldWarning` line when unset,
 refused naming the field and value otherwise). Errors are `UnsupportedConfigError`, one line
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hilora_jax.config import (
+from hilora_jax.model.config import (
     _METADATA,
     _METADATA_RE,
     UnsupportedConfigError,
@@ -52,10 +52,10 @@ _OTHER_T5_LIKE = {
     "bart": "BART (learned positions, biases and LayerNorm are not implemented)",
     "mbart": "mBART (learned positions, biases and LayerNorm are not implemented)",
     "pegasus": "Pegasus (sinusoidal positions and LayerNorm are not implemented)",
-    "llama": "a decoder-only model: load it with hilora_jax.loading.load_model",
-    "mistral": "a decoder-only model: load it with hilora_jax.loading.load_model",
-    "qwen2": "a decoder-only model: load it with hilora_jax.loading.load_model",
-    "qwen3": "a decoder-only model: load it with hilora_jax.loading.load_model",
+    "llama": "a decoder-only model: load it with hilora_jax.io.loading.load_model",
+    "mistral": "a decoder-only model: load it with hilora_jax.io.loading.load_model",
+    "qwen2": "a decoder-only model: load it with hilora_jax.io.loading.load_model",
+    "qwen3": "a decoder-only model: load it with hilora_jax.io.loading.load_model",
 }
 
 _READ = {

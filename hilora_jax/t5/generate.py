@@ -25,8 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from hilora_jax import sharding as shd
 from hilora_jax.inference import GenerationOutput, _sample, bucket_length, pad_batch
+from hilora_jax.model import sharding as shd
 from hilora_jax.t5.model import T5ForConditionalGeneration
 
 

@@ -30,13 +30,13 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax import sharding as shd
-from hilora_jax.interop.safetensors_io import (
+from hilora_jax.io.safetensors import (
     CheckpointError,
     SafetensorsFile,
     all_finite,
     place_tensor,
 )
+from hilora_jax.model import sharding as shd
 from hilora_jax.t5.config import T5Config, read_t5_config
 from hilora_jax.t5.model import T5ForConditionalGeneration
 from hilora_jax.t5.projections import param_logical_axes

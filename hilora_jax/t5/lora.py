@@ -5,7 +5,7 @@ PEFT's T5 module keys are the base model's module paths, `encoder.block.{i}.laye
 (tensors `base_model.model.{key}.lora_A.weight` `[r, d_in]` and `.lora_B.weight` `[d_out, r]`).
 Targeting, `layers_to_transform` / `layers_pattern`, `exclude_modules`, per-module ranks and alphas
 (`rank_pattern`, `alpha_pattern`) and the scale (`alpha / r`, or `alpha / sqrt(r)` with
-`use_rslora`) follow peft exactly through `hilora_jax.interop.peft`'s helpers; the config field
+`use_rslora`) follow peft exactly through `hilora_jax.io.peft`'s helpers; the config field
 policy is the same as for Llama adapters (maths-changing fields refused, unknown set fields refused).
 `target_modules: null` is PEFT's T5 default, `["q", "v"]`.
 
@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from hilora_jax.config import unknown_fields_warning
-from hilora_jax.interop.peft import (
+from hilora_jax.io.peft import (
     _IGNORED,
     _MUST_BE_OFF,
     _READ,
@@ -39,6 +38,7 @@ from hilora_jax.interop.peft import (
     is_targeted,
     module_rank_alpha,
 )
+from hilora_jax.model.config import unknown_fields_warning
 from hilora_jax.t5.config import T5Config
 from hilora_jax.t5.projections import module_shapes
 
@@ -49,7 +49,7 @@ _LLAMA = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.")
 
 
 def check_t5_config(cfg: Any, name: str, *, source: str | None = None) -> dict:
-    """The Llama adapter field policy (`hilora_jax.interop.peft.check_config`) with T5 targets."""
+    """The Llama adapter field policy (`hilora_jax.io.peft.check_config`) with T5 targets."""
     where = f"adapter {name!r}" + (f" ({source})" if source else "")
 
     def bad(f: str, why: str) -> AdapterError:

@@ -1,9 +1,6 @@
 """Pure math of a Llama-family decoder, written to reproduce transformers numerics exactly.
 
-Shape legend (used in every einsum string and shape comment in this package):
-  B batch, T query tokens, S key slots (cache length), D embed, F mlp hidden, N query heads,
-  K kv heads, G query heads per kv head (N = K*G), H head dim, V vocab, L layers,
-  A adapters (LoRAs in a pool), R rank-one components per adapter, C candidate adapters.
+Shape letters in einsum strings and shape comments: the legend in `hilora_jax.model.projections`.
 
 Numerics follow HF: RMSNorm in float32 then cast back before the weight multiply; rotate-half
 RoPE with cos/sin computed in float32 and cast to the activation dtype; query scaling by

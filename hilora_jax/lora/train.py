@@ -2,10 +2,10 @@
 
 Design
 ------
-* The adapter is a pytree hook (`LoraAdapter`, a `flax.struct.dataclass`): per target module a
-  stacked A `[L, D_in, R]` and B `[L, R, D_out]` (kernel convention `[in, out]`, like the base
-  model), and the static scale `alpha / r`. `CausalLM` calls it at every adaptable projection,
-  so the base model is never rebuilt or mutated.
+* The adapter is a pytree hook (`TrainableLora`, a `flax.struct.dataclass`): per target module a
+  stacked A `[L, R, D]` and B `[L, R, E]` (ROC rows, the project's one LoRA layout: see
+  `hilora_jax.model.projections`), and the static scale `alpha / r`. `CausalLM` calls it at every
+  adaptable projection, so the base model is never rebuilt or mutated.
 * Initialisation matches PEFT's default (`init_lora_weights=True`): A is kaiming-uniform with
   `a = sqrt(5)` on the `[r, d_in]` weight, i.e. `U(-1/sqrt(d_in), 1/sqrt(d_in))`; B is zero, so
   the adapted model starts exactly at the base model.
@@ -19,10 +19,10 @@ Design
 * Loss: mean cross-entropy over the answer tokens only (for multiple choice: the correct choice
   after the prompt; for generation examples: the target followed by EOS). Sequences are left-padded
   to one length bucket, so the answer is always in the last `K` positions and only those go through
-  the LM head (`eval.tasks.tail_logprobs`).
-* `save_peft` writes `adapter_config.json` + `adapter_model.safetensors` with PEFT's key names
-  (`base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight` `[r, d_in]`,
-  `...lora_B.weight` `[d_out, r]`) atomically, loadable by `peft.PeftModel.from_pretrained`.
+  the LM head (`inference.tail_logprobs`, the scoring path of `Engine.score`).
+* `save_peft` writes the adapter through the project's one PEFT writer
+  (`io.peft.write_adapter`; `peft_modules` is the only place the trainer's arrays meet PEFT),
+  atomically, loadable by `peft.PeftModel.from_pretrained`.
 """
 
 # ruff: noqa: F722  (jaxtyping shape strings)
@@ -52,20 +52,19 @@ from hilora_jax.eval.tasks import (
     choice_text,
     encode,
     pad_id_of,
-    tail_logprobs,
 )
-from hilora_jax.inference import pad_batch
-from hilora_jax.nn.model import CausalLM
-
-ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from hilora_jax.inference import pad_batch, tail_logprobs
+from hilora_jax.io.peft import PeftAdapter
+from hilora_jax.model.hook import LoraHook
+from hilora_jax.model.llama import CausalLM
+from hilora_jax.model.projections import MODULES
 
 
 @struct.dataclass
-class LoraAdapter:
-    """One LoRA as a model hook: `delta = (x @ A[layer]) @ B[layer] * scale`.
+class TrainableLora(LoraHook):
+    """One LoRA being trained, as a model hook: `delta = scale * (x A[layer]^T) B[layer]`.
 
-    `a[name]`: `[L, D_in, R]`, `b[name]`: `[L, R, D_out]` for each target module name.
+    `a[name]`: `[L, R, D]`, `b[name]`: `[L, R, E]` for each target module name (ROC rows).
     """
 
     a: dict
@@ -77,11 +76,11 @@ class LoraAdapter:
     def scale_of(self, name: str) -> float:
         return dict(self.scale)[name] if isinstance(self.scale, tuple) else self.scale
 
-    def __call__(self, layer: int, name: str, x: Float[Array, "B T Din"]):
+    def delta(self, layer: int, name: str, x: Float[Array, "B T D"]):
         if name not in self.a or (self.layers is not None and layer not in self.layers):
             return None
-        h = jnp.einsum("BTD,DR->BTR", x, self.a[name][layer].astype(x.dtype))
-        return jnp.einsum("BTR,RF->BTF", h, self.b[name][layer].astype(x.dtype)) * self.scale_of(name)
+        h = jnp.einsum("BTD,RD->BTR", x, self.a[name][layer].astype(x.dtype))
+        return jnp.einsum("BTR,RE->BTE", h, self.b[name][layer].astype(x.dtype)) * self.scale_of(name), {}
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -96,7 +95,7 @@ def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> tuple[str,
         if targets.lower() != "all-linear":
             raise ValueError(f"targets: a string must be 'all-linear', got {targets!r} (pass a list "
                              f"of module names otherwise)")
-        return tuple(m for m in ATTN_MODULES + MLP_MODULES if m in shapes)
+        return tuple(m for m in MODULES if m in shapes)
     targets = tuple(targets)
     bad = [t for t in targets if t not in shapes]
     if bad or not targets:
@@ -119,7 +118,7 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
               targets: str | Sequence[str] = ("q_proj", "v_proj"), seed: int = 0,
               layers: Sequence[int] | None = None, use_rslora: bool = False,
               rank_pattern: dict[str, int] | None = None,
-              alpha_pattern: dict[str, float] | None = None) -> LoraAdapter:
+              alpha_pattern: dict[str, float] | None = None) -> TrainableLora:
     """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32.
 
     `targets`: module names or `"all-linear"`. `layers` (PEFT's `layers_to_transform`) restricts
@@ -140,7 +139,7 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
         rm, _, scales[name] = module_rank_alpha(name, r, alpha, rank_pattern, alpha_pattern,
                                                 use_rslora)
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
-        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, d_in, rm), jnp.float32,
+        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, rm, d_in), jnp.float32,
                                      -bound, bound)
         b[name] = jnp.zeros((n_layers, rm, d_out), jnp.float32)
     if layers is not None:
@@ -149,14 +148,14 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
             raise ValueError(f"layers must be a non-empty subset of 0..{n_layers - 1}, got {layers}")
     vals = set(scales.values())
     scale = vals.pop() if len(vals) == 1 else tuple(sorted(scales.items()))
-    return LoraAdapter(a=a, b=b, scale=scale, layers=layers)
+    return TrainableLora(a=a, b=b, scale=scale, layers=layers)
 
 
 @dataclasses.dataclass
 class TrainedLora:
     """A trained adapter with its hyper-parameters and the loss curve (one value per step)."""
 
-    adapter: LoraAdapter
+    adapter: TrainableLora
     r: int
     alpha: float
     targets: tuple[str, ...]
@@ -287,8 +286,7 @@ def train_lora(
     if start > 0:  # frozen prefix: hidden states at layer `start`, once per example
         @jax.jit
         def run_prefix(state, ids, mask):
-            m = nnx.merge(graphdef, state)
-            return m(ids, mask, logits_at="none", hidden_layer=start)[2]
+            return nnx.merge(graphdef, state).hidden(ids, mask, layer=start)
 
         prefix = np.zeros((len(pairs), length, model.config.hidden_size), np.float32)
         for s0 in range(0, len(pairs), batch_size):
@@ -329,33 +327,36 @@ def train_lora(
 
 
 # -- PEFT export -------------------------------------------------------------------------------
-def _module_path(name: str) -> str:
-    if name in ATTN_MODULES:
-        return f"self_attn.{name}"
-    if name in MLP_MODULES:
-        return f"mlp.{name}"
-    raise ValueError(f"unknown module {name!r}")
-
-
-def peft_state_dict(trained: TrainedLora) -> dict[str, np.ndarray]:
-    """PEFT-named float32 tensors: `lora_A.weight` `[r, d_in]`, `lora_B.weight` `[d_out, r]`."""
-    out = {}
+def peft_modules(trained: TrainedLora) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """The trained ROC rows per `(layer, module)`, `(A [r, D], B [r, E])` float32, for the PEFT
+    writer (`io.peft.write_adapter`; the scale is the config's, not folded in)."""
     layers = trained.adapter.layers
+    out = {}
     for name in trained.targets:
-        a = np.asarray(trained.adapter.a[name], np.float32)  # L Din R
-        b = np.asarray(trained.adapter.b[name], np.float32)  # L R Dout
+        a = np.asarray(trained.adapter.a[name], np.float32)  # L R D
+        b = np.asarray(trained.adapter.b[name], np.float32)  # L R E
         for i in (range(a.shape[0]) if layers is None else layers):
-            pre = f"base_model.model.model.layers.{i}.{_module_path(name)}"
-            out[f"{pre}.lora_A.weight"] = np.ascontiguousarray(a[i].T)
-            out[f"{pre}.lora_B.weight"] = np.ascontiguousarray(b[i].T)
+            out[(i, name)] = (a[i], b[i])
     return out
+
+
+def trainable_from_peft(adapter: PeftAdapter, num_layers: int) -> TrainableLora:
+    """A read PEFT adapter (`io.peft.read_adapter`) as the trainer's hook (same layout)."""
+    a, b, scale = {}, {}, {}
+    for (layer, mod), (A, B, s) in adapter.modules.items():
+        if mod not in a:
+            a[mod] = np.zeros((num_layers,) + A.shape, np.float32)
+            b[mod] = np.zeros((num_layers,) + B.shape, np.float32)
+        a[mod][layer], b[mod][layer], scale[mod] = A, B, s
+    layers = tuple(sorted({layer for layer, _ in adapter.modules}))
+    return TrainableLora(a=a, b=b, scale=tuple(sorted(scale.items())),
+                         layers=None if len(layers) == num_layers else layers)
 
 
 def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name: str, *,
               overwrite: bool = False) -> Path:
     """Write a standard PEFT LoRA adapter directory atomically; returns its path."""
-    from hilora_jax.checkpoint import atomic_dir
-    from hilora_jax.interop.safetensors_io import save_file
+    from hilora_jax.io.peft import write_adapter
 
     config = {
         "peft_type": "LORA",
@@ -381,15 +382,12 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
         config["rank_pattern"] = {k: int(v) for k, v in trained.rank_pattern.items()}
     if trained.alpha_pattern:
         config["alpha_pattern"] = {k: float(v) for k, v in trained.alpha_pattern.items()}
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(peft_state_dict(trained), tmp / "adapter_model.safetensors",
-                  metadata={"format": "pt"})
-        meta = {"task": trained.task, "steps": len(trained.losses),
-                "loss_first": trained.losses[0] if trained.losses else None,
-                "final_loss": trained.losses[-1] if trained.losses else None,
-                "seconds": round(trained.seconds, 2)}
-        (tmp / "hilora_train.json").write_text(json.dumps(meta, indent=2) + "\n")
+    meta = {"task": trained.task, "steps": len(trained.losses),
+            "loss_first": trained.losses[0] if trained.losses else None,
+            "final_loss": trained.losses[-1] if trained.losses else None,
+            "seconds": round(trained.seconds, 2)}
+    write_adapter(out_dir, config, peft_modules(trained), overwrite=overwrite,
+                  extra_files={"hilora_train.json": json.dumps(meta, indent=2) + "\n"})
     return Path(out_dir)
 
 
@@ -435,8 +433,7 @@ def train_lora_cli(args) -> int:
     model loads; a bad one is a `UsageError` (one line from the CLI)."""
     from hilora_jax.cli import check_model_source, check_output, load_task_files
     from hilora_jax.errors import UsageError
-    from hilora_jax.interop.peft import MODULES
-    from hilora_jax.loading import load_model, load_tokenizer
+    from hilora_jax.io.loading import load_model, load_tokenizer
 
     check_output(args.out, args.overwrite)
     for name in ("r", "steps", "batch_size", "max_len"):

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from hilora_jax.model.projections import LLAMA, projection
+
 DATA, MODEL = "data", "model"
 
 # logical axis -> mesh axis (None = replicated). Weights first, then activations.
@@ -41,19 +43,12 @@ RULES: dict[str, str | None] = {
     "act_vocab": MODEL,
 }
 
-# parameter path (dot-joined NNX path) -> logical axes, first match wins
+# parameter path (dot-joined NNX path) -> logical axes, first match wins; the adaptable
+# projections' kernels `[in, out]` and biases `[out]` come from the projection table
 PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
     (r"embed_tokens\.embedding$", ("vocab", "embed")),
-    (r"q_proj\.kernel$", ("embed", "q_heads")),
-    (r"(k|v)_proj\.kernel$", ("embed", "kv_heads")),
-    (r"o_proj\.kernel$", ("q_heads", "embed")),
-    (r"q_proj\.bias$", ("q_heads",)),
-    (r"(k|v)_proj\.bias$", ("kv_heads",)),
-    (r"o_proj\.bias$", ("embed",)),
-    (r"(gate|up)_proj\.kernel$", ("embed", "mlp")),
-    (r"down_proj\.kernel$", ("mlp", "embed")),
-    (r"(gate|up)_proj\.bias$", ("mlp",)),
-    (r"down_proj\.bias$", ("embed",)),
+    *[(rf"{p.name}\.kernel$", (p.in_axis, p.out_axis)) for p in LLAMA],
+    *[(rf"{p.name}\.bias$", (p.out_axis,)) for p in LLAMA],
     (r"(norm|layernorm)\.weight$", ("norm",)),
     (r"lm_head\.kernel$", ("embed", "vocab")),
 ]
@@ -62,13 +57,6 @@ ACT_AXES = {
     "act": ("batch", "seq", "act_embed"),
     "logits": ("batch", "seq", "act_vocab"),
     "tokens": ("batch", "seq"),
-}
-
-# input-side / output-side logical axis of each adaptable projection (for LoRA A / B)
-MODULE_IO_AXES = {
-    "q_proj": ("embed", "q_heads"), "k_proj": ("embed", "kv_heads"),
-    "v_proj": ("embed", "kv_heads"), "o_proj": ("q_heads", "embed"),
-    "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"), "down_proj": ("mlp", "embed"),
 }
 
 
@@ -135,8 +123,8 @@ def param_sharding(path: str, shape: Sequence[int], mesh: Mesh, *, strict: bool 
 
 def lora_axes(module: str, side: str) -> tuple[str | None, ...]:
     """Logical axes of a pool tensor `[L, A, R, d]`: side 'A' (input) or 'B' (output)."""
-    d_in, d_out = MODULE_IO_AXES[module]
-    return ("layers", "adapters", "rocs", d_in if side == "A" else d_out)
+    p = projection(module)
+    return ("layers", "adapters", "rocs", p.in_axis if side == "A" else p.out_axis)
 
 
 def make_constrain(mesh: Mesh | None):

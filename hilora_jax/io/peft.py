@@ -20,7 +20,7 @@ Config handling follows peft 0.21 exactly (`peft/tuners/tuners_utils.py::check_t
 The tensor keys are the truth about which modules and layers are adapted; the set the config predicts
 is cross-checked against them and any difference is an error.
 
-`adapter_config.json` fields follow the same policy as model configs (`hilora_jax.config`): a field we
+`adapter_config.json` fields follow the same policy as model configs (`hilora_jax.model.config`): a field we
 implement is read and validated (`r`, `lora_alpha`, `use_rslora`, `target_modules`, patterns, ...); a
 known field is allowed only at values that keep plain-LoRA maths (`use_dora`, `lora_bias`, `bias`,
 `init_lora_weights`, ... else `AdapterError` naming field and value); metadata (`base_model_name_or_path`,
@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
-from hilora_jax.config import ModelConfig, unknown_fields_warning
-from hilora_jax.interop.safetensors_io import CheckpointError, SafetensorsFile
+from hilora_jax.io.safetensors import CheckpointError, SafetensorsFile
+from hilora_jax.model.config import ModelConfig, unknown_fields_warning
+from hilora_jax.model.projections import BLOCKS, MODULES, PROJECTIONS, projection
 
 
 class AdapterError(CheckpointError):
@@ -55,11 +56,6 @@ class AdapterError(CheckpointError):
 class UnmatchedTargetWarning(UserWarning):
     """Some `target_modules` entries match no module of a Llama-family model (PEFT ignores them)."""
 
-
-# The adaptable projections, in the order pools store them, and the block holding each.
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCK = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-         "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
 # PEFT's `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for llama, mistral, qwen2 and qwen3: the
 # modules adapted when `target_modules` is null.
@@ -104,15 +100,15 @@ _MUST_BE_OFF = {
 }
 # Llama-family modules that exist but that hilora-jax does not adapt.
 _NOT_ADAPTED = ("lm_head", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
-                "q_norm", "k_norm", "rotary_emb", "self_attn", "mlp", "act_fn")
+                "q_norm", "k_norm", "rotary_emb", "act_fn", *BLOCKS)
 
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_(A|B)\.weight$")
+    rf"^base_model\.model\.model\.layers\.(\d+)\.({'|'.join(BLOCKS)})\.(\w+)\.lora_(A|B)\.weight$")
 
 
 def module_key(layer: int, name: str) -> str:
     """PEFT's module key of projection `name` in layer `layer`."""
-    return f"model.layers.{layer}.{BLOCK[name]}.{name}"
+    return projection(name).module_key(layer)
 
 
 def tensor_key(layer: int, name: str, side: str) -> str:
@@ -189,8 +185,9 @@ def _target_entry_status(entry: Any) -> tuple[str, str] | None:
                           "gate/up/down projections)")
     if last not in MODULES:
         return "ignore", "names no module of a Llama-family model"
-    if "." in entry and not re.fullmatch(rf"(?:(?:model\.)?layers\.\d+\.)?{BLOCK[last]}\.{last}", entry):
-        return "ignore", f"matches no Llama-family module path '...layers.<i>.{BLOCK[last]}.{last}'"
+    block = PROJECTIONS[last].block
+    if "." in entry and not re.fullmatch(rf"(?:(?:model\.)?layers\.\d+\.)?{block}\.{last}", entry):
+        return "ignore", f"matches no Llama-family module path '...layers.<i>.{block}.{last}'"
     return None
 
 
@@ -320,10 +317,12 @@ def _repr_short(v: Any, limit: int = 120) -> str:
 
 
 @dataclass
-class LoraAdapter:
-    """One adapter read into host memory.
+class PeftAdapter:
+    """One PEFT adapter read into host memory.
 
-    `modules[(layer, name)] = (A [r, d_in], B [d_out, r], scale)` in PEFT's layout, float32.
+    `modules[(layer, name)] = (A [r, d_in], B [r, d_out], scale)`, float32, in the project's LoRA
+    layout (`hilora_jax.model.projections`: ROC j is the pair of rows A[j], B[j]; B is the transpose of
+    PEFT's `lora_B.weight [d_out, r]`).
     """
 
     name: str
@@ -342,10 +341,10 @@ def resolve_adapter_dir(src: str | os.PathLike, name: str) -> Path:
     if p.exists():
         raise AdapterError(f"adapter {name!r}: {p} is not a directory")
     if s.count("/") == 1 and not s.startswith((".", "/", "~")):
-        from hilora_jax.loading import _hub_download
+        from hilora_jax.io.hub import hub_download
 
         try:
-            return _hub_download(s, allow_patterns=("adapter_config.json", "adapter_model.safetensors",
+            return hub_download(s, allow_patterns=("adapter_config.json", "adapter_model.safetensors",
                                                     "adapter_model.bin"))
         except (OSError, ImportError) as e:
             raise AdapterError(f"adapter {name!r}: {e}") from e
@@ -375,7 +374,7 @@ def _read_tensors(d: Path, name: str) -> tuple[Mapping[str, np.ndarray], str]:
 
 
 def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | None = None,
-                 base: str | None = None) -> LoraAdapter:
+                 base: str | None = None) -> PeftAdapter:
     """Read and check one PEFT adapter against the base model's config.
 
     `base` (the pool's base model path or id) is compared with the adapter's
@@ -395,7 +394,7 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
     bad = []
     for k in tensors:
         m = _KEY.match(k)
-        if m is None or m.group(3) not in BLOCK or BLOCK[m.group(3)] != m.group(2):
+        if m is None or m.group(3) not in PROJECTIONS or PROJECTIONS[m.group(3)].block != m.group(2):
             bad.append(k)
             continue
         layer = int(m.group(1))
@@ -419,7 +418,7 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
                            f"config targets but no tensors: {missing[:8]}; tensors but not "
                            f"targeted: {extra[:8]}")
 
-    ad = LoraAdapter(name=name, source=str(d), config=cfg, r=int(cfg.get("r", 8)))
+    ad = PeftAdapter(name=name, source=str(d), config=cfg, r=int(cfg.get("r", 8)))
     for (layer, mod), sides in sorted(found.items()):
         mk = module_key(layer, mod)
         for side in "AB":
@@ -437,8 +436,49 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
                                    f"d_out={d_out}) from the base model)")
             if not np.all(np.isfinite(arr)):
                 raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} contains NaN or inf")
-        ad.modules[(layer, mod)] = (a, b, scale)
+        ad.modules[(layer, mod)] = (a, np.ascontiguousarray(b.T), scale)  # PEFT B -> rows
     return ad
+
+
+# -- writing ---------------------------------------------------------------------------------
+def peft_tensors(modules: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]]
+                 ) -> dict[str, np.ndarray]:
+    """PEFT-named float32 tensors from ROC rows per `(layer, projection)`: `A [r, d_in]`,
+    `B [r, d_out]` (the project's layout; any scale the config will not apply already folded into
+    B) -> `...lora_A.weight [r, d_in]` and `...lora_B.weight [d_out, r]` (`tensor_key`)."""
+    out = {}
+    for (layer, name), (a, b) in modules.items():
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[0]:
+            raise ValueError(f"{module_key(layer, name)}: A {a.shape} and B {b.shape} must be "
+                             "[r, d_in] and [r, d_out] with the same r")
+        out[tensor_key(layer, name, "A")] = np.ascontiguousarray(a)
+        out[tensor_key(layer, name, "B")] = np.ascontiguousarray(b.T)
+    return out
+
+
+def write_adapter(out: str | os.PathLike, config: Mapping[str, Any],
+                  modules: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]], *,
+                  metadata: Mapping[str, str] | None = None,
+                  extra_files: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+    """Write a PEFT adapter directory atomically (a temp dir renamed to `out`): the checked
+    `adapter_config.json`, `adapter_model.safetensors` from `modules` (`peft_tensors`) and any
+    `extra_files` (`{file name: text}`). The one PEFT writer (pool export and the trainer)."""
+    from hilora_jax._fs import atomic_dir
+    from hilora_jax.io.safetensors import save_file
+
+    check_config(config, Path(out).name)  # what we write, we can read back
+    tensors = peft_tensors(modules)
+    if not tensors:
+        raise ValueError(f"{out}: nothing to write (no adapted module)")
+    out = Path(out).absolute()
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(dict(config), indent=2) + "\n")
+        save_file(tensors, tmp / "adapter_model.safetensors",
+                  metadata={"format": "pt", **(metadata or {})})
+        for fname, text in (extra_files or {}).items():
+            (tmp / fname).write_text(text)
+    return out
 
 
 def _short(s: str) -> str:

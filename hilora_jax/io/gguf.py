@@ -2,7 +2,7 @@
 
 Design
 ------
-The rest of the interop layer consumes one thing: a **HF-style state dict** (names exactly as
+The rest of the io layer consumes one thing: a **HF-style state dict** (names exactly as
 ``transformers.LlamaForCausalLM.state_dict()``, numpy arrays in torch layout ``[out, in]``) plus a
 HF ``config.json``-style dict. This module turns a GGUF file into exactly that, so the HF and GGUF
 loaders share everything after this point. Only ``numpy`` and the ``gguf`` package are used; torch

@@ -3,7 +3,7 @@
 `build_task_pool(model, tokenizer, train, samples, out_dir, ...)`:
 
 1. for every task in `train` (JSONL examples, see `hilora_jax.eval.tasks`), train a LoRA with
-   `hilora_jax.train.train_lora` (optionally on the top `layers` only: the frozen prefix is then
+   `hilora_jax.lora.train.train_lora` (optionally on the top `layers` only: the frozen prefix is then
    computed once per example) and write it as a standard PEFT adapter under
    `out_dir/adapters/<task>`; an adapter already there is reused (the pool is a cache);
 2. write each task's example inputs (the `samples` split: HiLoRA fits its per-LoRA Gaussians on
@@ -82,7 +82,7 @@ def build_task_pool(
 ) -> Path:
     """Train (or reuse) one adapter per task and convert them into a pool; returns the pool dir."""
     from hilora_jax.lora.io import convert_pool
-    from hilora_jax.train import save_peft, train_lora
+    from hilora_jax.lora.train import save_peft, train_lora
 
     out = Path(out_dir)
     (out / "adapters").mkdir(parents=True, exist_ok=True)

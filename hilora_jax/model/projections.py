@@ -1,0 +1,103 @@
+"""The adaptable projections of a model family, in one table, and the shape-letter legend.
+
+Every fact about a projection that LoRA touches lives here, once: its HF/PEFT module name
+(`q_proj`), the block holding it (`self_attn` / `mlp`, so its module key is
+`model.layers.{l}.{block}.{name}`), the activation it reads (projections reading the same one are
+computed together by packed routing), the logical axes of its input and output (sharding of the
+base kernel `[in, out]`, and of LoRA A / B after qwix's rule), and its `(d_in, d_out)` as config
+attributes. PEFT files (`io.peft`), sharding (`sharding.PARAM_AXES`, `sharding.lora_axes`),
+the config (`ModelConfig.module_shapes`), the model's layers, the pool, the routing hooks and the
+trainer all read `LLAMA`. Another family (T5, say) is one more tuple of `Projection`s.
+
+Shape-letter legend
+-------------------
+One legend for every einsum string and shape comment in `hilora_jax` (modules refer here):
+
+* model: B batch, T query tokens, S key slots (cache length), D model width (`hidden_size`),
+  F mlp hidden, N query heads, K kv heads, G query heads per kv head (N = K*G), H head dim,
+  V vocab, L layers;
+* LoRA pool and routing: A adapters (LoRAs in a pool), R rank-one components (ROCs) per adapter
+  (padded to the module's max rank), C candidate slots of a sequence, P packed ROCs (all valid
+  ROCs of a module, no rank padding), K slots of a sparse mixture / adapters of a rank group;
+  inside one projection D is its input dim and E its output dim (`d_in`, `d_out` below);
+* embedding space (`routing.gaussian`): E embedding dim, D modelled dim (E, or d' after PCA),
+  W width of a low-rank factor.
+
+LoRA layout convention (the pool, the trainer and PEFT files): A is stored as rows `[R, D]`
+(PEFT's `lora_A.weight [r, d_in]`), B as rows `[R, E]` (the transpose of PEFT's
+`lora_B.weight [d_out, r]`): ROC j of an adapter is the pair (A[j], B[j]); stacked per module as
+`[L, A, R, D]` / `[L, A, R, E]` in a pool and `[L, R, D]` / `[L, R, E]` in one trained adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hilora_jax.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    """One adaptable projection (an `nn.Linear` in HF, kernel `[in, out]` here).
+
+    `reads`: the activation it is applied to (projections with the same `reads` share their input);
+    `in_axis` / `out_axis`: logical axes (`sharding.RULES`) of its input / output dim;
+    `in_dim` / `out_dim`: `ModelConfig` attributes giving `d_in` / `d_out`.
+    """
+
+    name: str
+    block: str
+    reads: str
+    in_axis: str
+    out_axis: str
+    in_dim: str
+    out_dim: str
+
+    def shape(self, cfg: ModelConfig) -> tuple[int, int]:
+        """`(d_in, d_out)` under `cfg`."""
+        return int(getattr(cfg, self.in_dim)), int(getattr(cfg, self.out_dim))
+
+    def module_key(self, layer: int) -> str:
+        """The HF/PEFT module key in layer `layer`: `model.layers.{layer}.{block}.{name}`."""
+        return f"model.layers.{layer}.{self.block}.{self.name}"
+
+
+# The Llama family (Llama 1/2/3, Mistral, Qwen2/3, SmolLM2), in the order pools store them.
+LLAMA: tuple[Projection, ...] = (
+    Projection("q_proj", "self_attn", "attn_in", "embed", "q_heads", "hidden_size", "q_size"),
+    Projection("k_proj", "self_attn", "attn_in", "embed", "kv_heads", "hidden_size", "kv_size"),
+    Projection("v_proj", "self_attn", "attn_in", "embed", "kv_heads", "hidden_size", "kv_size"),
+    Projection("o_proj", "self_attn", "attn_out", "q_heads", "embed", "q_size", "hidden_size"),
+    Projection("gate_proj", "mlp", "mlp_in", "embed", "mlp", "hidden_size", "intermediate_size"),
+    Projection("up_proj", "mlp", "mlp_in", "embed", "mlp", "hidden_size", "intermediate_size"),
+    Projection("down_proj", "mlp", "mlp_hidden", "mlp", "embed", "intermediate_size",
+               "hidden_size"),
+)
+
+PROJECTIONS: dict[str, Projection] = {p.name: p for p in LLAMA}
+MODULES: tuple[str, ...] = tuple(p.name for p in LLAMA)
+BLOCKS: tuple[str, ...] = tuple(dict.fromkeys(p.block for p in LLAMA))
+
+
+def projection(name: str) -> Projection:
+    """The table entry of projection `name` (KeyError naming the known ones)."""
+    try:
+        return PROJECTIONS[name]
+    except KeyError:
+        raise KeyError(f"{name!r} is not an adaptable projection (known: {', '.join(MODULES)})") from None
+
+
+def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+    """`(d_in, d_out)` of every adaptable projection, by name."""
+    return {p.name: p.shape(cfg) for p in LLAMA}
+
+
+def shared_input_groups() -> tuple[tuple[str, ...], ...]:
+    """Projections that read the same activation, in table order (q/k/v; gate/up); singletons
+    left out."""
+    groups: dict[str, list[str]] = {}
+    for p in LLAMA:
+        groups.setdefault(p.reads, []).append(p.name)
+    return tuple(tuple(g) for g in groups.values() if len(g) > 1)
