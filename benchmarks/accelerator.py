@@ -2,8 +2,9 @@
 
 One prepared script (issue 14 item 6) for a bare GPU machine with the repo copied: it needs only
 what the project installs (jax with the GPU backend, flax, numpy; `pip install -e .` of this repo,
-or the repo on `PYTHONPATH`). No weights are downloaded or read: everything is random and made on
-the device.
+or the repo on `PYTHONPATH`). The GPU backend is the pinned jax's CUDA wheels
+(`pip install "jax[cuda12]==<jax in constraints.txt>"`, carried as wheels to a machine without
+network). No weights are downloaded or read: everything is random and made on the device.
 
 Model: `hilora_jax.aot.PRESETS["llama-2-7b"]` (32 layers, d 4096, ffn 11008, 32 heads, vocab
 32000), parameters of `aot.abstract_params` materialised by one jitted random init straight onto

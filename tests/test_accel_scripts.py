@@ -105,3 +105,23 @@ def test_budget_guard_skips_and_says_so(tmp_path, capsys):
     assert [r["status"] for r in data["rows"]] == ["skipped (budget)"] * 8
     assert data["skipped"] == ["batch 1: all rows (budget)", "batch 2: all rows (budget)"]
     assert "Skipped (budget)" in capsys.readouterr().out
+
+
+def test_precision_paired_difference():
+    """benchmarks/precision.py's paired statistic: mean of per-item differences and its SE."""
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "bigbench_dg"))
+    import precision
+
+    a = {f"t:{i}": v for i, v in enumerate([1, 0, 1, 1, 0, 0, 1, 0])}
+    b = {f"t:{i}": v for i, v in enumerate([1, 1, 0, 1, 0, 1, 1, 0])}
+    p = precision.paired(a, b)
+    d = np.array([b[k] - a[k] for k in a], float)
+    assert p["n"] == 8 and p["diff"] == pytest.approx(d.mean()) and p["diff"] == 0.125
+    assert p["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(8))
+    assert (p["gained"], p["lost"]) == (2, 1)
+    assert p["acc_a"] == 0.5 and p["acc_b"] == 0.625
+    with pytest.raises(ValueError, match="item sets differ"):
+        precision.paired(a, {**b, "t:99": 1})
+    assert len(precision.calib_pool_tasks()) == 13
