@@ -104,6 +104,39 @@ def calib_pool_tasks() -> list[str]:
                                                                    for g in calib_dev.POOL_GYM]
 
 
+def logprob_drift(fp32_partial: Path, bf16_partial: Path, keys) -> dict:
+    """Per-item choice log-probs of the two runs (the per-example records `evaluate` appends to
+    `<out>.partial.jsonl`; the last record of a key is this run's): prediction agreement (argmax
+    of summed log-probs, right or wrong) and |bf16 - fp32| of the choices' summed log-probs."""
+    import json
+
+    import numpy as np
+
+    def read(path):
+        recs = {}
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            recs[r["key"]] = r
+        return recs
+
+    a, b = read(fp32_partial), read(bf16_partial)
+    missing = [k for k in keys if k not in a or k not in b]
+    if missing:
+        raise ValueError(f"per-item records missing for {missing[:3]} in {fp32_partial.parent}")
+    agree, diffs, margin = [], [], []
+    for k in keys:
+        la, lb = np.asarray(a[k]["logprob"]), np.asarray(b[k]["logprob"])
+        agree.append(int(np.argmax(la) == np.argmax(lb)))
+        diffs.append(np.abs(lb - la))
+        sa = np.sort(la)[::-1]
+        margin.append(sa[0] - sa[1])
+    d = np.concatenate(diffs)
+    return {"items": len(keys), "prediction_agreement": float(np.mean(agree)),
+            "mean_abs_logprob_diff": float(d.mean()), "p95_abs_logprob_diff":
+            float(np.percentile(d, 95)), "max_abs_logprob_diff": float(d.max()),
+            "median_fp32_top2_margin": float(np.median(margin))}
+
+
 def paired(a: dict[str, int], b: dict[str, int]) -> dict:
     """Paired difference b - a over the common item keys: mean, standard error, flips."""
     import numpy as np
@@ -152,6 +185,7 @@ def run(args) -> int:
     evals = work / "eval"
     results: dict = {}
     timing: dict = {}
+    resumed: dict = {}
     for dt in DTYPES:
         dtype = jnp.dtype(dt)
         model = load_model("smollm2", dtype=dtype, progress=False)
@@ -172,6 +206,7 @@ def run(args) -> int:
                          out=evals / f"{dt}_{name}.json",
                          config={"dtype": dt, "pool_dir": str(pool_dir)})
             timing[f"{dt}/{name}"] = time.perf_counter() - t0
+            resumed[f"{dt}/{name}"] = r["timing"]["resumed_examples"]
             results[(dt, name)] = r
             log(f"{dt} {name}: acc {r['mean']['acc']:.3f} ({timing[f'{dt}/{name}']:.0f}s)")
         del model, pool, eng, scorer
@@ -189,6 +224,15 @@ def run(args) -> int:
         for t, p in rows.items():
             table.append([name, t, p["n"], f"{p['acc_a']:.3f}", f"{p['acc_b']:.3f}",
                           f"{p['diff']:+.3f}", f"{p['se']:.3f}", f"{p['gained']}/{p['lost']}"])
+    drift = {name: logprob_drift(evals / f"float32_{name}.json.partial.jsonl",
+                                 evals / f"bfloat16_{name}.json.partial.jsonl",
+                                 sorted(results[("float32", name)]["correct"]))
+             for name in routers}
+    drift_md = "\n".join(
+        f"- {n}: predictions agree on {v['prediction_agreement']:.1%} of {v['items']} items; "
+        f"|logprob bf16 - fp32| per choice mean {v['mean_abs_logprob_diff']:.3f}, p95 "
+        f"{v['p95_abs_logprob_diff']:.3f}, max {v['max_abs_logprob_diff']:.3f} nats (median fp32 "
+        f"top-2 margin {v['median_fp32_top2_margin']:.2f})" for n, v in drift.items())
     cmd = common.command_line()
     machine = common.machine_info()
     md_table = common.markdown_table(
@@ -205,18 +249,20 @@ def run(args) -> int:
           f"bfloat16 (same MiniLM router embedder). Paired difference d = correct(bf16) - "
           f"correct(fp32) per item; SE = sd(d)/sqrt(n). {machine['cpu_model']}, "
           f"{machine['usable_cores']} cores, jax {machine['versions'].get('jax')}; "
-          f"eval seconds {({k: round(v) for k, v in timing.items()})}.\n\n{md_table}\n")
+          f"eval seconds {({k: round(v) for k, v in timing.items()})} (examples resumed from cached "
+          f"per-item records: {resumed}).\n\n{md_table}\n\n"
+          f"Summed choice log-probs, bf16 vs fp32 (per item, all choices):\n\n{drift_md}\n")
     print(md)
     payload = {"benchmark": "precision", "command": cmd,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
                "subset": subset, "pool_description": pool_txt, "items": len(sel),
                "pool_dir": str(pool_dir),
-               "pool": sorted(names), "machine": machine, "eval_s": timing,
+               "pool": sorted(names), "machine": machine, "eval_s": timing, "resumed_examples": resumed,
                "accuracy": {f"{dt}/{n}": {"mean": results[(dt, n)]["mean"],
                                           "tasks": {t: results[(dt, n)]["tasks"][t]["acc"]
                                                     for t in tasks}}
                             for dt in DTYPES for n in routers},
-               "paired": out_rows,
+               "paired": out_rows, "logprob_drift": drift,
                "correct": {f"{dt}/{n}": results[(dt, n)]["correct"] for dt in DTYPES
                            for n in routers},
                "total_wall_s": time.perf_counter() - t_start, "markdown": md}
