@@ -7,8 +7,8 @@ or the repo on `PYTHONPATH`). The GPU backend is the pinned jax's CUDA wheels
 network). No weights are downloaded or read: everything is random and made on the device.
 
 Model: `hilora_jax.aot.PRESETS["llama-2-7b"]` (32 layers, d 4096, ffn 11008, 32 heads, vocab
-32000), parameters of `aot.abstract_params` materialised by one jitted random init straight onto
-the device with their shardings (norm weights 1, every other tensor N(0, 0.02^2)), in bfloat16.
+32000), parameters of `aot.abstract_params` materialised by small jitted random inits (one per distinct
+shape) straight onto the device with their shardings (norm weights 1, every other tensor N(0, 0.02^2)), in bfloat16.
 Pool: `aot.abstract_pool(PoolSpec(50, 8, q_proj/v_proj))` materialised the same way (A ~ N(0,
 1/d_in), B ~ N(0, 0.02^2), scale alpha/r = 2, every layer) and wrapped in a `LoraPool`.
 
@@ -247,21 +247,28 @@ def smoke_config():
                        model_type="llama")
 
 
-def random_like(tree, key, init):
-    """A pytree of `ShapeDtypeStruct`s (with shardings) -> random arrays made on the device by one
-    jitted call (`init(path, i, key, shape, dtype)`), placed on the structs' shardings."""
+def random_like(tree, key, kind, init):
+    """A pytree of `ShapeDtypeStruct`s (with shardings) -> random arrays made on the device, each
+    by a jitted `init(kind, key, shape, dtype)` placed on the struct's sharding. One small program
+    per distinct (kind, shape, dtype, sharding), so a 32-layer model compiles a handful of tiny
+    programs (one program for every leaf at once compiles very slowly)."""
+    import functools
+
     import jax
 
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    specs = [(jax.tree_util.keystr(p), leaf.shape, leaf.dtype) for p, leaf in flat]
+    programs: dict = {}
+    out = []
+    for i, (path, leaf) in enumerate(flat):
+        k = kind(jax.tree_util.keystr(path))
+        sig = (k, tuple(leaf.shape), str(leaf.dtype), leaf.sharding)
+        if sig not in programs:
+            def make(key, i, k=k, shape=tuple(leaf.shape), dtype=leaf.dtype):
+                return init(k, jax.random.fold_in(key, i), shape, dtype)
 
-    def make(key):
-        return [init(p, jax.random.fold_in(key, i), shape, dtype)
-                for i, (p, shape, dtype) in enumerate(specs)]
-
-    shardings = [leaf.sharding for _, leaf in flat]
-    arrays = jax.jit(make, out_shardings=shardings)(key)
-    return jax.tree_util.tree_unflatten(treedef, arrays)
+            programs[sig] = jax.jit(functools.partial(make), out_shardings=leaf.sharding)
+        out.append(programs[sig](key, i))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def build_model(cfg, dtype, mesh, seed):
@@ -273,12 +280,13 @@ def build_model(cfg, dtype, mesh, seed):
 
     graphdef, abstract = aot.abstract_params(cfg, dtype, mesh)
 
-    def init(path, key, shape, dt):
-        if "norm" in path:
+    def init(kind, key, shape, dt):
+        if kind == "norm":
             return jnp.ones(shape, dt)
         return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
 
-    state = random_like(abstract, jax.random.key(seed), init)
+    state = random_like(abstract, jax.random.key(seed),
+                        lambda p: "norm" if "norm" in p else "normal", init)
     return nnx.merge(graphdef, state), model_counts(cfg, abstract)
 
 
@@ -293,18 +301,23 @@ def build_pool(cfg, args, dtype, mesh):
     abstract, desc = aot.abstract_pool(spec, cfg, dtype, mesh)
     alpha = 2.0 * args.rank  # scale alpha / r = 2
 
-    def init(path, key, shape, dt):
-        if ".A[" in path or path.startswith(".A"):
-            return (jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5).astype(dt)
-        if ".B[" in path or path.startswith(".B"):
-            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
-        if "scale" in path:
-            return jnp.full(shape, alpha / args.rank, dt)
-        if "ranks" in path:
-            return jnp.full(shape, args.rank, dt)
-        return jnp.ones(shape, dt)  # mask, active
+    def kind(path):  # PoolArrays leaves: .A['q_proj'], .B[...], .scale[...], .mask[...], .ranks
+        return path.split("[")[0].lstrip(".")
 
-    arrays = random_like(abstract, jax.random.key(args.seed + 1), init)
+    def init(k, key, shape, dt):
+        if k == "A":
+            return (jax.random.normal(key, shape, jnp.float32) * shape[-1] ** -0.5).astype(dt)
+        if k == "B":
+            return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dt)
+        if k == "scale":
+            return jnp.full(shape, alpha / args.rank, dt)
+        if k == "ranks":
+            return jnp.full(shape, args.rank, dt)
+        if k in ("mask", "active"):
+            return jnp.ones(shape, dt)
+        raise ValueError(f"unexpected pool array {k!r}")
+
+    arrays = random_like(abstract, jax.random.key(args.seed + 1), kind, init)
     names = [f"lora{i}" for i in range(args.pool_size)]
     return LoraPool(arrays, names, mesh=mesh), desc
 
