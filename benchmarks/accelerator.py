@@ -239,7 +239,7 @@ def parse_args(argv=None):
 
 
 def smoke_config():
-    from hilora_jax.config import ModelConfig, RopeConfig
+    from hilora_jax.model.config import ModelConfig, RopeConfig
 
     return ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=1,
                        num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-5,
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from hilora_jax import Engine, aot
-    from hilora_jax import sharding as shd
+    from hilora_jax.model import sharding as shd
 
     command = common.command_line()
     dev = jax.devices()[0]

@@ -61,7 +61,7 @@ def prepare(work: Path, tasks: list[str] | None = None) -> None:
     import calib_dev
     from run import MAX_LEN, MAX_TRAIN, N_SAMPLES, split_dev
 
-    from hilora_jax.assets import bigbench_tasks_dir
+    from hilora_jax.io.assets import bigbench_tasks_dir
     from hilora_jax.eval import gym
     from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.tasks import load_tasks, write_jsonl
@@ -81,8 +81,8 @@ def prepare(work: Path, tasks: list[str] | None = None) -> None:
         calib_dev.prepare(Namespace(out=str(work)))
         return
     # a subset of the pool (CPU time): the same recipe as calib_dev.prepare, on those tasks only
-    from hilora_jax.loading import load_model, load_tokenizer
-    from hilora_jax.poolbuild import build_task_pool
+    from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.lora.build import build_task_pool
 
     train = [e for e in load_tasks(data / "train_fit.jsonl") if e.task in tasks]
     samples = [e for e in load_tasks(data / "samples.jsonl") if e.task in tasks]

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import accelerator  # noqa: E402
 
 from hilora_jax import aot  # noqa: E402
-from hilora_jax import sharding as shd  # noqa: E402
+from hilora_jax.model import sharding as shd  # noqa: E402
 
 
 def test_smoke_run_writes_every_row(tmp_path):
