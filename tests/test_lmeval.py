@@ -177,15 +177,18 @@ def test_bad_model_args(assets):
         HiLoRALM(model=str(other), pool=str(assets[0] / "pool"), router="oracle")
 
 
-def _write_tasks(root):
+def _write_tasks(root, n=6, routed=False, name="tasks"):
+    """Tiny local lm-eval tasks (`tiny_mc`, `tiny_gen`); `routed`: questions start with
+    `task{i}`, which `routing_utils.random_pool`'s embedder places in adapter i's cluster."""
     rng = np.random.default_rng(7)
     mc, gen = [], []
-    for _ in range(6):
+    for k in range(n):
+        pre = f"task{k % 5} " if routed else ""
         choices = [_words(rng, 1, 4) for _ in range(3)]
-        mc.append({"question": _words(rng, 3, 9), "choices": choices,
+        mc.append({"question": pre + _words(rng, 3, 9), "choices": choices,
                    "answer": int(rng.integers(0, 3))})
-        gen.append({"question": _words(rng, 3, 9), "answer": _words(rng, 1, 3)})
-    d = root / "tasks"
+        gen.append({"question": pre + _words(rng, 3, 9), "answer": _words(rng, 1, 3)})
+    d = root / name
     d.mkdir(exist_ok=True)
     for name, rows in (("mc", mc), ("gen", gen)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -323,3 +326,74 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
     assert len(budgets) > 1  # requests really were routed differently
     base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
     assert np.max(np.abs(np.array(alone) - base)) > 1e-2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(assets, hilora_lm, tmp_path):
+    """lm-eval's rank / world_size contract over `jax.distributed` (gloo on CPU): two processes
+    (HILORA_* variables; each takes its documents and builds the model on its 2 local devices)
+    give the same metrics, per-request responses and merged routing trace as one process. 7
+    documents per task, so the ranks get 4 and 3 and lm-eval pads rank 1 (the padding's responses
+    are appended to that rank's last request, as with `hf`; they never reach a metric)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hilora_jax.lora.io import save_pool
+    from tests.routing_utils import random_pool
+
+    root, model_dir, _ = assets
+    tasks_dir = _write_tasks(root, n=7, routed=True, name="mp_tasks")
+    pool, _, _ = random_pool(hilora_lm.config, seed=21)
+    save_pool(pool, tmp_path / "pool")
+    worker = Path(__file__).parent / "mp_lmeval_worker.py"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "HILORA_COORDINATOR", "HILORA_NUM_PROCESSES",
+                        "HILORA_PROCESS_ID")}
+    port = str(_free_port())
+    runs = {}
+    for tag, nproc in (("one", 1), ("two", 2)):
+        cfg = {"model_dir": str(model_dir), "tasks_dir": str(tasks_dir),
+               "pool_dir": str(tmp_path / "pool"), "seed": 21, "max_length": MAX_LEN,
+               "tasks": ["tiny_mc", "tiny_gen"], "out": str(tmp_path / f"{tag}.json"),
+               "trace": str(tmp_path / f"{tag}.trace.jsonl"), "mesh": "2x1"}
+        (tmp_path / f"{tag}.cfg.json").write_text(json.dumps(cfg))
+        runs[tag] = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / f"{tag}.cfg.json"),
+                                       str(nproc), str(i), port], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    for procs in runs.values():
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["n_requests"] == two["n_requests"] == {"tiny_mc": 7, "tiny_gen": 7}
+    assert one["results"] == two["results"]
+    for task in ("tiny_mc", "tiny_gen"):
+        a, b = one["samples"][task], two["samples"][task]
+        assert [x[0] for x in a] == [x[0] for x in b] == list(range(7))
+        for (_, ra), (_, rb) in zip(a, b, strict=True):
+            if task == "tiny_mc":
+                np.testing.assert_allclose([float(r[0][0]) for r in ra],
+                                           [float(r[0][0]) for r in rb], atol=1e-5, rtol=0)
+                assert [r[0][1] for r in ra] == [r[0][1] for r in rb]
+            else:
+                # [0]: lm-eval appends its padding requests' responses to the last request of the
+                # shorter rank (evaluator.py, the same with `hf`); metrics use the first
+                assert [r[0] for r in ra] == [r[0] for r in rb]
+    ta = [json.loads(line) for line in (tmp_path / "one.trace.jsonl").read_text().splitlines()]
+    tb = [json.loads(line) for line in (tmp_path / "two.trace.jsonl").read_text().splitlines()]
+    assert len(ta) == 7 * 3 + 7  # every request once: 3 choices per mc doc, 1 generation per doc
+    assert [{k: v for k, v in r.items() if k != "weights"} for r in ta] == \
+        [{k: v for k, v in r.items() if k != "weights"} for r in tb]
+    for ra, rb in zip(ta, tb, strict=True):
+        np.testing.assert_allclose(ra["weights"], rb["weights"], atol=1e-5)
+    assert len({tuple(r["candidates"]) for r in ta}) > 1  # routed differently per request
