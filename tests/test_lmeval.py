@@ -305,7 +305,8 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
     save_pool(pool, tmp_path / "pool")
     lm = HiLoRALM.create_from_arg_obj(
         {"model": str(model_dir), "pool": str(tmp_path / "pool"), "router": "hilora",
-         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN},
+         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN,
+         "trace_path": str(tmp_path / "trace.jsonl")},
         {"batch_size": 4})
     assert lm.router.params["k"] == 2
     rng = np.random.default_rng(9)
@@ -324,6 +325,18 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
         alone.append(float(np.asarray(total)[0]))
     np.testing.assert_allclose([x[0] for x in ours], alone, atol=1e-4, rtol=0)
     assert len(budgets) > 1  # requests really were routed differently
+    # the routing trace holds each request's own decision: candidates, ROC counts, weights
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [(t["doc_id"], t["idx"], t["request_type"]) for t in trace] == \
+        [(-1, i, "loglikelihood") for i in range(5)]  # no doc_id outside lm-eval's evaluator
+    for t, r in zip(trace, reqs, strict=True):
+        info = lm.router.route([r.args[0]]).info
+        used = info["cand_valid"][0] & (info["n_rocs"][0] > 0)
+        assert t["candidates"] == [lm.pool.names[a] for a in info["cand_idx"][0][used]]
+        assert t["rocs"] == info["n_rocs"][0][used].tolist()
+        assert sum(t["rocs"]) == t["total_rocs"] == t["budget"] == int(info["budget"][0])
+        np.testing.assert_allclose(t["weights"], info["probs"][0][used], atol=1e-5)
+        assert t["router"] == "hilora" and t["n_candidates"] == len(t["candidates"])
     base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
     assert np.max(np.abs(np.array(alone) - base)) > 1e-2
 
@@ -397,3 +410,33 @@ def test_two_processes_equal_one(assets, hilora_lm, tmp_path):
     for ra, rb in zip(ta, tb, strict=True):
         np.testing.assert_allclose(ra["weights"], rb["weights"], atol=1e-5)
     assert len({tuple(r["candidates"]) for r in ta}) > 1  # routed differently per request
+
+
+def test_cli_writes_routing_trace_beside_samples(assets, tmp_path, monkeypatch):
+    """`python -m hilora_jax.lmeval run ... --output_path --log_samples`: lm-eval's own CLI, and a
+    `hilora_trace_<task>_<date>.jsonl` beside each `samples_<task>_<date>.jsonl` with one record
+    per request (the oracle: the task's adapter, weight 1, own adapter first)."""
+    import sys
+
+    from hilora_jax.lmeval import main
+
+    root, model_dir, _ = assets
+    tasks_dir = _write_tasks(root)
+    out = tmp_path / "out"
+    amap = "tiny_mc:qv_r4;tiny_gen:all_r8_rslora"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main(["run", "--model", "hilora", "--model_args",
+          f"model={model_dir},pool={root / 'pool'},router=oracle,adapter_map={amap},"
+          f"max_length={MAX_LEN}", "--tasks", "tiny_mc,tiny_gen", "--include_path",
+          str(tasks_dir), "--batch_size", "4", "--output_path", str(out), "--log_samples"])
+    for task, adapter, n_req in (("tiny_mc", "qv_r4", 3), ("tiny_gen", "all_r8_rslora", 1)):
+        (samples,) = out.rglob(f"samples_{task}_*.jsonl")
+        trace = samples.with_name(samples.name.replace("samples_", "hilora_trace_", 1))
+        assert trace.exists(), sorted(p.name for p in samples.parent.iterdir())
+        docs = sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines())
+        recs = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert sorted({r["doc_id"] for r in recs}) == docs == list(range(6))
+        assert len(recs) == 6 * n_req and {r["task"] for r in recs} == {task}
+        for r in recs:
+            assert (r["router"], r["candidates"], r["weights"]) == ("oracle", [adapter], [1.0])
+            assert r["own_in_candidates"] and r["own_first"]
