@@ -53,8 +53,8 @@ statistics ``hilora eval`` records (``n_candidates``, ``budget``, ``total_rocs``
 ``coverage``; ``own_*`` when ``adapter_map`` names the task's adapter). Several processes merge
 their traces on rank 0.
 
-Not yet: stopping decoding early on stop *strings* (decoding stops at EOS or ``max_gen_toks``;
-the text is cut at the first stop string afterwards, same result).
+Decoding stops early at EOS and at stop strings that are a single token; longer stop strings
+are cut from the text afterwards (the same text, more decoding steps).
 
 Routing is per request, from its context text alone: the sequence stage (embedding, Gaussian
 scores, candidate selection) runs once per distinct context on the host, the token stage runs
@@ -645,6 +645,7 @@ class HiLoRALM(TemplateLM):
             temperature = float(kwargs.get("temperature") if "temperature" in raw
                                 else (1.0 if kwargs.get("do_sample") else 0.0))
             greedy = not kwargs.get("do_sample") or temperature <= 0.0
+            stops = self._stop_tokens(until)
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be less "
@@ -668,13 +669,26 @@ class HiLoRALM(TemplateLM):
                     jax.random.fold_in(jax.random.key(self.seed), gi), s)
                 out = self.engine.generate(
                     prompts, max_new_tokens=max_gen, temperature=0.0 if greedy else temperature,
-                    top_p=float(kwargs.get("top_p") or 1.0), key=key, lora=hook,
+                    top_p=float(kwargs.get("top_p") or 1.0), key=key, lora=hook, stop_tokens=stops,
                     pad_id=self.tokenizer.pad_token_id or 0, prompt_bucket=t)
                 for r, i in enumerate(idx):
                     toks = out.tokens[r, :out.lengths[r]].tolist()
                     res[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
         self._flush_trace()
         return res
+
+    def _stop_tokens(self, until: Sequence[str]) -> list[int]:
+        """Token ids at which decoding may stop: the EOS ids, and every stop string that is one
+        token decoding to exactly that string (once generated, the text is cut at or before it,
+        so stopping there gives the same text). Longer stop strings are cut afterwards."""
+        ids = [int(t) for t in np.atleast_1d(self.config.eos_token_id or [])]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        for s in until:
+            enc = self.tokenizer.encode(s, add_special_tokens=False)
+            if len(enc) == 1 and self.tok_decode(enc, skip_special_tokens=False) == s:
+                ids.append(int(enc[0]))
+        return sorted(set(ids))
 
     def get_model_info(self) -> dict:
         return {"hilora_router": self.router.name,

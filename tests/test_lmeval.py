@@ -109,8 +109,15 @@ def _gen_requests(seed=2, n=7):
 def test_generate_until_greedy_identical_to_hf(assets, hilora_lm):
     _, model_dir, _ = assets
     reqs = _gen_requests()
+    # single-token stop strings stop decoding early (here every `until` is one token); the
+    # multi-token one is only cut from the text
+    tok = hilora_lm.tokenizer
+    assert hilora_lm._stop_tokens(["w9", "w13 w14"]) == sorted({tok.eos_token_id, 9})
     ours, ref = hilora_lm.generate_until(reqs), _hf(model_dir).generate_until(reqs)
     assert ours == ref
+    multi = [Instance("generate_until", {}, (r.args[0], {**r.args[1], "until": ["w9 w9", "w13"]}),
+                      i) for i, r in enumerate(reqs)]
+    assert hilora_lm.generate_until(multi) == _hf(model_dir).generate_until(multi)
     assert any(len(s.split()) >= 3 for s in ours)  # not all empty / cut at once
     # sampled: reproducible for a seed, different for another seed
     sreqs = [Instance("generate_until", {}, (r.args[0], {"until": ["w9"], "max_gen_toks": 12,
