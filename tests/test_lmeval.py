@@ -284,14 +284,62 @@ def test_converted_tasks_acc_equals_hilora_scoring(assets, hilora_lm, tmp_path):
                                        atol=1e-4)
 
 
-def test_convert_refuses_generation_and_bad_lines(tmp_path):
+def test_converted_generation_tasks_use_our_metrics(assets, hilora_lm, tmp_path):
+    """Generation examples -> lm-eval `generate_until` tasks scored by our em / rouge / bleu: the
+    lm-eval number equals our metric over the backend's own generations, and `hf` agrees."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.metrics import generation_metric
+    from hilora_jax.eval.tasks import GenExample, write_jsonl
+
+    rng = np.random.default_rng(11)
+    exs = []
+    for task, metric in (("g_em", "em"), ("g_rouge", "rouge"), ("g_bleu", "bleu")):
+        for _ in range(5):
+            exs.append(GenExample(_words(rng, 3, 9), _words(rng, 1, 4), task, "c0", metric))
+    # one target is the model's own greedy continuation: em is not trivially 0
+    first = exs[0]
+    own = hilora_lm.generate_until([Instance("generate_until", {}, (first.prompt, {
+        "until": ["\n"], "max_gen_toks": 4, "do_sample": False}), 0)])[0]
+    exs[0] = GenExample(first.prompt, own.strip(), first.task, first.cluster, first.metric)
+    names = convert_tasks(write_jsonl(exs, tmp_path / "gen.jsonl"), tmp_path / "lm",
+                          max_gen_toks=4)
+    assert (tmp_path / "lm" / "hilora_metrics.py").exists()
+    tm = TaskManager(include_path=str(tmp_path / "lm"))
+    ours = lm_eval.simple_evaluate(model=hilora_lm, tasks=sorted(names), log_samples=True,
+                                   task_manager=tm)
+    ref = lm_eval.simple_evaluate(model=_hf(assets[1]), tasks=sorted(names), log_samples=True,
+                                  task_manager=tm)
+    for n, task in names.items():
+        mine = [ex for ex in exs if ex.task == task]
+        m = mine[0].metric
+        samples = sorted(ours["samples"][n], key=lambda x: x["doc_id"])
+        preds = [x["filtered_resps"][0] for x in samples]
+        direct = hilora_lm.generate_until([Instance("generate_until", {}, (ex.prompt, {
+            "until": ["\n"], "max_gen_toks": 4, "do_sample": False}), i)
+            for i, ex in enumerate(mine)])
+        assert preds == direct
+        want = generation_metric(m, preds, [ex.target for ex in mine])
+        assert ours["results"][n][f"{m},none"] == pytest.approx(want, abs=1e-9)
+        assert ref["results"][n][f"{m},none"] == pytest.approx(want, abs=1e-9)
+    assert ours["results"]["hilora_g_em"]["em,none"] > 0
+
+
+def test_convert_refuses_mixed_tasks_and_bad_lines(tmp_path):
     from hilora_jax.eval.lmeval_tasks import convert_tasks
     from hilora_jax.eval.tasks import TaskFormatError
 
     g = tmp_path / "gen.jsonl"
-    g.write_text(json.dumps({"prompt": "p", "target": "t", "task": "x", "cluster": "c",
-                             "metric": "em"}) + "\n")
-    with pytest.raises(ValueError, match="generation examples cannot be converted yet"):
+    rows = [{"prompt": "p", "target": "t", "task": "x", "cluster": "c", "metric": "em"},
+            {"prompt": "q", "target": "t", "task": "x", "cluster": "c", "metric": "bleu"}]
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"task 'x' uses several metrics \['bleu', 'em'\]"):
+        convert_tasks(g, tmp_path / "out")
+    rows[1] = {"prompt": "q", "choices": ["a", "b"], "answer": 0, "task": "x", "cluster": "c"}
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="task 'x' mixes multiple-choice and generation"):
         convert_tasks(g, tmp_path / "out")
     b = tmp_path / "bad.jsonl"
     b.write_text(json.dumps({"prompt": "p", "choices": ["a", "b"], "anwser": 0, "task": "x",
