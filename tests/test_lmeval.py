@@ -495,3 +495,46 @@ def test_cli_writes_routing_trace_beside_samples(assets, tmp_path, monkeypatch):
         for r in recs:
             assert (r["router"], r["candidates"], r["weights"]) == ("oracle", [adapter], [1.0])
             assert r["own_in_candidates"] and r["own_first"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_smollm2_hilora_eval_and_lm_eval_agree_per_item(tmp_path):
+    """The real SmolLM2 (built-in name `smollm2`) on 3 real BIG-bench tasks of the DG benchmark
+    (4 test items each): `hilora eval` and `lm_eval --model hilora` (lm-eval's own CLI) agree on
+    every item's correctness and on each task's accuracy. Pool: the realistic pool's trained
+    SmolLM2 adapters when cached, else a random pool; router `uniform` mixes every adapter in."""
+    import importlib.util
+    from pathlib import Path
+
+    from hilora_jax.assets import bigbench_tasks_dir
+    from hilora_jax.eval import bigbench as bb
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lm_eval_agreement",
+                                                  root / "benchmarks/lm_eval_agreement.py")
+    agree = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agree)
+    paths = bb.list_tasks(bigbench_tasks_dir())
+    examples = []
+    for name, cluster in (("bbq_lite_json/gender_identity_ambig", "bbq_lite_json"),
+                          ("movie_recommendation", "emotion-social"),
+                          ("unit_conversion/si_conversion", "unit_conversion")):
+        task = bb.read_task(paths[name], name.replace("/", "."))
+        test = bb.split_examples(bb.to_mc_examples(task, cluster), n_test=50)["test"]
+        examples += test[:4]
+    pool = agree.real_adapters(tmp_path / "pool")
+    if pool is None:
+        from hilora_jax.loading import load_model
+        from hilora_jax.lora.io import save_pool
+        from tests.routing_utils import random_pool
+
+        rp, _, _ = random_pool(load_model("smollm2", progress=False).config, seed=3)
+        pool = save_pool(rp, tmp_path / "pool") and tmp_path / "pool"
+    res = agree.agreement(examples, model="smollm2", pool=str(pool), router="uniform",
+                          work=tmp_path / "work", batch_size=4)
+    assert set(res["tasks"]) == {ex.task for ex in examples}
+    for task, t in res["tasks"].items():
+        assert t["n"] == 4 and t["items_agree"], (task, t)
+        assert t["hilora_eval_acc"] == t["lm_eval_acc"], (task, t)
+    assert res["all_agree"]
