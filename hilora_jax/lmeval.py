@@ -27,7 +27,8 @@ own command line unchanged::
   ``protocol``: ``seen`` (default), ``unseen-within`` or ``unseen-cross`` (method doc §7): the
   adapter mapped to a request's task (and, for unseen-cross, its cluster) is deactivated.
 * ``dtype`` (float32 | bfloat16 | float16), ``mesh`` (``DATAxMODEL``, e.g. ``4x2``),
-  ``batch_size`` (int; ``auto`` means 16 — no memory probing), ``max_length`` (default the
+  ``batch_size`` (int; ``auto`` means 16 — no memory probing; on the command line
+  use lm-eval's ``--batch_size``, which lm-eval passes as well), ``max_length`` (default the
   model's ``max_position_embeddings``), ``max_gen_toks`` (default 256), ``add_bos_token``,
   ``prefix_token_id``, ``seed`` (sampling). ``device`` and ``max_batch_size``, which lm-eval's
   command line always passes, are accepted; ``device`` is ignored (JAX places the arrays).

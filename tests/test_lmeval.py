@@ -182,6 +182,35 @@ def test_bad_model_args(assets):
     with pytest.raises(AdapterError, match=r"adapter 'all_r8_rslora': .*has shape \(8, 40\), "
                        r"expected \(8, 24\)"):
         HiLoRALM(model=str(other), pool=str(assets[0] / "pool"), router="oracle")
+    # malformed values are refused in one line before anything is loaded (no such model needed)
+    for kw, msg in ((dict(batch_size="big"), "batch_size: 'big' is not an integer or 'auto'"),
+                    (dict(dtype="fp8"), "dtype: 'fp8' is not one of"),
+                    (dict(mesh="4"), "mesh: '4' is not DATAxMODEL"),
+                    (dict(protocol="unseen"), "protocol: 'unseen' is not one of"),
+                    (dict(multihost="maybe"), "multihost: 'maybe' is not a boolean")):
+        with pytest.raises(ValueError, match=msg):
+            HiLoRALM(model="/nonexistent/model", **kw)
+
+
+def test_requests_longer_than_max_length(hilora_lm):
+    """lm-eval's truncation convention (as its `hf` backend): a log-likelihood request longer
+    than max_length + 1 tokens is left-truncated (tested against hf in the parity test above); a
+    continuation alone longer than max_length cannot be scored and is refused, naming the
+    request; generation keeps the last max_length - max_gen_toks context tokens, and
+    max_gen_toks >= max_length is refused."""
+    long_cont = " " + " ".join(["w5"] * (MAX_LEN + 1))
+    reqs = [Instance("loglikelihood", {}, ("w4 w6", " w7"), 0),
+            Instance("loglikelihood", {}, ("w4", long_cont), 1)]
+    with pytest.raises(ValueError, match=rf"request 1: continuation of {MAX_LEN + 1} tokens is "
+                       rf"longer than max_length={MAX_LEN}"):
+        hilora_lm.loglikelihood(reqs)
+    g = [Instance("generate_until", {}, ("w4 w5", {"until": ["w9"], "max_gen_toks": MAX_LEN}), 0)]
+    with pytest.raises(ValueError, match=rf"max_gen_toks={MAX_LEN} must be less than "
+                       rf"max_length={MAX_LEN}"):
+        hilora_lm.generate_until(g)
+    g = [Instance("generate_until", {}, ("w4 w5", {"until": ["w9"], "num_beams": 4}), 0)]
+    with pytest.raises(ValueError, match=r"unsupported generation kwargs \['num_beams'\]"):
+        hilora_lm.generate_until(g)
 
 
 def _write_tasks(root, n=6, routed=False, name="tasks"):
