@@ -114,13 +114,17 @@ def main(argv=None) -> int:
         backends["hilora-routed"] = HiLoRALM(model="smollm2", pool=str(pool), router="hilora",
                                              batch_size=a.batch)
     out: dict = {}
-    t_ll = common.time_interleaved({k: (lambda b=b: b.loglikelihood(ll)) for k, b in
-                                    backends.items()}, repeats=a.repeats, warmup=1)
-    t_gen = common.time_interleaved({k: (lambda b=b: b.generate_until(gen)) for k, b in
-                                     backends.items()}, repeats=a.repeats, warmup=1)
-    # agreement on the same requests (the numbers being timed are the same computation)
-    res_ll = {k: b.loglikelihood(ll) for k, b in backends.items()}
-    res_gen = {k: b.generate_until(gen) for k, b in backends.items()}
+    res_ll: dict = {}
+    res_gen: dict = {}
+
+    def call(k, method, reqs, keep):
+        keep[k] = getattr(backends[k], method)(reqs)
+
+    t_ll = common.time_interleaved({k: (lambda k=k: call(k, "loglikelihood", ll, res_ll))
+                                    for k in backends}, repeats=a.repeats, warmup=1)
+    t_gen = common.time_interleaved({k: (lambda k=k: call(k, "generate_until", gen, res_gen))
+                                     for k in backends}, repeats=a.repeats, warmup=1)
+    # agreement of the timed calls' own results (last call of each backend)
     dlp = float(np.max(np.abs(np.array([x[0] for x in res_ll["hilora"]])
                               - np.array([x[0] for x in res_ll["hf"]]))))
     same_gen = sum(x == y for x, y in zip(res_gen["hilora"], res_gen["hf"], strict=True))
