@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="artifacts/lm_eval_agreement")
     p.add_argument("--out", default="benchmarks/results/lm_eval_agreement.json")
     a = p.parse_args(argv)
+    command = "python benchmarks/lm_eval_agreement.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)
     work = Path(a.work)
     pool = a.pool or real_adapters(work / "pool")
     if pool is None:
@@ -127,7 +129,7 @@ def main(argv=None) -> int:
     examples = dg_test_items(Path(a.data), a.per_task)
     runs = [agreement(examples, model="smollm2", pool=str(pool), router=r, work=work)
             for r in a.routers.split(",")]
-    report = {"command": "python benchmarks/lm_eval_agreement.py " + " ".join(argv or sys.argv[1:]),
+    report = {"command": command,
               "pool": sorted(q.name for q in Path(pool).iterdir()), "runs": runs,
               "all_agree": all(r["all_agree"] for r in runs)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -738,6 +738,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     global _CLI_TRACE
+    saved_argv = list(sys.argv)
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -753,6 +754,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 log.info("hilora: routing trace written to %s", path)
     finally:
         _CLI_TRACE = None
+        if argv is not None:
+            sys.argv = saved_argv
 
 
 if __name__ == "__main__":

@@ -509,10 +509,12 @@ def test_cli_writes_routing_trace_beside_samples(assets, tmp_path, monkeypatch):
     out = tmp_path / "out"
     amap = "tiny_mc:qv_r4;tiny_gen:all_r8_rslora"
     monkeypatch.setattr(sys, "argv", list(sys.argv))
+    before = list(sys.argv)
     main(["run", "--model", "hilora", "--model_args",
           f"model={model_dir},pool={root / 'pool'},router=oracle,adapter_map={amap},"
           f"max_length={MAX_LEN}", "--tasks", "tiny_mc,tiny_gen", "--include_path",
           str(tasks_dir), "--batch_size", "4", "--output_path", str(out), "--log_samples"])
+    assert sys.argv == before  # main(argv) leaves the caller's sys.argv alone
     for task, adapter, n_req in (("tiny_mc", "qv_r4", 3), ("tiny_gen", "all_r8_rslora", 1)):
         (samples,) = out.rglob(f"samples_{task}_*.jsonl")
         trace = samples.with_name(samples.name.replace("samples_", "hilora_trace_", 1))
