@@ -27,14 +27,35 @@ own command line unchanged::
   ``protocol``: ``seen`` (default), ``unseen-within`` or ``unseen-cross`` (method doc §7): the
   adapter mapped to a request's task (and, for unseen-cross, its cluster) is deactivated.
 * ``dtype`` (float32 | bfloat16 | float16), ``mesh`` (``DATAxMODEL``, e.g. ``4x2``),
-  ``batch_size`` (int; ``auto`` means 16 — no memory probing), ``max_length`` (default the
+  ``batch_size`` (int; ``auto`` means 16 — no memory probing; on the command line
+  use lm-eval's ``--batch_size``, which lm-eval passes as well), ``max_length`` (default the
   model's ``max_position_embeddings``), ``max_gen_toks`` (default 256), ``add_bos_token``,
   ``prefix_token_id``, ``seed`` (sampling). ``device`` and ``max_batch_size``, which lm-eval's
   command line always passes, are accepted; ``device`` is ignored (JAX places the arrays).
+* ``trace_path``: write the routing trace (below) to this JSONL file; ``multihost``: let JAX
+  detect the cluster (as ``hilora eval --multihost``).
 
-Not yet: lm-eval's multi-process rank / world-size contract (one process sees every request;
-shard over devices with ``mesh``); stopping decoding early on stop *strings* (decoding stops at
-EOS or ``max_gen_toks``; the text is cut at the first stop string afterwards, same result).
+Multi-process (lm-eval's rank / world-size contract, data parallel like its ``hf`` backend under
+accelerate): start one lm-eval process per host with ``HILORA_COORDINATOR=host:port
+HILORA_NUM_PROCESSES=N HILORA_PROCESS_ID=i`` (or ``multihost=true``, or call
+`hilora_jax.distributed.initialize` yourself before any JAX computation). The model starts
+`jax.distributed` (gloo on CPU), reports ``rank = jax.process_index()``, ``world_size =
+jax.process_count()``, and builds the model on its *local* devices (``mesh`` is per process);
+lm-eval gives rank r the documents r, r + N, ... and gathers through ``all_gather`` (request
+counts), ``gather_object`` (samples, metrics) and ``barrier``, implemented as host all-gathers over
+`jax.distributed`. Metrics and per-request results equal one process's; rank 0 returns them.
+
+Routing trace: with ``trace_path`` (or, through ``python -m hilora_jax.lmeval``, with
+``--output_path`` and ``--log_samples``: ``hilora_trace_<task>_<date>.jsonl`` beside each
+``samples_<task>_<date>.jsonl``), one JSON line per request: ``task``, ``doc_id``, ``idx``,
+``request_type``, ``router``, ``candidates`` (adapter names), ``rocs`` (HiLoRA's ROC counts),
+``weights`` (HiLoRA's allocation probabilities / a mixture's weights) and the per-example
+statistics ``hilora eval`` records (``n_candidates``, ``budget``, ``total_rocs``, ``cap_binds``,
+``coverage``; ``own_*`` when ``adapter_map`` names the task's adapter). Several processes merge
+their traces on rank 0.
+
+Decoding stops early at EOS and at stop strings that are a single token; longer stop strings
+are cut from the text afterwards (the same text, more decoding steps).
 
 Routing is per request, from its context text alone: the sequence stage (embedding, Gaussian
 scores, candidate selection) runs once per distinct context on the host, the token stage runs
@@ -59,6 +80,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -84,9 +106,13 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 KNOWN_ARGS = ("model", "pretrained", "tokenizer", "pool", "router", "router_options",
               "adapter_map", "protocol", "dtype", "mesh", "batch_size", "max_batch_size",
-              "max_length", "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "device")
+              "max_length", "max_gen_toks", "add_bos_token", "prefix_token_id", "seed", "device",
+              "trace_path", "multihost")
 GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 AUTO_BATCH = 16
+# set by `main()`: the HiLoRALM instances made during a command-line run, whose routing traces
+# are written beside lm-eval's samples files afterwards
+_CLI_TRACE: list | None = None
 
 
 def _parse_kv(s: str, sep: str, what: str) -> dict[str, str]:
@@ -120,14 +146,77 @@ def _parse_adapter_map(v) -> dict[str, str]:
     return _parse_kv(s, ":", "adapter_map")
 
 
-def _parse_mesh(v):
+def _check_mesh(v) -> tuple[int, int] | None:
     if v is None or v == "":
         return None
     try:
         d, m = (int(x) for x in str(v).lower().split("x"))
     except ValueError:
         raise ValueError(f"hilora model_args mesh: {v!r} is not DATAxMODEL (e.g. 4x2)") from None
-    return shd.make_mesh(d, m)
+    return d, m
+
+
+def _as_bool(v, key: str) -> bool:
+    if isinstance(v, bool) or v is None:
+        return bool(v)
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"hilora model_args {key}: {v!r} is not a boolean (true/false)")
+
+
+def _start_distributed(multihost: bool) -> None:
+    """Start `jax.distributed` from the HILORA_* variables (or JAX's cluster detection with
+    `multihost=true`) unless it is already running; one machine needs nothing."""
+    try:
+        from jax._src.distributed import global_state
+
+        if getattr(global_state, "client", None) is not None:
+            return  # the caller started it
+    except ImportError:  # pragma: no cover - other jax layouts
+        pass
+    from hilora_jax import distributed as dist
+
+    dist.initialize(auto=multihost)
+
+
+def _allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order (a host all-gather over `jax.distributed`)."""
+    if jax.process_count() == 1:
+        return [data]
+    from jax.experimental import multihost_utils
+
+    a = np.frombuffer(data, np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.array([a.size], np.int32))).reshape(-1)
+    buf = np.zeros(max(int(sizes.max()), 1), np.uint8)
+    buf[:a.size] = a
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(jax.process_count(), -1)
+    return [bytes(r[:k]) for r, k in zip(rows, sizes, strict=True)]
+
+
+def _routing_record(info: dict, names: Sequence[str], r: int, own: int | None) -> dict:
+    """One request's routing, as `hilora eval` records it (`runner._routing_rows`: candidate
+    count, budget, ROCs, cap, coverage, own-adapter statistics) plus the candidates by name, their
+    ROC counts and weights (HiLoRA: allocation probabilities; mixture routers: mixture weights)."""
+    from hilora_jax.eval.runner import _routing_rows
+
+    d = {"router": str(info.get("router", "?"))}
+    if "cand_idx" in info:
+        used = info["cand_valid"][r] & (info["n_rocs"][r] > 0)
+        d.update(candidates=[names[a] for a in info["cand_idx"][r][used].tolist()],
+                 rocs=info["n_rocs"][r][used].astype(int).tolist(),
+                 weights=[round(float(w), 6) for w in info["probs"][r][used]])
+    elif "weights" in info:
+        w = np.asarray(info["weights"][r], np.float64)
+        order = [int(a) for a in np.argsort(-w, kind="stable") if w[a] > 0]
+        d.update(candidates=[names[a] for a in order],
+                 weights=[round(float(w[a]), 6) for a in order])
+    else:  # token-level routers (arrow, roc-fixed): no per-request decision to record
+        d["candidates"] = list(names)
+    d.update(_routing_rows(info, np.asarray([r]), own)[0])
+    return d
 
 
 class _Scorer:
@@ -178,7 +267,8 @@ class HiLoRALM(TemplateLM):
                  router_options=None, adapter_map=None, protocol: str = "seen",
                  dtype: str = "float32", mesh=None, batch_size=8, max_batch_size=None,
                  max_length=None, max_gen_toks: int = 256, add_bos_token=None,
-                 prefix_token_id=None, seed: int = 0, device=None, **kwargs):
+                 prefix_token_id=None, seed: int = 0, device=None, trace_path=None,
+                 multihost=False, **kwargs):
         super().__init__()
         ropts = {}
         unknown = []
@@ -222,7 +312,21 @@ class HiLoRALM(TemplateLM):
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
         self.custom_prefix_token_id = prefix_token_id
-        mesh_ = _parse_mesh(mesh)
+        mesh_shape = _check_mesh(mesh)
+        multihost = _as_bool(multihost, "multihost")
+        self.trace_path = str(trace_path) if trace_path not in (None, "") else None
+        self._trace: dict[tuple, dict] = {}
+        self._tracing = self.trace_path is not None or _CLI_TRACE is not None
+        if _CLI_TRACE is not None:
+            _CLI_TRACE.append(self)
+
+        # lm-eval's data-parallel contract: every process builds the model on its local devices,
+        # the harness gives rank r the documents r, r + world_size, ... and gathers the per-sample
+        # metrics through `all_gather` / `gather_object` (below)
+        _start_distributed(multihost)
+        self._rank, self._world_size = jax.process_index(), jax.process_count()
+        mesh_ = None if mesh_shape is None else shd.make_mesh(*mesh_shape,
+                                                              devices=jax.local_devices())
 
         from hilora_jax.io.loading import load_model, load_tokenizer
 
@@ -318,10 +422,16 @@ class HiLoRALM(TemplateLM):
         a = self._adapter_for(task)
         return protocol_active(self.pool, a, self.pool.clusters.get(a), self.protocol)
 
-    def _route(self, texts: Sequence[str], tasks: Sequence[str | None], emb_cache: dict):
-        """Sequence-stage routing of one batch (rows share the batch's protocol view)."""
+    def _route(self, texts: Sequence[str], tasks: Sequence[str | None], emb_cache: dict,
+               keys: Sequence[tuple | None] = ()):
+        """Sequence-stage routing of one batch (rows share the batch's protocol view); records
+        the routing of the rows whose request `keys` are given when tracing."""
         r = self.router
         if self.pool is None or r.name == "base":
+            if self._tracing:
+                for k in keys:
+                    if k is not None:
+                        self._trace.setdefault(k, {"router": "base", "candidates": []})
             return None
         kw = {}
         active = self._active(tasks[0])
@@ -338,7 +448,79 @@ class HiLoRALM(TemplateLM):
             if active is not None:
                 names = [n if active[self.pool.index(n)] else None for n in names]
             kw["adapter_names"] = names
-        return r.route(list(texts), **kw).hook
+        routing = r.route(list(texts), **kw)
+        if self._tracing:
+            for row, k in enumerate(keys):
+                if k is not None and k not in self._trace:
+                    a = self.adapter_map.get(k[0])
+                    own = self.pool.index(a) if a is not None else None
+                    self._trace[k] = _routing_record(routing.info, self.pool.names, row, own)
+        return routing.hook
+
+    # -- routing trace -------------------------------------------------------------------
+    @staticmethod
+    def _key(req) -> tuple:
+        d, i = getattr(req, "doc_id", None), getattr(req, "idx", None)
+        return (str(getattr(req, "task_name", None)), -1 if d is None else int(d),
+                -1 if i is None else int(i), str(getattr(req, "request_type", "")))
+
+    def trace_records(self) -> list[dict]:
+        """This process's routing trace: one record per request (task, doc_id, idx,
+        request_type, then the routing), sorted by those keys."""
+        return [{"task": k[0], "doc_id": k[1], "idx": k[2], "request_type": k[3], **v}
+                for k, v in sorted(self._trace.items())]
+
+    def _write_trace(self, records: list[dict]) -> None:
+        if self.trace_path is None:
+            return
+        from hilora_jax._fs import atomic_file
+
+        with atomic_file(self.trace_path) as f:
+            for rec in records:
+                f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+    def _flush_trace(self) -> None:
+        """After each request type: one process writes its trace; several write it (merged) in
+        `gather_object`, which lm-eval calls on every rank once the requests are done."""
+        if self._tracing and self._world_size == 1:
+            self._write_trace(self.trace_records())
+
+    # -- lm-eval's multi-process hooks (jax.distributed host collectives) ------------------
+    def all_gather(self, tensor):
+        """lm-eval gathers per-rank request counts with this (a torch tensor): concatenated
+        along dim 0 across processes, as accelerate's `gather`."""
+        if self._world_size == 1:
+            return tensor
+        import pickle
+
+        import torch
+
+        a = tensor.detach().cpu().numpy()
+        parts = [pickle.loads(b) for b in _allgather_bytes(pickle.dumps(a))]
+        return torch.as_tensor(np.concatenate([np.atleast_1d(p) for p in parts]))
+
+    def gather_object(self, obj, dst: int = 0):
+        """Every rank's `obj` on rank `dst` (None elsewhere); the routing traces ride along and
+        rank `dst` writes the merged trace."""
+        if self._world_size == 1:
+            self._flush_trace()
+            return [obj]
+        import pickle
+
+        parts = [pickle.loads(b) for b in _allgather_bytes(pickle.dumps((obj, self._trace)))]
+        if self._tracing:
+            for _, tr in parts:
+                for k, v in tr.items():
+                    self._trace.setdefault(k, v)
+            if self._rank == dst:
+                self._write_trace(self.trace_records())
+        return [o for o, _ in parts] if self._rank == dst else None
+
+    def barrier(self) -> None:
+        if self._world_size > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("hilora_lmeval_barrier")
 
     def _groups(self, items: Sequence, task_of) -> list[list[int]]:
         """Indices grouped so that one batch never mixes protocol views."""
@@ -360,21 +542,25 @@ class HiLoRALM(TemplateLM):
                              else (cont[:1], cont[1:]))
             else:
                 ctx, cont = self._encode_pair(context, continuation)
-            items.append((ctx, cont, context, getattr(req, "task_name", None)))
-        return self._score_items(items)
+            items.append((ctx, cont, context, getattr(req, "task_name", None), self._key(req)))
+        out = self._score_items(items)
+        self._flush_trace()
+        return out
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
         """lm-eval's token-level entry: `((context, continuation), ctx_ids, cont_ids)` triples
         (routed from the context string; no task, so not for oracle / protocols)."""
-        items = [(ctx, cont, (key[0] if key else "") or "", None) for key, ctx, cont in requests]
+        items = [(ctx, cont, (key[0] if key else "") or "", None, None)
+                 for key, ctx, cont in requests]
         return self._score_items(items)
 
     def _score_items(self, items) -> list[tuple[float, bool]]:
-        """items: (ctx_ids, cont_ids, route_text, task) -> [(logprob, is_greedy)]."""
+        """items: (ctx_ids, cont_ids, route_text, task, request key | None) ->
+        [(logprob, is_greedy)]."""
         res: list = [None] * len(items)
         emb_cache: dict = {}
         rows = []
-        for i, (ctx, cont, _, _) in enumerate(items):
+        for i, (ctx, cont, *_) in enumerate(items):
             if not cont:
                 raise ValueError(f"hilora: request {i} has an empty continuation")
             if len(cont) > self.max_length:
@@ -407,7 +593,8 @@ class HiLoRALM(TemplateLM):
                     mask[r, t - m:] = True
                     tmask[r, t - len(items[i][1]):] = True
                 hook = self._route([items[i][2] for i in pad_idx],
-                                   [items[i][3] for i in pad_idx], emb_cache)
+                                   [items[i][3] for i in pad_idx], emb_cache,
+                                   [items[i][4] for i in idx])
                 lp, greedy = self._scorer(ids, mask, tgt, tmask, hook, tail)
                 for r, i in enumerate(idx):
                     res[i] = (float(lp[r]), bool(greedy[r]))
@@ -421,11 +608,13 @@ class HiLoRALM(TemplateLM):
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1))
             for ctx, cont in windows:
-                items.append((ctx, cont, string, getattr(req, "task_name", None)))
+                items.append((ctx, cont, string, getattr(req, "task_name", None),
+                              self._key(req)))
                 owner.append(j)
         out = [0.0] * len(requests)
         for j, (lp, _) in zip(owner, self._score_items(items), strict=True):
             out[j] += lp
+        self._flush_trace()
         return out
 
     # -- generation ----------------------------------------------------------------------
@@ -456,6 +645,7 @@ class HiLoRALM(TemplateLM):
             temperature = float(kwargs.get("temperature") if "temperature" in raw
                                 else (1.0 if kwargs.get("do_sample") else 0.0))
             greedy = not kwargs.get("do_sample") or temperature <= 0.0
+            stops = self._stop_tokens(until)
             max_ctx = self.max_length - max_gen
             if max_ctx <= 0:
                 raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be less "
@@ -474,17 +664,31 @@ class HiLoRALM(TemplateLM):
                     t = room
                 hook = self._route([requests[i].args[0] for i in pad_idx],
                                    [getattr(requests[i], "task_name", None) for i in pad_idx],
-                                   emb_cache)
+                                   emb_cache, [self._key(requests[i]) for i in idx])
                 key = None if greedy else jax.random.fold_in(
                     jax.random.fold_in(jax.random.key(self.seed), gi), s)
                 out = self.engine.generate(
                     prompts, max_new_tokens=max_gen, temperature=0.0 if greedy else temperature,
-                    top_p=float(kwargs.get("top_p") or 1.0), key=key, lora=hook,
+                    top_p=float(kwargs.get("top_p") or 1.0), key=key, lora=hook, stop_tokens=stops,
                     pad_id=self.tokenizer.pad_token_id or 0, prompt_bucket=t)
                 for r, i in enumerate(idx):
                     toks = out.tokens[r, :out.lengths[r]].tolist()
                     res[i] = postprocess_generated_text(self.tok_decode(toks), until, None)
+        self._flush_trace()
         return res
+
+    def _stop_tokens(self, until: Sequence[str]) -> list[int]:
+        """Token ids at which decoding may stop: the EOS ids, and every stop string that is one
+        token decoding to exactly that string (once generated, the text is cut at or before it,
+        so stopping there gives the same text). Longer stop strings are cut afterwards."""
+        ids = [int(t) for t in np.atleast_1d(self.config.eos_token_id or [])]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        for s in until:
+            enc = self.tokenizer.encode(s, add_special_tokens=False)
+            if len(enc) == 1 and self.tok_decode(enc, skip_special_tokens=False) == s:
+                ids.append(int(enc[0]))
+        return sorted(set(ids))
 
     def get_model_info(self) -> dict:
         return {"hilora_router": self.router.name,
@@ -492,15 +696,65 @@ class HiLoRALM(TemplateLM):
                 "hilora_protocol": self.protocol}
 
 
+_SAMPLES_FILE = re.compile(r"^samples_(?P<task>.+)_(?P<date>\d{4}-\d\d-\d\dT[0-9.\-]+)\.jsonl$")
+
+
+def write_cli_traces(output_path: str, since: float, lms: Sequence[HiLoRALM]) -> list[Path]:
+    """Beside every lm-eval samples file ``samples_<task>_<date>.jsonl`` written under
+    `output_path` since `since`, write ``hilora_trace_<task>_<date>.jsonl``: that task's routing
+    trace (one record per request, `HiLoRALM.trace_records`). Only rank 0 writes."""
+    root = Path(output_path)
+    base = root.parent if root.suffix == ".json" else root
+    records = [r for lm in lms if lm.rank == 0 for r in lm.trace_records()]
+    if not records or not base.is_dir():
+        return []
+    from hilora_jax._fs import atomic_file
+
+    written = []
+    for f in sorted(base.rglob("samples_*.jsonl")):
+        m = _SAMPLES_FILE.match(f.name)
+        if m is None or f.stat().st_mtime < since:
+            continue
+        task = m.group("task")
+        dest = f.with_name(f"hilora_trace_{task}_{m.group('date')}.jsonl")
+        with atomic_file(dest) as out:
+            for rec in records:
+                if rec["task"] == task:
+                    out.write(json.dumps(rec, sort_keys=True) + "\n")
+        written.append(dest)
+    return written
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m hilora_jax.lmeval <lm-eval arguments>`: lm-eval's CLI with `hilora` registered."""
+    """`python -m hilora_jax.lmeval <lm-eval arguments>`: lm-eval's CLI with `hilora` registered.
+
+    With ``--output_path`` and ``--log_samples``, the routing trace of each task is written
+    beside its samples file (`write_cli_traces`)."""
+    import argparse
     import sys
+    import time
 
     from lm_eval.__main__ import cli_evaluate
 
+    global _CLI_TRACE
+    saved_argv = list(sys.argv)
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--output_path", "-o")
+    p.add_argument("--log_samples", "-s", action="store_true")
+    ns, _ = p.parse_known_args(sys.argv[1:])
+    _CLI_TRACE = [] if (ns.output_path and ns.log_samples) else None
+    t0 = time.time() - 1.0
+    try:
+        cli_evaluate()
+        if _CLI_TRACE:
+            for path in write_cli_traces(ns.output_path, t0, _CLI_TRACE):
+                log.info("hilora: routing trace written to %s", path)
+    finally:
+        _CLI_TRACE = None
+        if argv is not None:
+            sys.argv = saved_argv
 
 
 if __name__ == "__main__":

@@ -109,8 +109,15 @@ def _gen_requests(seed=2, n=7):
 def test_generate_until_greedy_identical_to_hf(assets, hilora_lm):
     _, model_dir, _ = assets
     reqs = _gen_requests()
+    # single-token stop strings stop decoding early (here every `until` is one token); the
+    # multi-token one is only cut from the text
+    tok = hilora_lm.tokenizer
+    assert hilora_lm._stop_tokens(["w9", "w13 w14"]) == sorted({tok.eos_token_id, 9})
     ours, ref = hilora_lm.generate_until(reqs), _hf(model_dir).generate_until(reqs)
     assert ours == ref
+    multi = [Instance("generate_until", {}, (r.args[0], {**r.args[1], "until": ["w9 w9", "w13"]}),
+                      i) for i, r in enumerate(reqs)]
+    assert hilora_lm.generate_until(multi) == _hf(model_dir).generate_until(multi)
     assert any(len(s.split()) >= 3 for s in ours)  # not all empty / cut at once
     # sampled: reproducible for a seed, different for another seed
     sreqs = [Instance("generate_until", {}, (r.args[0], {"until": ["w9"], "max_gen_toks": 12,
@@ -175,17 +182,49 @@ def test_bad_model_args(assets):
     with pytest.raises(AdapterError, match=r"adapter 'all_r8_rslora': .*has shape \(8, 40\), "
                        r"expected \(8, 24\)"):
         HiLoRALM(model=str(other), pool=str(assets[0] / "pool"), router="oracle")
+    # malformed values are refused in one line before anything is loaded (no such model needed)
+    for kw, msg in ((dict(batch_size="big"), "batch_size: 'big' is not an integer or 'auto'"),
+                    (dict(dtype="fp8"), "dtype: 'fp8' is not one of"),
+                    (dict(mesh="4"), "mesh: '4' is not DATAxMODEL"),
+                    (dict(protocol="unseen"), "protocol: 'unseen' is not one of"),
+                    (dict(multihost="maybe"), "multihost: 'maybe' is not a boolean")):
+        with pytest.raises(ValueError, match=msg):
+            HiLoRALM(model="/nonexistent/model", **kw)
 
 
-def _write_tasks(root):
+def test_requests_longer_than_max_length(hilora_lm):
+    """lm-eval's truncation convention (as its `hf` backend): a log-likelihood request longer
+    than max_length + 1 tokens is left-truncated (tested against hf in the parity test above); a
+    continuation alone longer than max_length cannot be scored and is refused, naming the
+    request; generation keeps the last max_length - max_gen_toks context tokens, and
+    max_gen_toks >= max_length is refused."""
+    long_cont = " " + " ".join(["w5"] * (MAX_LEN + 1))
+    reqs = [Instance("loglikelihood", {}, ("w4 w6", " w7"), 0),
+            Instance("loglikelihood", {}, ("w4", long_cont), 1)]
+    with pytest.raises(ValueError, match=rf"request 1: continuation of {MAX_LEN + 1} tokens is "
+                       rf"longer than max_length={MAX_LEN}"):
+        hilora_lm.loglikelihood(reqs)
+    g = [Instance("generate_until", {}, ("w4 w5", {"until": ["w9"], "max_gen_toks": MAX_LEN}), 0)]
+    with pytest.raises(ValueError, match=rf"max_gen_toks={MAX_LEN} must be less than "
+                       rf"max_length={MAX_LEN}"):
+        hilora_lm.generate_until(g)
+    g = [Instance("generate_until", {}, ("w4 w5", {"until": ["w9"], "num_beams": 4}), 0)]
+    with pytest.raises(ValueError, match=r"unsupported generation kwargs \['num_beams'\]"):
+        hilora_lm.generate_until(g)
+
+
+def _write_tasks(root, n=6, routed=False, name="tasks"):
+    """Tiny local lm-eval tasks (`tiny_mc`, `tiny_gen`); `routed`: questions start with
+    `task{i}`, which `routing_utils.random_pool`'s embedder places in adapter i's cluster."""
     rng = np.random.default_rng(7)
     mc, gen = [], []
-    for _ in range(6):
+    for k in range(n):
+        pre = f"task{k % 5} " if routed else ""
         choices = [_words(rng, 1, 4) for _ in range(3)]
-        mc.append({"question": _words(rng, 3, 9), "choices": choices,
+        mc.append({"question": pre + _words(rng, 3, 9), "choices": choices,
                    "answer": int(rng.integers(0, 3))})
-        gen.append({"question": _words(rng, 3, 9), "answer": _words(rng, 1, 3)})
-    d = root / "tasks"
+        gen.append({"question": pre + _words(rng, 3, 9), "answer": _words(rng, 1, 3)})
+    d = root / name
     d.mkdir(exist_ok=True)
     for name, rows in (("mc", mc), ("gen", gen)):
         (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -274,14 +313,62 @@ def test_converted_tasks_acc_equals_hilora_scoring(assets, hilora_lm, tmp_path):
                                        atol=1e-4)
 
 
-def test_convert_refuses_generation_and_bad_lines(tmp_path):
+def test_converted_generation_tasks_use_our_metrics(assets, hilora_lm, tmp_path):
+    """Generation examples -> lm-eval `generate_until` tasks scored by our em / rouge / bleu: the
+    lm-eval number equals our metric over the backend's own generations, and `hf` agrees."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from hilora_jax.eval.lmeval_tasks import convert_tasks
+    from hilora_jax.eval.metrics import generation_metric
+    from hilora_jax.eval.tasks import GenExample, write_jsonl
+
+    rng = np.random.default_rng(11)
+    exs = []
+    for task, metric in (("g_em", "em"), ("g_rouge", "rouge"), ("g_bleu", "bleu")):
+        for _ in range(5):
+            exs.append(GenExample(_words(rng, 3, 9), _words(rng, 1, 4), task, "c0", metric))
+    # one target is the model's own greedy continuation: em is not trivially 0
+    first = exs[0]
+    own = hilora_lm.generate_until([Instance("generate_until", {}, (first.prompt, {
+        "until": ["\n"], "max_gen_toks": 4, "do_sample": False}), 0)])[0]
+    exs[0] = GenExample(first.prompt, own.strip(), first.task, first.cluster, first.metric)
+    names = convert_tasks(write_jsonl(exs, tmp_path / "gen.jsonl"), tmp_path / "lm",
+                          max_gen_toks=4)
+    assert (tmp_path / "lm" / "hilora_metrics.py").exists()
+    tm = TaskManager(include_path=str(tmp_path / "lm"))
+    ours = lm_eval.simple_evaluate(model=hilora_lm, tasks=sorted(names), log_samples=True,
+                                   task_manager=tm)
+    ref = lm_eval.simple_evaluate(model=_hf(assets[1]), tasks=sorted(names), log_samples=True,
+                                  task_manager=tm)
+    for n, task in names.items():
+        mine = [ex for ex in exs if ex.task == task]
+        m = mine[0].metric
+        samples = sorted(ours["samples"][n], key=lambda x: x["doc_id"])
+        preds = [x["filtered_resps"][0] for x in samples]
+        direct = hilora_lm.generate_until([Instance("generate_until", {}, (ex.prompt, {
+            "until": ["\n"], "max_gen_toks": 4, "do_sample": False}), i)
+            for i, ex in enumerate(mine)])
+        assert preds == direct
+        want = generation_metric(m, preds, [ex.target for ex in mine])
+        assert ours["results"][n][f"{m},none"] == pytest.approx(want, abs=1e-9)
+        assert ref["results"][n][f"{m},none"] == pytest.approx(want, abs=1e-9)
+    assert ours["results"]["hilora_g_em"]["em,none"] > 0
+
+
+def test_convert_refuses_mixed_tasks_and_bad_lines(tmp_path):
     from hilora_jax.eval.lmeval_tasks import convert_tasks
     from hilora_jax.eval.tasks import TaskFormatError
 
     g = tmp_path / "gen.jsonl"
-    g.write_text(json.dumps({"prompt": "p", "target": "t", "task": "x", "cluster": "c",
-                             "metric": "em"}) + "\n")
-    with pytest.raises(ValueError, match="generation examples cannot be converted yet"):
+    rows = [{"prompt": "p", "target": "t", "task": "x", "cluster": "c", "metric": "em"},
+            {"prompt": "q", "target": "t", "task": "x", "cluster": "c", "metric": "bleu"}]
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"task 'x' uses several metrics \['bleu', 'em'\]"):
+        convert_tasks(g, tmp_path / "out")
+    rows[1] = {"prompt": "q", "choices": ["a", "b"], "answer": 0, "task": "x", "cluster": "c"}
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="task 'x' mixes multiple-choice and generation"):
         convert_tasks(g, tmp_path / "out")
     b = tmp_path / "bad.jsonl"
     b.write_text(json.dumps({"prompt": "p", "choices": ["a", "b"], "anwser": 0, "task": "x",
@@ -302,7 +389,8 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
     save_pool(pool, tmp_path / "pool")
     lm = HiLoRALM.create_from_arg_obj(
         {"model": str(model_dir), "pool": str(tmp_path / "pool"), "router": "hilora",
-         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN},
+         "router_options": {"embedder": embedder}, "router.k": 2, "max_length": MAX_LEN,
+         "trace_path": str(tmp_path / "trace.jsonl")},
         {"batch_size": 4})
     assert lm.router.params["k"] == 2
     rng = np.random.default_rng(9)
@@ -321,5 +409,163 @@ def test_hilora_router_routes_each_request_from_its_context(assets, hilora_lm, t
         alone.append(float(np.asarray(total)[0]))
     np.testing.assert_allclose([x[0] for x in ours], alone, atol=1e-4, rtol=0)
     assert len(budgets) > 1  # requests really were routed differently
+    # the routing trace holds each request's own decision: candidates, ROC counts, weights
+    trace = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    assert [(t["doc_id"], t["idx"], t["request_type"]) for t in trace] == \
+        [(-1, i, "loglikelihood") for i in range(5)]  # no doc_id outside lm-eval's evaluator
+    for t, r in zip(trace, reqs, strict=True):
+        info = lm.router.route([r.args[0]]).info
+        used = info["cand_valid"][0] & (info["n_rocs"][0] > 0)
+        assert t["candidates"] == [lm.pool.names[a] for a in info["cand_idx"][0][used]]
+        assert t["rocs"] == info["n_rocs"][0][used].tolist()
+        assert sum(t["rocs"]) == t["total_rocs"] == t["budget"] == int(info["budget"][0])
+        np.testing.assert_allclose(t["weights"], info["probs"][0][used], atol=1e-5)
+        assert t["router"] == "hilora" and t["n_candidates"] == len(t["candidates"])
     base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
     assert np.max(np.abs(np.array(alone) - base)) > 1e-2
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(assets, hilora_lm, tmp_path):
+    """lm-eval's rank / world_size contract over `jax.distributed` (gloo on CPU): two processes
+    (HILORA_* variables; each takes its documents and builds the model on its 2 local devices)
+    give the same metrics, per-request responses and merged routing trace as one process. 7
+    documents per task, so the ranks get 4 and 3 and lm-eval pads rank 1 (the padding's responses
+    are appended to that rank's last request, as with `hf`; they never reach a metric)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hilora_jax.lora.io import save_pool
+    from tests.routing_utils import random_pool
+
+    root, model_dir, _ = assets
+    tasks_dir = _write_tasks(root, n=7, routed=True, name="mp_tasks")
+    pool, _, _ = random_pool(hilora_lm.config, seed=21)
+    save_pool(pool, tmp_path / "pool")
+    worker = Path(__file__).parent / "mp_lmeval_worker.py"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("XLA_FLAGS", "HILORA_COORDINATOR", "HILORA_NUM_PROCESSES",
+                        "HILORA_PROCESS_ID")}
+    port = str(_free_port())
+    runs = {}
+    for tag, nproc in (("one", 1), ("two", 2)):
+        cfg = {"model_dir": str(model_dir), "tasks_dir": str(tasks_dir),
+               "pool_dir": str(tmp_path / "pool"), "seed": 21, "max_length": MAX_LEN,
+               "tasks": ["tiny_mc", "tiny_gen"], "out": str(tmp_path / f"{tag}.json"),
+               "trace": str(tmp_path / f"{tag}.trace.jsonl"), "mesh": "2x1"}
+        (tmp_path / f"{tag}.cfg.json").write_text(json.dumps(cfg))
+        runs[tag] = [subprocess.Popen([sys.executable, str(worker), str(tmp_path / f"{tag}.cfg.json"),
+                                       str(nproc), str(i), port], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    for procs in runs.values():
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs, strict=True):
+            assert p.returncode == 0, err[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert one["n_requests"] == two["n_requests"] == {"tiny_mc": 7, "tiny_gen": 7}
+    assert one["results"] == two["results"]
+    for task in ("tiny_mc", "tiny_gen"):
+        a, b = one["samples"][task], two["samples"][task]
+        assert [x[0] for x in a] == [x[0] for x in b] == list(range(7))
+        for (_, ra), (_, rb) in zip(a, b, strict=True):
+            if task == "tiny_mc":
+                np.testing.assert_allclose([float(r[0][0]) for r in ra],
+                                           [float(r[0][0]) for r in rb], atol=1e-5, rtol=0)
+                assert [r[0][1] for r in ra] == [r[0][1] for r in rb]
+            else:
+                # [0]: lm-eval appends its padding requests' responses to the last request of the
+                # shorter rank (evaluator.py, the same with `hf`); metrics use the first
+                assert [r[0] for r in ra] == [r[0] for r in rb]
+    ta = [json.loads(line) for line in (tmp_path / "one.trace.jsonl").read_text().splitlines()]
+    tb = [json.loads(line) for line in (tmp_path / "two.trace.jsonl").read_text().splitlines()]
+    assert len(ta) == 7 * 3 + 7  # every request once: 3 choices per mc doc, 1 generation per doc
+    assert [{k: v for k, v in r.items() if k != "weights"} for r in ta] == \
+        [{k: v for k, v in r.items() if k != "weights"} for r in tb]
+    for ra, rb in zip(ta, tb, strict=True):
+        np.testing.assert_allclose(ra["weights"], rb["weights"], atol=1e-5)
+    assert len({tuple(r["candidates"]) for r in ta}) > 1  # routed differently per request
+
+
+def test_cli_writes_routing_trace_beside_samples(assets, tmp_path, monkeypatch):
+    """`python -m hilora_jax.lmeval run ... --output_path --log_samples`: lm-eval's own CLI, and a
+    `hilora_trace_<task>_<date>.jsonl` beside each `samples_<task>_<date>.jsonl` with one record
+    per request (the oracle: the task's adapter, weight 1, own adapter first)."""
+    import sys
+
+    from hilora_jax.lmeval import main
+
+    root, model_dir, _ = assets
+    tasks_dir = _write_tasks(root)
+    out = tmp_path / "out"
+    amap = "tiny_mc:qv_r4;tiny_gen:all_r8_rslora"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    before = list(sys.argv)
+    main(["run", "--model", "hilora", "--model_args",
+          f"model={model_dir},pool={root / 'pool'},router=oracle,adapter_map={amap},"
+          f"max_length={MAX_LEN}", "--tasks", "tiny_mc,tiny_gen", "--include_path",
+          str(tasks_dir), "--batch_size", "4", "--output_path", str(out), "--log_samples"])
+    assert sys.argv == before  # main(argv) leaves the caller's sys.argv alone
+    for task, adapter, n_req in (("tiny_mc", "qv_r4", 3), ("tiny_gen", "all_r8_rslora", 1)):
+        (samples,) = out.rglob(f"samples_{task}_*.jsonl")
+        trace = samples.with_name(samples.name.replace("samples_", "hilora_trace_", 1))
+        assert trace.exists(), sorted(p.name for p in samples.parent.iterdir())
+        docs = sorted(json.loads(line)["doc_id"] for line in samples.read_text().splitlines())
+        recs = [json.loads(line) for line in trace.read_text().splitlines()]
+        assert sorted({r["doc_id"] for r in recs}) == docs == list(range(6))
+        assert len(recs) == 6 * n_req and {r["task"] for r in recs} == {task}
+        for r in recs:
+            assert (r["router"], r["candidates"], r["weights"]) == ("oracle", [adapter], [1.0])
+            assert r["own_in_candidates"] and r["own_first"]
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_real_smollm2_hilora_eval_and_lm_eval_agree_per_item(tmp_path):
+    """The real SmolLM2 (built-in name `smollm2`) on 3 real BIG-bench tasks of the DG benchmark
+    (4 test items each): `hilora eval` and `lm_eval --model hilora` (lm-eval's own CLI) agree on
+    every item's correctness and on each task's accuracy. Pool: the realistic pool's trained
+    SmolLM2 adapters when cached, else a random pool; router `uniform` mixes every adapter in."""
+    import importlib.util
+    from pathlib import Path
+
+    from hilora_jax.assets import bigbench_tasks_dir
+    from hilora_jax.eval import bigbench as bb
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("lm_eval_agreement",
+                                                  root / "benchmarks/lm_eval_agreement.py")
+    agree = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agree)
+    paths = bb.list_tasks(bigbench_tasks_dir())
+    examples = []
+    for name, cluster in (("bbq_lite_json/gender_identity_ambig", "bbq_lite_json"),
+                          ("movie_recommendation", "emotion-social"),
+                          ("unit_conversion/si_conversion", "unit_conversion")):
+        task = bb.read_task(paths[name], name.replace("/", "."))
+        test = bb.split_examples(bb.to_mc_examples(task, cluster), n_test=50)["test"]
+        examples += test[:4]
+    pool = agree.real_adapters(tmp_path / "pool")
+    if pool is None:
+        from hilora_jax.loading import load_model
+        from hilora_jax.lora.io import save_pool
+        from tests.routing_utils import random_pool
+
+        rp, _, _ = random_pool(load_model("smollm2", progress=False).config, seed=3)
+        pool = save_pool(rp, tmp_path / "pool") and tmp_path / "pool"
+    res = agree.agreement(examples, model="smollm2", pool=str(pool), router="uniform",
+                          work=tmp_path / "work", batch_size=4)
+    assert set(res["tasks"]) == {ex.task for ex in examples}
+    for task, t in res["tasks"].items():
+        assert t["n"] == 4 and t["items_agree"], (task, t)
+        assert t["hilora_eval_acc"] == t["lm_eval_acc"], (task, t)
+    assert res["all_agree"]
