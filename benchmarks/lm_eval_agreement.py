@@ -94,7 +94,7 @@ def dg_test_items(data: Path, per_task: int | None):
                                                   ROOT / "benchmarks/bigbench_dg/run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)
-    from hilora_jax.loading import load_tokenizer
+    from hilora_jax.io.loading import load_tokenizer
 
     p = argparse.ArgumentParser()
     run.add_split_args(p)

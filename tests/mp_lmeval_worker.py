@@ -22,7 +22,7 @@ import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from routing_utils import random_pool  # noqa: E402
 
-from hilora_jax.config import ModelConfig  # noqa: E402
+from hilora_jax.model.config import ModelConfig  # noqa: E402
 from hilora_jax.embed.base import PrecomputedEmbedder  # noqa: E402
 from hilora_jax.lmeval import HiLoRALM  # noqa: E402
 

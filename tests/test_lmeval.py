@@ -538,7 +538,7 @@ def test_real_smollm2_hilora_eval_and_lm_eval_agree_per_item(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from hilora_jax.assets import bigbench_tasks_dir
+    from hilora_jax.io.assets import bigbench_tasks_dir
     from hilora_jax.eval import bigbench as bb
 
     root = Path(__file__).resolve().parents[1]
@@ -556,7 +556,7 @@ def test_real_smollm2_hilora_eval_and_lm_eval_agree_per_item(tmp_path):
         examples += test[:4]
     pool = agree.real_adapters(tmp_path / "pool")
     if pool is None:
-        from hilora_jax.loading import load_model
+        from hilora_jax.io.loading import load_model
         from hilora_jax.lora.io import save_pool
         from tests.routing_utils import random_pool
 
