@@ -37,8 +37,8 @@ TASKS = (("bbq_lite_json/gender_identity_ambig", "bbq_lite_json"),
 
 
 def mc_docs(n_docs: int):
-    from hilora_jax.io.assets import bigbench_tasks_dir
     from hilora_jax.eval import bigbench as bb
+    from hilora_jax.io.assets import bigbench_tasks_dir
 
     paths = bb.list_tasks(bigbench_tasks_dir())
     per = -(-n_docs // len(TASKS))
@@ -89,10 +89,10 @@ def main(argv=None) -> int:
     from lm_eval.models.huggingface import HFLM
     from transformers import AutoModelForCausalLM
 
-    from hilora_jax.io.assets import smollm2_gguf
     from hilora_jax.eval.tasks import choice_text
-    from hilora_jax.lmeval import HiLoRALM
+    from hilora_jax.io.assets import smollm2_gguf
     from hilora_jax.io.loading import load_tokenizer
+    from hilora_jax.lmeval import HiLoRALM
 
     docs = mc_docs(a.docs)
     ll = [Instance("loglikelihood", {}, (d.prompt, choice_text(c)), i, (d.task, j, 1))

@@ -61,10 +61,10 @@ def prepare(work: Path, tasks: list[str] | None = None) -> None:
     import calib_dev
     from run import MAX_LEN, MAX_TRAIN, N_SAMPLES, split_dev
 
-    from hilora_jax.io.assets import bigbench_tasks_dir
     from hilora_jax.eval import gym
     from hilora_jax.eval.bigbench import write_splits
     from hilora_jax.eval.tasks import load_tasks, write_jsonl
+    from hilora_jax.io.assets import bigbench_tasks_dir
 
     data = work / "data"
     if not (data / "dev.jsonl").exists():

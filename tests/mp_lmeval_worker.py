@@ -22,9 +22,9 @@ import lm_eval  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from routing_utils import random_pool  # noqa: E402
 
-from hilora_jax.model.config import ModelConfig  # noqa: E402
 from hilora_jax.embed.base import PrecomputedEmbedder  # noqa: E402
 from hilora_jax.lmeval import HiLoRALM  # noqa: E402
+from hilora_jax.model.config import ModelConfig  # noqa: E402
 
 mcfg = ModelConfig.from_hf_config(json.loads(open(os.path.join(cfg["model_dir"], "config.json")).read()))
 _made = []

@@ -538,8 +538,8 @@ def test_real_smollm2_hilora_eval_and_lm_eval_agree_per_item(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    from hilora_jax.io.assets import bigbench_tasks_dir
     from hilora_jax.eval import bigbench as bb
+    from hilora_jax.io.assets import bigbench_tasks_dir
 
     root = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location("lm_eval_agreement",
