@@ -3,7 +3,8 @@
 Scoring has one path, `Engine.score` (over `tail_logprobs`): the last `tail` positions only go
 through the final norm and the LM head; optionally resumed from cached hidden states of a layer
 (prefix reuse). Multiple-choice scoring (`eval.tasks.ChoiceScorer`), router evaluation
-(`eval.runner.PrefixScorer`) and the trainer's loss all use it; batches are placed on the mesh by
+(`eval.runner.PrefixScorer`), the trainer's loss and the lm-eval backend (`lmeval`, with
+`targets=` and `greedy=`) all use it; batches are placed on the mesh by
 `Engine.place`, the one batch placement.
 
 The model is split once (`nnx.split`) into a static graph definition and a state pytree; each
@@ -41,23 +42,34 @@ from hilora_jax.model.llama import CausalLM, KVCache
 
 
 def tail_logprobs(model: CausalLM, input_ids, attention_mask, tail: int, lora=None,
-                  constrain=None, *, start_layer: int = 0, hidden_in=None):
+                  constrain=None, *, start_layer: int = 0, hidden_in=None, targets=None,
+                  greedy: bool = False):
     """Log-probs `[B, K]` of the last `tail` tokens of each row (K = tail), given everything
     before them.
 
-    Only the hidden states at positions `T-K-1 .. T-2` go through the final norm and the LM head,
-    so the `[B, T, V]` logits are never built. Entry `[b, k]` is
-    `log p(ids[b, T-K+k] | ids[b, :T-K+k])`. With `start_layer=k, hidden_in=h` the model resumes
-    from cached layer-k hidden states. Pure function of its arguments (differentiable in `lora`);
-    used by `Engine.score` and the trainer.
+    Only the hidden states of the `K` scored positions go through the final norm and the LM head,
+    so the `[B, T, V]` logits are never built. Without `targets`, entry `[b, k]` is
+    `log p(ids[b, T-K+k] | ids[b, :T-K+k])` (positions `T-K-1 .. T-2` predict the row's own last
+    K tokens). With `targets [B, T]` (the next token after every position, lm-eval's layout where
+    the row holds the input minus its final token), entry `[b, k]` is
+    `log p(targets[b, T-K+k] | ids[b, :T-K+k+1])` (positions `T-K .. T-1`). With `greedy=True`
+    also returns whether each scored token is the argmax `[B, K]`. With `start_layer=k,
+    hidden_in=h` the model resumes from cached layer-k hidden states. Pure function of its
+    arguments (differentiable in `lora`); used by `Engine.score`, the trainer and lm-eval.
     """
     if (start_layer > 0) != (hidden_in is not None):
         raise ValueError("start_layer > 0 and hidden_in go together")
     x = model.embed(input_ids, constrain) if hidden_in is None else hidden_in  # B T D
     pos = model.positions(attention_mask.astype(bool), dtype=x.dtype)
     x, _, _ = model.run_layers(x, pos, start_layer, lora=lora, constrain=constrain)
-    logits = model.head(x[:, -tail - 1:-1])  # B K V: only the scored positions
-    return log_softmax_gather(logits, input_ids[:, -tail:])  # B K
+    if targets is None:
+        logits, tgt = model.head(x[:, -tail - 1:-1]), input_ids[:, -tail:]  # B K V: scored only
+    else:
+        logits, tgt = model.head(x[:, -tail:]), targets[:, -tail:]
+    lp = log_softmax_gather(logits, tgt)  # B K
+    if greedy:
+        return lp, jnp.argmax(logits, axis=-1) == tgt
+    return lp
 
 
 def bucket_length(n: int, minimum: int = 16, multiple: int = 64) -> int:
@@ -183,7 +195,8 @@ class Engine:
         self._constrain = shd.make_constrain(mesh)
         self._forward = jax.jit(self._forward_impl,
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
-        self._score = jax.jit(self._score_impl, static_argnames=("tail", "start_layer"))
+        self._score = jax.jit(self._score_impl,
+                              static_argnames=("tail", "start_layer", "greedy"))
         self._generate = jax.jit(
             self._generate_impl, static_argnames=("cache_size", "max_new", "greedy")
         )
@@ -209,11 +222,17 @@ class Engine:
                 logits = model.head(x[:, -1:] if logits_at == "last" else x, c)
         return logits, hidden, (rec.aux if rec is not None else {})
 
-    def _score_impl(self, state, ids, mask, target_mask, lora, hidden, *, tail, start_layer):
-        lp = tail_logprobs(self._model(state), ids, mask, tail, lora, self._constrain,
-                           start_layer=start_layer, hidden_in=hidden)  # B K
-        tm = target_mask[:, -tail:].astype(jnp.float32)
-        return jnp.sum(lp * tm, axis=1), lp * tm
+    def _score_impl(self, state, ids, mask, target_mask, lora, hidden, targets, *, tail,
+                    start_layer, greedy):
+        out = tail_logprobs(self._model(state), ids, mask, tail, lora, self._constrain,
+                            start_layer=start_layer, hidden_in=hidden, targets=targets,
+                            greedy=greedy)
+        lp = out[0] if greedy else out  # B K
+        tm = target_mask[:, -tail:]
+        lp = lp * tm.astype(jnp.float32)
+        if not greedy:
+            return jnp.sum(lp, axis=1), lp
+        return jnp.sum(lp, axis=1), lp, jnp.all(jnp.where(tm, out[1], True), axis=1)
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
                        lora, *, cache_size, max_new, greedy):
@@ -289,7 +308,7 @@ class Engine:
         return out if len(out) > 1 else logits
 
     def score(self, input_ids, attention_mask, target_mask, *, lora=None, tail: int | None = None,
-              resume: tuple[int, np.ndarray] | None = None):
+              resume: tuple[int, np.ndarray] | None = None, targets=None, greedy: bool = False):
         """Summed log-prob `[B]` of the tokens where `target_mask` is set (continuations), and
         masked per-token log-probs `[B, K]` (entry k scores token `T-K+k`).
 
@@ -297,20 +316,28 @@ class Engine:
         only those positions go through the LM head; default `T-1` (every position t scores token
         t+1). `resume=(layer, hidden [B, T, D])` starts from cached hidden states after `layer`
         (`forward(..., logits_at="none", hidden_layer=layer)` of the same rows): the prefix reuse
-        of evaluation. One compile per (shape, tail, layer)."""
+        of evaluation. `targets [B, T]`: score the next token after every position instead (rows
+        hold the input minus its final token, lm-eval's layout; `target_mask` then marks positions
+        whose next token counts, and `tail` may be `T`). `greedy=True` adds a third output `[B]`:
+        every scored token is the argmax. One compile per (shape, tail, layer, greedy)."""
         t = np.shape(input_ids)[1]
         self._check_length(t)
-        tail = t - 1 if tail is None else int(tail)
-        if not 0 < tail < t:
-            raise ValueError(f"tail must be in [1, {t - 1}] for {t} tokens, got {tail}")
-        ids, mask, tm = self.place(np.asarray(input_ids, np.int32),
-                                   np.asarray(attention_mask, bool), np.asarray(target_mask, bool))
+        tail = (t if targets is not None else t - 1) if tail is None else int(tail)
+        top = t if targets is not None else t - 1
+        if not 0 < tail <= top:
+            raise ValueError(f"tail must be in [1, {top}] for {t} tokens, got {tail}")
+        arrays = [np.asarray(input_ids, np.int32), np.asarray(attention_mask, bool),
+                  np.asarray(target_mask, bool)]
+        if targets is not None:
+            arrays.append(np.asarray(targets, np.int32))
+        ids, mask, tm, *tg = self.place(*arrays)
         layer, hidden = (0, None) if resume is None else resume
         if layer > 0:
             (hidden,) = self.place(hidden)
         else:
             hidden = None
-        return self._score(self.state, ids, mask, tm, lora, hidden, tail=tail, start_layer=layer)
+        return self._score(self.state, ids, mask, tm, lora, hidden, tg[0] if tg else None,
+                           tail=tail, start_layer=layer, greedy=greedy)
 
     def generate(
         self,

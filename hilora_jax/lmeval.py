@@ -219,44 +219,6 @@ def _routing_record(info: dict, names: Sequence[str], r: int, own: int | None) -
     return d
 
 
-class _Scorer:
-    """Jitted log-likelihood of the last positions of left-padded rows, and greedy match.
-
-    Rows hold the model *input* (context + continuation minus its last token); `targets` holds
-    the next token at every position. Only the last `tail` positions go through the final norm
-    and LM head (`tail` >= the longest continuation of the batch)."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._constrain = shd.make_constrain(engine.mesh)
-        self._fn = jax.jit(self._impl, static_argnames=("tail",))
-
-    def _impl(self, state, ids, mask, targets, tmask, lora, *, tail):
-        from flax import nnx
-
-        model = nnx.merge(self.engine.graphdef, state)
-        hidden = model.hidden(ids, mask, lora=lora, constrain=self._constrain)
-        h = model.model.norm(hidden[:, -tail:])
-        logits = (model.model.embed_tokens.attend(h) if model.lm_head is None
-                  else model.lm_head(h)).astype(jnp.float32)  # B K V
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        tgt = targets[:, -tail:]
-        lp = jnp.take_along_axis(logp, tgt[..., None], axis=-1)[..., 0]
-        tm = tmask[:, -tail:]
-        greedy = jnp.all(jnp.where(tm, jnp.argmax(logits, axis=-1) == tgt, True), axis=1)
-        return jnp.sum(jnp.where(tm, lp, 0.0), axis=1), greedy
-
-    def _put(self, a):
-        mesh = self.engine.mesh
-        return jnp.asarray(a) if mesh is None else jax.device_put(
-            a, shd.batch_sharding(mesh, a.shape))
-
-    def __call__(self, ids, mask, targets, tmask, lora, tail):
-        out = self._fn(self.engine.state, *(self._put(a) for a in (ids, mask, targets, tmask)),
-                       lora, tail=tail)
-        return np.asarray(out[0]), np.asarray(out[1])
-
-
 @register_model("hilora")
 class HiLoRALM(TemplateLM):
     """lm-eval `LM` over a hilora-jax model, optionally with a routed LoRA pool (module doc)."""
@@ -356,7 +318,6 @@ class HiLoRALM(TemplateLM):
             if bad:
                 raise ValueError(f"hilora model_args adapter_map: adapter(s) not in the pool: "
                                  f"{bad}; pool: {list(self.pool.names)}")
-        self._scorer = _Scorer(self.engine)
 
     # -- lm-eval properties ------------------------------------------------------------
     @property
@@ -595,7 +556,9 @@ class HiLoRALM(TemplateLM):
                 hook = self._route([items[i][2] for i in pad_idx],
                                    [items[i][3] for i in pad_idx], emb_cache,
                                    [items[i][4] for i in idx])
-                lp, greedy = self._scorer(ids, mask, tgt, tmask, hook, tail)
+                lp, _, greedy = self.engine.score(ids, mask, tmask, lora=hook, tail=tail,
+                                                  targets=tgt, greedy=True)
+                lp, greedy = np.asarray(lp), np.asarray(greedy)
                 for r, i in enumerate(idx):
                     res[i] = (float(lp[r]), bool(greedy[r]))
         return res

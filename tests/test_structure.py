@@ -131,6 +131,23 @@ def test_one_scoring_path_and_model_pieces():
     np.testing.assert_allclose(np.asarray(res_sum), np.asarray(full_sum), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"tail must be in \[1, 11\]"):
         eng.score(ids, mask, tm, tail=12)
+    # lm-eval's layout (rows hold the input minus its final token, `targets` the next tokens)
+    # through the same path: equal sums, and the greedy flag is "every target is the argmax"
+    t_sum, t_tok, t_greedy = eng.score(ids[:, :-1], mask[:, :-1], tm[:, 1:], lora=hook, tail=3,
+                                       targets=ids[:, 1:], greedy=True)
+    np.testing.assert_allclose(np.asarray(t_sum), np.asarray(full_sum), rtol=1e-5, atol=1e-5)
+    argmax_ok = np.where(tm[:, 1:], logits[:, :-1].argmax(-1) == ids[:, 1:], True).all(1)
+    np.testing.assert_array_equal(np.asarray(t_greedy), argmax_ok)
+    ids_g = ids.copy()
+    ids_g[:, -3:] = logits[:, -4:-1].argmax(-1)  # greedy continuations: the flag must turn on
+    logits_g = np.asarray(eng.forward(ids_g, mask, lora=hook))
+    assert (logits_g[:, -4:-1].argmax(-1) == ids_g[:, -3:]).any()
+    _, _, g2 = eng.score(ids_g[:, :-1], mask[:, :-1], tm[:, 1:], lora=hook, tail=3,
+                         targets=ids_g[:, 1:], greedy=True)
+    np.testing.assert_array_equal(
+        np.asarray(g2), (logits_g[:, -4:-1].argmax(-1) == ids_g[:, -3:]).all(1))
+    with pytest.raises(ValueError, match=r"tail must be in \[1, 11\]"):
+        eng.score(ids[:, :-1], mask[:, :-1], tm[:, 1:], tail=12, targets=ids[:, 1:])
     # the pieces compose to __call__
     x = model.embed(jnp.asarray(ids))
     pos = model.positions(jnp.asarray(mask), dtype=x.dtype)
