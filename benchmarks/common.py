@@ -214,3 +214,30 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     out = [line(list(headers)), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in cells]
     return "\n".join(out)
+
+
+def generate_timer(engine, ids, mask, new_tokens: int):
+    """`gen(hook, steps)` -> a zero-argument function that runs the engine's jitted `_generate`
+    (exactly what `Engine.generate(prompts, max_new_tokens=new_tokens, stop_tokens=[-1])` runs:
+    greedy, the same cache size and output bucket) with the traced step limit set to `steps`, and
+    blocks on the tokens. `steps=1` is prefill + first token and `steps=new_tokens` adds
+    `new_tokens - 1` cached decode steps, both in ONE executable, so `t(new) - t(1)` is the decode
+    time. `ids`/`mask` `[B, P]` are the left-padded prompts (on the engine's devices)."""
+    import jax
+    import jax.numpy as jnp
+
+    from hilora_jax.inference import bucket_length
+
+    new_bucket = bucket_length(new_tokens, minimum=16, multiple=64)
+    cache_size = ids.shape[1] + new_bucket
+    stop_ids, key = jnp.asarray([-1], jnp.int32), jax.random.key(0)
+
+    def gen(hook, steps: int):
+        def run():
+            out, _ = engine._generate(engine.state, ids, mask, key, jnp.float32(0.0),
+                                      jnp.float32(1.0), stop_ids, jnp.int32(steps), hook,
+                                      cache_size=cache_size, max_new=new_bucket, greedy=True)
+            return jax.block_until_ready(out)
+        return run
+
+    return gen

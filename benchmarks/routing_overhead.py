@@ -216,7 +216,6 @@ def bench_size(args, engine, host, means, samples, n, single_hook, prompts_ids, 
     import jax.numpy as jnp
     import numpy as np
 
-    from hilora_jax.inference import bucket_length
     from hilora_jax.routing import build_router
 
     Bsz, P, NEW = args.batch, args.prompt, args.new
@@ -265,18 +264,7 @@ def bench_size(args, engine, host, means, samples, n, single_hook, prompts_ids, 
 
     ids = jnp.asarray(prompts_ids, jnp.int32)
     mask = jnp.ones((Bsz, P), bool)
-    new_bucket = bucket_length(NEW, minimum=16, multiple=64)
-    cache_size = P + new_bucket
-    stop_ids = jnp.asarray([-1], jnp.int32)
-    key = jax.random.key(0)
-
-    def gen(h, steps):
-        def f():
-            out, _ = engine._generate(engine.state, ids, mask, key, jnp.float32(0.0),
-                                      jnp.float32(1.0), stop_ids, jnp.int32(steps), h,
-                                      cache_size=cache_size, max_new=new_bucket, greedy=True)
-            return jax.block_until_ready(out)
-        return f
+    gen = common.generate_timer(engine, ids, mask, NEW)
 
     fns = {}
     for name, h in hooks.items():

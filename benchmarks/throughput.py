@@ -196,19 +196,14 @@ def _bench_batch(args, engine, hf, allowed, pad_id, B, cache_size, new_bucket):
     mask_j = jnp.ones((B, P), bool)
     ids_t = torch.from_numpy(prompts)
     mask_t = torch.ones((B, P), dtype=torch.long)
-    stop_ids = jnp.asarray([-1], jnp.int32)
-    key = jax.random.key(0)
 
     def j_prefill():
         return jax.block_until_ready(engine.forward(ids_j, mask_j, logits_at="last"))
 
+    gen = common.generate_timer(engine, ids_j, mask_j, N)
+
     def j_gen(n):
-        # exactly what Engine.generate(prompts, max_new_tokens=N, stop_tokens=[-1]) runs, with
-        # the traced step limit set to n: one executable for n = 1 and n = N.
-        out, lengths = engine._generate(
-            engine.state, ids_j, mask_j, key, jnp.float32(0.0), jnp.float32(1.0), stop_ids,
-            jnp.int32(n), None, cache_size=cache_size, max_new=new_bucket, greedy=True)
-        return jax.block_until_ready(out)
+        return gen(None, n)()
 
     def t_prefill():
         with torch.inference_mode():

@@ -9,7 +9,7 @@ pool axis is padded to the pool's max rank (32).
 
 Sequence stage (built directly, no embedder): per row, 8 adapters drawn at random get positive
 scores (the rest negative), so `sequence_decisions(max_candidates=8)` keeps exactly 8 candidates
-per row, gamma 0.4, expected mode, kappa sqrt. Oracle: one adapter per row (`SparseMixtureHook`,
+per row, gamma 0.4, expected mode, kappa sqrt. Oracle: one adapter per row (sparse `GatedHook`,
 what `OracleRouter` builds). Arrow: `ArrowRouter` (top-3 of N per token, SVD prototypes).
 
 Rows (same prompts, same decisions, interleaved in the same rounds):
@@ -252,13 +252,12 @@ def profile_layer(args, cfg, pool, hook, layer=0):
 
 
 def bench_size(args, model, engine, n, prompts_ids):
-    import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from hilora_jax.inference import bucket_length
+    from hilora_jax.lora.pool import GatedHook
     from hilora_jax.routing import build_router
-    from hilora_jax.routing.hooks import HiLoRAHook, SparseMixtureHook
+    from hilora_jax.routing.hooks import HiLoRAHook
 
     cfg = model.config
     Bsz, P, NEW = args.batch, args.prompt, args.new
@@ -293,8 +292,8 @@ def bench_size(args, model, engine, n, prompts_ids):
         hooks["base"] = None
     if "oracle" in wanted:
         idx = np.asarray(dec.cand_idx)[:, :1]
-        hooks["oracle"] = SparseMixtureHook(pool.arrays, jnp.asarray(idx, jnp.int32),
-                                            jnp.ones((Bsz, 1), jnp.float32))
+        hooks["oracle"] = GatedHook(pool.arrays, jnp.ones((Bsz, 1), jnp.float32),
+                                    idx=jnp.asarray(idx, jnp.int32))
     if "arrow" in wanted:
         t0 = time.perf_counter()
         hooks["arrow"] = build_router("arrow", pool).route(["x"] * Bsz).hook
@@ -305,18 +304,7 @@ def bench_size(args, model, engine, n, prompts_ids):
 
     ids = jnp.asarray(prompts_ids, jnp.int32)
     mask = jnp.ones((Bsz, P), bool)
-    new_bucket = bucket_length(NEW, minimum=16, multiple=64)
-    cache_size = P + new_bucket
-    stop_ids = jnp.asarray([-1], jnp.int32)
-    key = jax.random.key(0)
-
-    def gen(h, steps):
-        def f():
-            out, _ = engine._generate(engine.state, ids, mask, key, jnp.float32(0.0),
-                                      jnp.float32(1.0), stop_ids, jnp.int32(steps), h,
-                                      cache_size=cache_size, max_new=new_bucket, greedy=True)
-            return jax.block_until_ready(out)
-        return f
+    gen = common.generate_timer(engine, ids, mask, NEW)
 
     fns = {}
     for name, h in hooks.items():

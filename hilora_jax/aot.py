@@ -4,7 +4,7 @@ The programs are the real ones: `inference.prefill_jit` (prompt -> KV cache) and
 `inference.decode_step_jit` (one token), the very functions `Engine.generate` composes, lowered with
 *abstract* arguments (`jax.ShapeDtypeStruct` carrying the `NamedSharding`s of the rules table in
 `hilora_jax.model.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
-The LoRA hook is the router's real hook pytree (`HiLoRAHook`, `ArrowHook`, `SparseMixtureHook`).
+The LoRA hook is the router's real hook pytree (`HiLoRAHook`, `ArrowHook`, sparse `GatedHook`).
 
 Targets: a TPU topology (`v4-8`, `v5e-1`, `v5e-8`, `v5p-8`, `v6e-1`, `v6e-8`), described on any
 host by libtpu (`jax.experimental.topologies.get_topology_desc`), or `local` (this process's
@@ -268,7 +268,8 @@ def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
 def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8):
     """The router's hook pytree with abstract decisions (`None` for `base`), and the adapters per
     row it reads (for the decode step's minimum bytes)."""
-    from hilora_jax.routing.hooks import ArrowHook, HiLoRAHook, SparseMixtureHook
+    from hilora_jax.lora.pool import GatedHook
+    from hilora_jax.routing.hooks import ArrowHook, HiLoRAHook
 
     n = arrays.num_adapters
     rows = shd.batch_sharding(mesh, (batch, 1))
@@ -276,8 +277,8 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
     if router == "base":
         return None, 0
     if router == "oracle":  # one named adapter per row (trim_slots -> 1 slot)
-        return SparseMixtureHook(arrays, _sds((batch, 1), jnp.int32, rows),
-                                 _sds((batch, 1), jnp.float32, rows)), min(n, batch)
+        return GatedHook(arrays, _sds((batch, 1), jnp.float32, rows),
+                         idx=_sds((batch, 1), jnp.int32, rows)), min(n, batch)
     if router == "arrow":  # per-token top-k over the whole pool
         protos = {}
         for m in arrays.A:

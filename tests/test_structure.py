@@ -161,3 +161,30 @@ def jax_log_softmax(x):
     import jax
 
     return jax.nn.log_softmax(jnp.asarray(x, jnp.float32), axis=-1)
+
+
+def test_gated_hook_sparse_equals_dense():
+    """One gated hook: gathering K adapters per row (`idx`) equals the dense `[B, A]` gates with
+    the same weights scattered; inactive adapters contribute nothing either way."""
+    from hilora_jax.lora.pool import GatedHook
+
+    model = CausalLM(CFG, rngs=None)
+    eng = Engine(model)
+    pool, _, _ = random_pool(CFG, seed=5)
+    a = pool.arrays.num_adapters
+    idx = np.array([[2, 0], [a - 1, 1], [1, 1]], np.int32)
+    w = np.array([[0.7, 0.3], [1.0, 0.0], [0.5, 0.25]], np.float32)
+    dense = np.zeros((3, a), np.float32)
+    for b in range(3):
+        for k in range(2):
+            dense[b, idx[b, k]] += w[b, k]
+    ids = np.random.default_rng(2).integers(1, 61, (3, 9)).astype(np.int32)
+    sparse = eng.forward(ids, lora=GatedHook(pool.arrays, jnp.asarray(w), idx=jnp.asarray(idx)))
+    ref = eng.forward(ids, lora=GatedHook(pool.arrays, jnp.asarray(dense)))
+    base = eng.forward(ids)
+    np.testing.assert_allclose(np.asarray(sparse), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(ref) - np.asarray(base)).max() > 1e-3  # the adapters do something
+    off = pool.arrays.replace(active=pool.arrays.active.at[2].set(False))
+    np.testing.assert_allclose(
+        np.asarray(eng.forward(ids, lora=GatedHook(off, jnp.asarray(w), idx=jnp.asarray(idx)))),
+        np.asarray(eng.forward(ids, lora=GatedHook(off, jnp.asarray(dense)))), rtol=1e-5, atol=1e-5)

@@ -108,28 +108,39 @@ def lora_delta(
 class GatedHook(LoraHook):
     """Model hook (`model.hook.LoraHook`) applying the pool with given gates.
 
-    `gates`: per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter `[B, A]`
-    (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide
+    Dense (`idx=None`): `gates` per sequence `[B, A, R]`, per token `[B, T, A, R]`, or per adapter
+    `[B, A]` (broadcast to that adapter's ROCs). ROC gates may use each module's R or the pool-wide
     `arrays.max_rank` (each module then reads the first R_m entries: ROC j is the same index in
-    every module). Inactive adapters (`arrays.active`) contribute nothing.
+    every module); the cost grows with the pool size A.
+
+    Sparse (`idx [B, K]` adapter indices): `gates [B, K]` weigh the K adapters gathered per row
+    (0 for unused slots), `sum_k g_k s_k B_k A_k x`: equal to the dense hook with those weights
+    scattered into `[B, A]`, at a cost independent of A (the oracle and retrieval routers).
+    Inactive adapters (`arrays.active`) contribute nothing either way.
     """
 
     arrays: PoolArrays
     gates: Array
+    idx: Array | None = None
 
     def delta(self, layer: int, name: str, x: Float[Array, "B T D"]):
         if name not in self.arrays.A:
             return None
+        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
+        if self.idx is not None:  # gather the K adapters of each row first
+            A_c = A_l[self.idx].astype(x.dtype)  # B K R D
+            coef = (w_l[self.idx] * self.gates[..., None]).astype(x.dtype)  # B K R
+            u = jnp.einsum("BTD,BKRD->BTKR", x, A_c)
+            return jnp.einsum("BTKR,BKRE->BTE", u * coef[:, None],
+                              B_l[self.idx].astype(x.dtype)), {}
         g = self.gates
-        mask = self.arrays.mask[name][layer] & self.arrays.active[:, None]
-        r = mask.shape[-1]
+        r = mask_l.shape[-1]
         if g.ndim == 2:
             g = g[:, :, None]  # B A 1 -> broadcast over R
         else:
             g = g[..., :r]  # pool-wide R_max -> this module's R (valid ROCs are a prefix)
         g = jnp.broadcast_to(g, g.shape[:-1] + (r,))
-        return lora_delta(self.arrays.A[name][layer], self.arrays.B[name][layer],
-                          self.arrays.scale[name][layer], mask, x, g), {}
+        return lora_delta(A_l, B_l, self.arrays.scale[name][layer], mask_l, x, g), {}
 
 
 def dense_delta_weights(arrays: PoolArrays, m: str, weights: Float[Array, " A"]) -> Float[Array, "L D E"]:

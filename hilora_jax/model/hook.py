@@ -14,8 +14,8 @@ The model adds the deltas and drops the traces; `Engine.forward(..., trace=True)
 Hooks subclass `LoraHook` and implement `delta(layer, name, x)`; a hook that gains from seeing a
 shared input once (packed HiLoRA: one matmul against the concatenated q/k/v packs) overrides
 `deltas` as well. Every hook is a `flax.struct` pytree: arrays are leaves, strategies and
-hyper-parameters static fields. Implementations: `lora.pool.GatedHook` (fixed gates),
-`routing.hooks` (HiLoRA, roc-fixed, Arrow, sparse mixture, fusion), `lora.train.TrainableLora`.
+hyper-parameters static fields. Implementations: `lora.pool.GatedHook` (fixed gates, dense or gathered per row),
+`routing.hooks` (HiLoRA, roc-fixed, Arrow, fusion), `lora.train.TrainableLora`.
 """
 
 from __future__ import annotations

@@ -394,29 +394,6 @@ class ArrowHook(LoraHook):
         return delta, {"coeff": coeff}
 
 
-@struct.dataclass
-class SparseMixtureHook(LoraHook):
-    """Output mixture of a few adapters per sequence, gathered first (cost independent of A).
-
-    `idx [B, K]` adapter indices and `weights [B, K]` (0 for unused slots): delta =
-    `sum_k w_k s_k B_k A_k x`, equal to `GatedHook` with the dense `[B, A]` weights.
-    """
-
-    arrays: PoolArrays
-    idx: Int[Array, "B K"]
-    weights: Float[Array, "B K"]
-
-    def delta(self, layer, name, x):
-        if name not in self.arrays.A:
-            return None
-        A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
-        A_c = A_l[self.idx].astype(x.dtype)  # B K R D
-        coef = (w_l[self.idx] * self.weights[..., None]).astype(x.dtype)  # B K R
-        u = jnp.einsum("BTD,BKRD->BTKR", x, A_c)
-        delta = jnp.einsum("BTKR,BKRE->BTE", u * coef[:, None], B_l[self.idx].astype(x.dtype))
-        return delta, {}
-
-
 def trim_slots(n: np.ndarray) -> int:
     """Candidate slots actually needed by a batch: the last slot with ROCs, rounded up to a
     power of two (so a batch compiles one of at most log2(C)+1 variants)."""

@@ -41,7 +41,6 @@ from hilora_jax.routing.hooks import (
     FusionHook,
     HiLoRAHook,
     RocFixedHook,
-    SparseMixtureHook,
     arrow_prototypes,
     genknowsub,
     trim_slots,
@@ -154,8 +153,8 @@ class BaseRouter(Router):
 class _WeightsRouter(Router):
     """Routers that weight whole adapters per sequence (`[B, A]`); mixture or fusion.
 
-    Sparse routers (oracle, retrieval) gather their few adapters per row (`SparseMixtureHook`);
-    uniform mixes the whole pool (`GatedHook`)."""
+    Sparse routers (oracle, retrieval) gather their few adapters per row (`GatedHook` with
+    `idx`); uniform mixes the whole pool (dense `GatedHook`)."""
 
     sparse = True
 
@@ -173,8 +172,8 @@ class _WeightsRouter(Router):
         elif self.sparse:  # few adapters per row: gather them (token cost independent of A)
             k = trim_slots(w)
             idx = np.argsort(-w, axis=1, kind="stable")[:, :k]
-            hook = SparseMixtureHook(arr, jnp.asarray(idx, jnp.int32),
-                                     jnp.asarray(np.take_along_axis(w, idx, 1), jnp.float32))
+            hook = GatedHook(arr, jnp.asarray(np.take_along_axis(w, idx, 1), jnp.float32),
+                             idx=jnp.asarray(idx, jnp.int32))
         else:
             hook = GatedHook(arr, jnp.asarray(w, jnp.float32))
         return Routing(hook, info, self.pool.names)
