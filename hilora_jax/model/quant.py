@@ -26,7 +26,10 @@ LoRA hooks need no change. (The LoRA merge path `lora.pool.merge_into` refuses i
 GGUF: `read_gguf` dequantises Q8_0 (blocks of 32 input weights with one f16 scale each) to floats;
 `weights="int8"` then requantises per output channel. That is not exact (a 32-block scale is finer
 than a per-channel one): the round trip error is bounded by the per-channel `scale / 2` above, not
-zero. Keeping the Q8_0 blocks would need a block-scaled matmul; not done here.
+zero. Keeping the Q8_0 blocks would need a block-scaled matmul; not done here. (The built-in
+`smollm2` GGUF stores its projections as Q4_1 and only the embedding as Q8_0, so there the int8
+kernels are a per-channel requantisation of the dequantised 4-bit weights, and the embedding stays
+in the model dtype.)
 
 Memory: `quantize_model` converts one kernel at a time, in place, so loading peaks at the model
 in its dtype plus one kernel, and ends at about half (bf16) or a quarter (fp32) of the kernels.
