@@ -127,6 +127,15 @@ def test_int8_weights_compile_for_tpu_and_read_int8(tpu_report, tpu_report_int8)
     assert "int8 weights" in aot.format_table(q8)
 
 
+def test_cli_weights_flag_reaches_the_spec(tiny_cfg_file):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    aot.add_aot_args(p)
+    spec = aot.spec_from_args(p.parse_args(["--model", str(tiny_cfg_file), "--weights", "int8"]))
+    assert spec.weights == "int8"
+
+
 def test_collective_parser_flags_weight_gathers():
     hlo = (
         "  %all-gather.1 = bf16[4096,4096]{1,0:T(8,128)(2,1)} all-gather(bf16[4096,512]{1,0} %p), "
