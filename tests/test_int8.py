@@ -209,3 +209,29 @@ def test_cli_bad_weights_one_line(tmp_path, capsys):
     rc = main(["generate", "--model", str(tmp_path), "--prompt", "hi", "--weights", "int3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "weights='int3'" in err[0], err
+
+
+def test_gguf_q8_0_is_requantised_per_channel(tmp_path):
+    """GGUF Q8_0 (32-weight blocks) -> dequantised on read -> requantised per output channel: not
+    exact (module docstring), but every kernel stays within half a per-channel step of the
+    dequantised Q8_0 weights the float load gives; exact where a channel is one 32-weight block
+    (o_proj here: 32 inputs), since Q8_0's block scale is also max|w| / 127."""
+    from gguf import GGMLQuantizationType as QT
+    from test_gguf import DIMS_Q, _hf_model, _write_gguf
+
+    model, sd = _hf_model(DIMS_Q, tied=True)
+    path = _write_gguf(tmp_path / "tiny-Q8_0.gguf", model, sd, qtype=QT.Q8_0)
+    fl = load_model(path, progress=False)
+    q8 = load_model(path, progress=False, weights="int8")
+    qlin = {p: getattr(parent, a) for p, parent, a in linear_paths(q8)}
+    assert len(qlin) == 2 * 7  # tied: no LM head kernel
+    for p, parent, a in linear_paths(fl):
+        w = np.asarray(getattr(parent, a).kernel[...])
+        lin = qlin[p]
+        s = np.asarray(lin.scale[...])
+        err = np.abs(np.asarray(lin.dequantized()) - w)
+        assert (err <= s * (0.5 + 2**-16)).all(), p
+        if w.shape[0] == 32:  # one Q8_0 block per output channel: the same grid, exact
+            assert err.max() == 0, p
+        else:  # several blocks per channel: the per-channel grid is coarser than the blocks'
+            assert err.max() > 0, p

@@ -26,7 +26,8 @@ LoRA hooks need no change. (The LoRA merge path `lora.pool.merge_into` refuses i
 GGUF: `read_gguf` dequantises Q8_0 (blocks of 32 input weights with one f16 scale each) to floats;
 `weights="int8"` then requantises per output channel. That is not exact (a 32-block scale is finer
 than a per-channel one): the round trip error is bounded by the per-channel `scale / 2` above, not
-zero. Keeping the Q8_0 blocks would need a block-scaled matmul; not done here. (The built-in
+zero; it is exact only where a channel is a single block (32 inputs), as Q8_0's block scale is also
+`max |w| / 127`. Keeping the Q8_0 blocks would need a block-scaled matmul; not done here. (The built-in
 `smollm2` GGUF stores its projections as Q4_1 and only the embedding as Q8_0, so there the int8
 kernels are a per-channel requantisation of the dequantised 4-bit weights, and the embedding stays
 in the model dtype.)
