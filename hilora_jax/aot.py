@@ -305,11 +305,9 @@ def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh, weights: str | None = N
     from hilora_jax.io.hf import _path_str, abstract_model
 
     if weights == "int8":
-        from hilora_jax.model.llama import CausalLM
-        from hilora_jax.model.quant import quantize_model
+        from hilora_jax.model.quant import abstract_int8_model
 
-        graphdef, state = nnx.split(nnx.eval_shape(
-            lambda: quantize_model(CausalLM(cfg, dtype=dtype, rngs=nnx.Rngs(0)))))
+        graphdef, state, _ = abstract_int8_model(cfg, dtype)
     else:
         graphdef, state, _ = abstract_model(cfg, dtype)
     for path, var in nnx.to_flat_state(state):

@@ -235,3 +235,31 @@ def test_gguf_q8_0_is_requantised_per_channel(tmp_path):
             assert err.max() == 0, p
         else:  # several blocks per channel: the per-channel grid is coarser than the blocks'
             assert err.max() > 0, p
+
+
+def test_save_and_restore_int8_model(setup, tmp_path):
+    """A converted int8 directory restores straight into int8 (same integers and scales, same
+    logits), also onto a mesh and with another activation dtype (kernels and scales kept)."""
+    import json
+
+    from hilora_jax.io.checkpoint import save_model
+
+    q8, ids, mask, valid = setup["q8"], setup["ids"], setup["mask"], setup["valid"]
+    out = save_model(q8, tmp_path / "conv")
+    assert json.loads((out / "hilora_model.json").read_text())["weights"] == "int8"
+    r = load_model(out, progress=False)
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(q8)), nnx.to_flat_state(nnx.state(r)),
+                              strict=True):
+        assert a.get_value().dtype == b.get_value().dtype, p
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+    np.testing.assert_array_equal(np.asarray(Engine(r).forward(ids, mask))[valid],
+                                  np.asarray(Engine(q8).forward(ids, mask))[valid])
+    mesh = make_mesh(2, 4)
+    rb = load_model(out, progress=False, mesh=mesh, dtype=jnp.bfloat16)
+    k = rb.model.layers[1].self_attn.v_proj
+    assert k.kernel[...].dtype == jnp.int8 and k.scale[...].dtype == jnp.float32
+    assert k.scale[...].sharding.spec == P("model")
+    assert rb.model.norm.weight[...].dtype == jnp.bfloat16
+    # the float model's directory has no int8 flag
+    fo = save_model(setup["fp"], tmp_path / "conv_fp")
+    assert json.loads((fo / "hilora_model.json").read_text())["weights"] is None

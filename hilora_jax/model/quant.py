@@ -32,6 +32,9 @@ zero; it is exact only where a channel is a single block (32 inputs), as Q8_0's 
 kernels are a per-channel requantisation of the dequantised 4-bit weights, and the embedding stays
 in the model dtype.)
 
+Saving: `save_model` records `"weights": "int8"` and `restore_model` rebuilds the int8 layout, so a
+converted int8 directory loads straight into int8 (no float copy).
+
 Memory: `quantize_model` converts one kernel at a time, in place, so loading peaks at the model
 in its dtype plus one kernel, and ends at about half (bf16) or a quarter (fp32) of the kernels.
 """
@@ -146,3 +149,13 @@ def quantize_model(model, weights: str = "int8"):
         del kernel, lin
     return model
 
+
+def abstract_int8_model(cfg, dtype=jnp.float32):
+    """`(graphdef, state, {path: ShapeDtypeStruct})` of an int8 `CausalLM`, allocating nothing."""
+    from hilora_jax.model.llama import CausalLM
+
+    abs_model = nnx.eval_shape(lambda: quantize_model(CausalLM(cfg, dtype=dtype,
+                                                               rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(abs_model)
+    flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(state)}
+    return graphdef, state, flat
