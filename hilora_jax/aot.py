@@ -129,7 +129,7 @@ TOPOLOGIES: dict[str, tuple[str, dict, str]] = {
 }
 LOCAL = "local"
 
-ROUTERS = ("base", "oracle", "arrow", "hilora", "hilora-dense")
+ROUTERS = ("base", "oracle", "arrow", "hilora", "hilora-gathered", "hilora-dense")
 
 
 def topology_devices(topology: str) -> tuple[list, Chip | None]:
@@ -265,6 +265,46 @@ def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
     return arrays, desc
 
 
+def _target_backend(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def abstract_pack(arrays, mesh: Mesh):
+    """The `RocPack` that `routing.hooks.pack_rocs` builds on the host, as `ShapeDtypeStruct`s:
+    every ROC of the (synthetic or shapes-only) pool counted valid, i.e. each adapter at its
+    padded rank in one rank group (an upper bound for a real pool with mixed ranks). Packed A
+    `[P_key, D]` and B `[P, E]` carry the rules table's axes ("rocs", the projection's in/out
+    axis); per-ROC weights and validity are replicated."""
+    from hilora_jax.routing.hooks import SHARED_INPUT, RocPack
+
+    rep = shd.replicated(mesh)
+    A, B, W, V, groups, inputs, done = {}, {}, {}, {}, [], [], set()
+    p_of = {}
+    for m in arrays.modules:
+        L, n, r, _ = arrays.A[m].shape
+        e = arrays.B[m].shape[-1]
+        p_of[m] = n * r
+        spec = shd.logical_to_spec(("rocs", projection(m).out_axis), (n * r, e), mesh)
+        B[m] = [_sds((n * r, e), arrays.B[m].dtype, NamedSharding(mesh, spec))] * L
+        W[m] = [_sds((n * r,), jnp.float32, rep)] * L
+        V[m] = [_sds((n * r,), bool, rep)] * L
+        groups.append((m, ((r, tuple(range(n))),)))
+    for m in arrays.modules:
+        if m in done:
+            continue
+        members = [mm for mm in next((g for g in SHARED_INPUT if m in g), (m,)) if mm in p_of]
+        offs, off = [], 0
+        for mm in members:
+            offs.append((mm, off, p_of[mm]))
+            off += p_of[mm]
+        L, _, _, d = arrays.A[m].shape
+        spec = shd.logical_to_spec(("rocs", projection(m).in_axis), (off, d), mesh)
+        A[m] = [_sds((off, d), arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
+        inputs.append((m, tuple(offs)))
+        done.update(members)
+    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=tuple(inputs))
+
+
 def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8):
     """The router's hook pytree with abstract decisions (`None` for `base`), and the adapters per
     row it reads (for the decode step's minimum bytes)."""
@@ -287,12 +327,20 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
                                        (L, A, d), mesh)
             protos[m] = _sds((L, A, d), jnp.float32, NamedSharding(mesh, spec))
         return ArrowHook(arrays, protos, top_k=3), n
-    if router in ("hilora", "hilora-dense"):
+    if router in ("hilora", "hilora-gathered", "hilora-dense"):
         c = min(max_candidates, n)
-        return HiLoRAHook(arrays, _sds((batch, c), jnp.int32, rows), _sds((batch, c), bool, rows),
+        strategy = {"hilora": "auto", "hilora-gathered": "gathered", "hilora-dense": "dense"}[router]
+        hook = HiLoRAHook(arrays, _sds((batch, c), jnp.int32, rows), _sds((batch, c), bool, rows),
                           _sds((batch, c), jnp.int32, rows), _sds((batch,), jnp.float32, rep),
-                          strategy="dense" if router == "hilora-dense" else "gathered"
-                          ), min(n, batch * c)
+                          strategy=strategy, backend=_target_backend(mesh))
+        if strategy == "auto":  # as HiLoRAHook.prepared() on the host: pack + folded decisions
+            hook = hook.replace(pack=abstract_pack(arrays, mesh))
+            args = jax.eval_shape(lambda h: h._packed_inputs(), hook)
+            hook = hook.replace(packed_args={
+                m: tuple([_sds(a.shape, a.dtype, rep if i == 1 else
+                               shd.batch_sharding(mesh, a.shape)) for a in part]
+                         for i, part in enumerate(parts)) for m, parts in args.items()})
+        return hook, min(n, batch * c)
     raise AotError(f"unknown router {router!r}; choose from {', '.join(ROUTERS)} or all")
 
 

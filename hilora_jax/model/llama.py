@@ -66,6 +66,12 @@ class KVCache:
         )
 
 
+# A cached call of T tokens into S slots counts as decoding when T * DECODE_FRACTION <= S: it then
+# attends over the old cache plus its own keys and writes the cache afterwards
+# (`layers.attention_then_write`); longer calls (prefill) write first and attend over every slot.
+DECODE_FRACTION = 16
+
+
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
     return jax.random.normal(rngs.params(), shape, dtype) * std
 
@@ -137,15 +143,20 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = layers.apply_rope(q, pos.cos, pos.sin)  # B T N H
         k = layers.apply_rope(k, pos.cos, pos.sin)  # B T K H
+        mask = layers.attention_mask(pos.q_pos, pos.q_slot, pos.key_pos, pos.key_valid,
+                                     self.sliding_window)
         if k_cache is None:  # no cache: keys are this call's tokens
             k_all, v_all = k, v
-        else:
+        elif t * DECODE_FRACTION <= k_cache.shape[1]:  # decode: attend, then write the cache
+            out, k_all, v_all = layers.attention_then_write(q, k_cache, v_cache, k, v, mask,
+                                                            pos.write_at)
+        else:  # prefill into a cache: write, then attend (one softmax over every slot)
             at = (0, pos.write_at, 0, 0)
             k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-        mask = layers.attention_mask(pos.q_pos, pos.q_slot, pos.key_pos, pos.key_valid,
-                                     self.sliding_window)
-        out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        if k_cache is None or t * DECODE_FRACTION > k_cache.shape[1]:
+            out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                               mask)
         (out,) = _project(lora, self.layer, out.reshape(b, t, -1), (("o_proj", self.o_proj),))
         return out, k_all, v_all
 
