@@ -191,10 +191,59 @@ def _target_entry_status(entry: Any) -> tuple[str, str] | None:
     return None
 
 
-def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None) -> dict:
+@dataclass(frozen=True)
+class AdapterFamily:
+    """What `check_config` needs to know about a model family's adaptable modules.
+
+    `default_targets`: PEFT's targets when `target_modules` is null; `check_targets(tm, bad,
+    where)`: validates a non-null `target_modules` (a string or a list), raising `bad(field, why)`
+    (an `AdapterError`) or warning about ignored entries. Llama: `LLAMA_FAMILY` here; T5:
+    `hilora_jax.t5.lora.T5_FAMILY`.
+    """
+
+    name: str
+    default_targets: tuple[str, ...]
+    check_targets: Any  # Callable[[str | list, Callable[[str, str], AdapterError], str], None]
+
+
+def _check_llama_targets(tm: Any, bad, where: str) -> None:
+    if isinstance(tm, str):
+        if tm.lower() != "all-linear":
+            try:
+                rx = re.compile(tm)
+            except re.error as e:
+                raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
+            hit = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
+            if hit:
+                raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
+                          "adapt")
+    elif isinstance(tm, list) and tm:
+        status = [(e, _target_entry_status(e)) for e in tm]
+        for e, st in status:
+            if st and st[0] == "refuse":
+                raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
+        ignored = [(e, st[1]) for e, st in status if st]
+        if len(ignored) == len(tm):
+            raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
+                      f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
+                      "or another architecture's modules)")
+        if ignored:
+            warnings.warn(f"{where}: target_modules entries {[e for e, _ in ignored]} match no module "
+                          "of a Llama-family model and are ignored, as PEFT ignores them",
+                          UnmatchedTargetWarning, stacklevel=4)
+    else:
+        raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
+
+
+LLAMA_FAMILY = AdapterFamily("Llama-family", DEFAULT_TARGETS, _check_llama_targets)
+
+
+def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None,
+                 family: AdapterFamily = LLAMA_FAMILY) -> dict:
     """Validate an `adapter_config.json` dict under the field policy; returns it as a plain dict.
 
-    `target_modules: null` is resolved to PEFT's default (`DEFAULT_TARGETS`). Raises `AdapterError`
+    `target_modules: null` is resolved to PEFT's default for the `family` (Llama:
+    `DEFAULT_TARGETS`); a non-null one is checked by `family.check_targets`. Raises `AdapterError`
     naming the adapter (and `source`, the file, when given), the first offending field and its value;
     warns once (`UnknownFieldWarning`) about unknown fields that are unset.
     """
@@ -230,33 +279,9 @@ def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None
         raise bad("use_rslora", f"= {cfg['use_rslora']!r} must be true or false")
     tm = cfg.get("target_modules")
     if tm is None:
-        cfg["target_modules"] = list(DEFAULT_TARGETS)
-    elif isinstance(tm, str):
-        if tm.lower() != "all-linear":
-            try:
-                rx = re.compile(tm)
-            except re.error as e:
-                raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
-            hit = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
-            if hit:
-                raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
-                          "adapt")
-    elif isinstance(tm, list) and tm:
-        status = [(e, _target_entry_status(e)) for e in tm]
-        for e, st in status:
-            if st and st[0] == "refuse":
-                raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
-        ignored = [(e, st[1]) for e, st in status if st]
-        if len(ignored) == len(tm):
-            raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
-                      f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
-                      "or another architecture's modules)")
-        if ignored:
-            warnings.warn(f"{where}: target_modules entries {[e for e, _ in ignored]} match no module "
-                          "of a Llama-family model and are ignored, as PEFT ignores them",
-                          UnmatchedTargetWarning, stacklevel=3)
+        cfg["target_modules"] = list(family.default_targets)
     else:
-        raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
+        family.check_targets(tm, bad, where)
     ex = cfg.get("exclude_modules")
     if ex is not None and not isinstance(ex, str) and not (
             isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
