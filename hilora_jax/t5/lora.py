@@ -29,13 +29,16 @@ from flax import struct
 from hilora_jax.io.peft import (
     AdapterError,
     AdapterFamily,
+    PeftAdapter,
     _read_tensors,
     _repr_short,
     check_config,
     is_targeted,
     module_rank_alpha,
 )
+from hilora_jax.model.hook import LoraHook
 from hilora_jax.t5.config import T5Config
+from hilora_jax.t5.model import split_module_key
 from hilora_jax.t5.projections import module_shapes
 
 DEFAULT_TARGETS = ("q", "v")  # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["t5"]
@@ -135,27 +138,47 @@ def read_t5_adapter(src: str | Path, model_cfg: T5Config, *, name: str | None = 
     return ad
 
 
-@struct.dataclass
-class SingleLoraHook:
-    """`hook(path, x)` = scale * (x @ A^T) @ B^T for an adapted module, None otherwise.
+def to_peft_adapter(ad: T5LoraAdapter) -> PeftAdapter:
+    """The adapter as the pool's host type (`io.peft.PeftAdapter`): `modules[(block, row)] =
+    (A [r, d_in], B [r, d_out] rows, scale)`, keyed like the hook (`split_module_key`)."""
+    out = PeftAdapter(name=ad.name, source=ad.source, config=ad.config,
+                      r=int(ad.config.get("r", 8)))
+    for path, (a, b, scale) in ad.modules.items():
+        out.modules[split_module_key(path)] = (a, np.ascontiguousarray(b.T), scale)
+    return out
 
-    A pytree (module paths are static structure), so it is passed to jitted functions as an
-    argument: new adapter values of the same shapes never recompile.
+
+def read_t5_pool_adapter(src: str | Path, model_cfg: T5Config, *, name: str | None = None,
+                         base: str | None = None) -> PeftAdapter:
+    """`read_t5_adapter` as a pool member (`to_peft_adapter`); `base` is accepted for the pool
+    reader's signature (`io.peft.read_adapter`)."""
+    return to_peft_adapter(read_t5_adapter(src, model_cfg, name=name))
+
+
+@struct.dataclass
+class SingleLoraHook(LoraHook):
+    """One adapter as a `LoraHook`: `delta(block, row, x)` = scale * (x @ A^T) @ B^T for an adapted
+    module, None otherwise.
+
+    A pytree (module keys `"{block}:{row}"` are static structure), so it is passed to jitted
+    functions as an argument: new adapter values of the same shapes never recompile.
     """
 
-    a: dict  # path -> [d_in, r]
-    b: dict  # path -> [r, d_out]
-    scale: dict  # path -> scalar
+    a: dict  # key -> [d_in, r]
+    b: dict  # key -> [r, d_out]
+    scale: dict  # key -> scalar
 
     @classmethod
     def from_adapter(cls, ad: T5LoraAdapter, dtype=jnp.float32) -> SingleLoraHook:
-        return cls(a={p: jnp.asarray(m[0].T, dtype) for p, m in ad.modules.items()},
-                   b={p: jnp.asarray(m[1].T, dtype) for p, m in ad.modules.items()},
-                   scale={p: jnp.float32(m[2]) for p, m in ad.modules.items()})
+        keys = {p: "{}:{}".format(*split_module_key(p)) for p in ad.modules}
+        return cls(a={keys[p]: jnp.asarray(m[0].T, dtype) for p, m in ad.modules.items()},
+                   b={keys[p]: jnp.asarray(m[1].T, dtype) for p, m in ad.modules.items()},
+                   scale={keys[p]: jnp.float32(m[2]) for p, m in ad.modules.items()})
 
-    def __call__(self, path: str, x):
-        if path not in self.a:
+    def delta(self, layer: int, name: str, x):
+        key = f"{layer}:{name}"
+        if key not in self.a:
             return None
-        a, b = self.a[path], self.b[path]
+        a, b = self.a[key], self.b[key]
         h = jnp.einsum("...D,DR->...R", x.astype(a.dtype), a)
-        return jnp.einsum("...R,RF->...F", h, b) * self.scale[path].astype(a.dtype)
+        return jnp.einsum("...R,RF->...F", h, b) * self.scale[key].astype(a.dtype), {}

@@ -23,14 +23,19 @@ Numerics follow transformers (fp32 parity <= 1e-4):
   loading with `dtype=torch.bfloat16` nevertheless leaves it in bf16). Only fp32 is held to
   transformers' numbers; bf16 is tested to be as close to fp32 as transformers' own bf16 is.
 
-LoRA hook: each adaptable projection calls `lora(path, x)` with its HF module path (e.g.
-`"decoder.block.1.layer.1.EncDecAttention.q"`, the key PEFT uses) and adds the returned delta
-`[..., d_out]` (None: not adapted). The hook is an argument, never module state.
+LoRA hook: the Llama model's protocol (`hilora_jax.model.hook.LoraHook`). Each adaptable projection
+asks `lora.delta(block, row, x)` with its block index and projection row
+(`hilora_jax.model.projections.T5`: `encoder.SelfAttention.q`, `decoder.EncDecAttention.k`,
+`decoder.DenseReluDense.wo`, ...; a pool's keys) and adds the returned delta `[B, T, d_out]`
+(None: not adapted), so every pool hook and router hook works on T5 unchanged. Cross-attention
+k/v are asked once per generation, on the encoder output (`init_cache`). The hook is an argument,
+never module state.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -40,9 +45,9 @@ import numpy as np
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
+from hilora_jax.model.hook import LoraHook
 from hilora_jax.t5.config import T5Config
 
-LoraHook = Callable[[str, Array], "Array | None"]
 _NEG = -1e30  # finite "minus infinity": fully masked rows (padding queries) never give NaN
 
 
@@ -110,20 +115,36 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.05):
     return jax.random.normal(rngs.params(), shape, dtype) * std
 
 
+_MODULE_KEY = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.(\w+)\.(\w+)$")
+
+
+def split_module_key(path: str) -> tuple[int, str] | None:
+    """HF module path -> the hook's `(layer, name)`: block index and projection row
+    (`decoder.block.2.layer.1.EncDecAttention.q` -> `(2, "decoder.EncDecAttention.q")`, the row
+    names of `hilora_jax.model.projections.T5`); None for a module outside the blocks."""
+    m = _MODULE_KEY.match(path)
+    if m is None:
+        return None
+    return int(m.group(2)), f"{m.group(1)}.{m.group(3)}.{m.group(4)}"
+
+
 class Linear(nnx.Module):
-    """Bias-free projection, kernel `[in, out]`; `path` is its HF module path (for the hook)."""
+    """Bias-free projection, kernel `[in, out]`; `path` is its HF module path, `(index, row)` its
+    hook key (`split_module_key`)."""
 
     def __init__(self, d_in: int, d_out: int, path: str, *, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs, (d_in, d_out), dtype))
         self.path = path
+        key = split_module_key(path)
+        self.index, self.row = key if key is not None else (None, None)
 
     def __call__(self, x: Array, lora: LoraHook | None = None) -> Array:
         w = self.kernel[...]
         y = jnp.einsum("...D,DF->...F", x.astype(w.dtype), w)
-        if lora is not None:
-            delta = lora(self.path, x)
-            if delta is not None:
-                y = y + delta.astype(y.dtype)
+        if lora is not None and self.row is not None:
+            out = lora.delta(self.index, self.row, x)
+            if out is not None:
+                y = y + out[0].astype(y.dtype)
         return y
 
 
