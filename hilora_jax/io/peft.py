@@ -102,6 +102,10 @@ _MUST_BE_OFF = {
 _NOT_ADAPTED = ("lm_head", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
                 "q_norm", "k_norm", "rotary_emb", "act_fn", *BLOCKS)
 
+# A T5 module key or target name (`encoder.block.0.layer.0.SelfAttention.q`, `EncDecAttention.q`,
+# `wi_0`): named in the error when a T5 adapter meets a Llama-family base.
+_T5_MODULE = re.compile(r"(^|\.)((encoder|decoder)\.block\.\d+\.|(SelfAttention|EncDecAttention|"
+                        r"DenseReluDense)\.|(q|k|v|o|wi|wi_0|wi_1|wo)$)")
 _KEY = re.compile(
     rf"^base_model\.model\.model\.layers\.(\d+)\.({'|'.join(BLOCKS)})\.(\w+)\.lora_(A|B)\.weight$")
 
@@ -223,6 +227,10 @@ def _check_llama_targets(tm: Any, bad, where: str) -> None:
             if st and st[0] == "refuse":
                 raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
         ignored = [(e, st[1]) for e, st in status if st]
+        t5 = [e for e in tm if isinstance(e, str) and _T5_MODULE.search(f".{e}")]
+        if len(ignored) == len(tm) and t5:
+            raise bad("target_modules", f"= {_repr_short(tm)} names T5 modules ({t5[0]!r}): a T5 "
+                      "adapter does not fit a Llama-family base (load it on a T5 model)")
         if len(ignored) == len(tm):
             raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
                       f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
@@ -427,6 +435,10 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
             raise AdapterError(f"adapter {name!r}: {tpath}: key {k!r} is for layer {layer}, the base "
                                f"model has {model_cfg.num_layers} layers")
         found.setdefault((layer, m.group(3)), {})[m.group(4)] = k
+    t5 = [k for k in bad if _T5_MODULE.search(k)]
+    if t5:
+        raise AdapterError(f"adapter {name!r}: {tpath}: {t5[0]!r} is a T5 module; this adapter "
+                           "does not fit a Llama-family base (load it on a T5 model)")
     if bad:
         raise AdapterError(f"adapter {name!r}: {tpath}: unexpected tensor keys (not LoRA A/B of an "
                            f"adaptable projection): {sorted(bad)[:8]}")
