@@ -136,6 +136,18 @@ def test_oracle_equals_peftmodel_per_row(t5pool):
             assert np.abs(want[i] - base[i])[valid].max() > 1e-2
         err = np.abs(out[i] - want[i])[valid].max()
         assert err <= TOL, (n, err)
+    # routed choice scoring (each choice decoded for the same rows) == PeftModel's loss
+    prompts = [list(ids[i, :k]) for i, k in enumerate(mask.sum(1))]
+    choices = [[[5, 9, 1], [7, 1]], [[3, 1], [12, 4, 1]], [[8, 1], [6, 6, 1]], [[2, 1], [9, 1]]]
+    got = eng.score_choices(prompts, choices, lora=routing.hook)
+    for i, n in enumerate(names):
+        pm = _base(d / "base") if n is None else PeftModel.from_pretrained(_base(d / "base"),
+                                                                           dirs[n]).eval()
+        for j, ch in enumerate(choices[i]):
+            with torch.no_grad():
+                loss = pm(input_ids=torch.as_tensor([prompts[i]]),
+                          labels=torch.as_tensor([ch])).loss.item()
+            assert abs(got[i, j] + loss * len(ch)) <= TOL, (n, j)
     # the pool's one-hot GatedHook is the same adapter (dense path)
     w = np.eye(3, dtype=np.float32)[[1, 2, 0, 0]]
     w[2] = 0
