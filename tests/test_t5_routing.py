@@ -317,3 +317,35 @@ def test_adapter_of_the_other_family_is_one_line(t5pool, tmp_path):
         load_pool({"adapters": {"l": {"path": str(lad)}}}, model=model, progress=False)
     msg = str(e.value)
     assert "\n" not in msg and "'l'" in msg and "Llama-family" in msg and "q_proj" in msg
+
+
+def test_t5_pool_saves_restores_and_exports_to_peft(t5pool, tmp_path):
+    """orbax round trip onto the T5 model; `export_peft` of one member (rslora, rank and alpha
+    patterns folded in) loads in PEFT as the original adapter does (<= 1e-4)."""
+    from peft import PeftModel
+
+    from hilora_jax.lora import export_peft, save_pool
+
+    d, dirs, model, pool, _ = t5pool
+    save_pool(pool, tmp_path / "pool")
+    back = load_pool(tmp_path / "pool", model=model)
+    assert back.names == pool.names and back.arrays.modules == pool.arrays.modules
+    for m in pool.arrays.modules:
+        np.testing.assert_array_equal(np.asarray(back.arrays.B[m]), np.asarray(pool.arrays.B[m]))
+    out = export_peft(pool, "a2", tmp_path / "a2x")
+    ids, mask, dids, dmask = _batch(4)
+    want = hf_logits(PeftModel.from_pretrained(_base(d / "base"), dirs["a2"]).eval(),
+                     ids, mask, dids, dmask)
+    got = hf_logits(PeftModel.from_pretrained(_base(d / "base"), str(out)).eval(),
+                    ids, mask, dids, dmask)
+    valid = dmask.astype(bool)
+    assert np.abs(got - want)[valid].max() <= TOL
+    # and a Llama-family model refuses the saved T5 pool in one line
+    from hf_utils import make_hf_model
+
+    from hilora_jax.io.loading import load_model
+
+    make_hf_model(tmp_path / "llama", "llama")
+    with pytest.raises(AdapterError) as e:
+        load_pool(tmp_path / "pool", model=load_model(tmp_path / "llama", progress=False))
+    assert "\n" not in str(e.value) and "encoder.SelfAttention.q" in str(e.value)

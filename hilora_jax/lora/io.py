@@ -39,7 +39,7 @@ from hilora_jax.io.peft import AdapterError, module_key, read_adapter, write_ada
 from hilora_jax.lora.manifest import PoolManifest, read_manifest
 from hilora_jax.lora.pool import LoraPool, PoolArrays, pool_shardings
 from hilora_jax.model.config import ModelConfig
-from hilora_jax.model.projections import family_table
+from hilora_jax.model.projections import family_table, projection
 
 POOL_FORMAT_VERSION = 1
 POOL_META = "pool.json"
@@ -268,8 +268,9 @@ def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
     pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
     used = [pool.names[i] for i in np.flatnonzero(w)]
     bases = {pool.configs[n].get("base_model_name_or_path") for n in used} - {None}
+    seq2seq = all(projection(m).key.startswith(("encoder.", "decoder.")) for _, m in modules)
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
         "r": int(r), "lora_alpha": int(r), "use_rslora": False,
         "rank_pattern": pattern, "alpha_pattern": dict(pattern),
