@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax.inference import (
     GenerationOutput,
@@ -31,7 +32,55 @@ from hilora_jax.inference import (
     bucket_length,
     pad_batch,
 )
-from hilora_jax.t5.model import T5ForConditionalGeneration
+from hilora_jax.model import sharding as shd
+from hilora_jax.t5.model import DecoderCache, T5ForConditionalGeneration
+
+
+def decoder_cache_sharding(mesh: Mesh, cache: DecoderCache) -> DecoderCache:
+    """`NamedSharding`s of a `DecoderCache` (arrays or `ShapeDtypeStruct`s) on `mesh`, from the
+    rules table: self- and cross-attention K/V `[B, S, N, H]` as (batch, seq, kv_heads, -), the
+    masks `[B, S]` as batch, the write index replicated."""
+    kv = NamedSharding(mesh, shd.logical_to_spec(("batch", "seq", "kv_heads", None),
+                                                 cache.k[0].shape, mesh, what="decoder cache"))
+    ckv = NamedSharding(mesh, shd.logical_to_spec(("batch", "seq", "kv_heads", None),
+                                                  cache.cross_k[0].shape, mesh,
+                                                  what="cross-attention cache"))
+    return DecoderCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v),
+                        valid=shd.batch_sharding(mesh, cache.valid.shape),
+                        index=shd.replicated(mesh), cross_k=[ckv] * len(cache.cross_k),
+                        cross_v=[ckv] * len(cache.cross_v),
+                        enc_mask=shd.batch_sharding(mesh, cache.enc_mask.shape))
+
+
+def _constrain_cache(cache: DecoderCache, mesh: Mesh | None) -> DecoderCache:
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, decoder_cache_sharding(mesh, cache))
+
+
+def prefill(graphdef, state, ids, mask, lora, *, cache_size: int, mesh: Mesh | None = None
+            ) -> DecoderCache:
+    """Encoder stage of generation: encode `ids [B, T]` (`mask`) once and compute every decoder
+    layer's cross-attention K/V into a fresh `DecoderCache` of `cache_size` self-attention slots.
+    Pure: `T5Engine.generate` and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    enc = model.encode(ids, mask, lora=lora, constrain=shd.make_constrain(mesh))
+    return _constrain_cache(model.init_cache(enc, mask, cache_size, lora=lora), mesh)
+
+
+def decode_step(graphdef, state, tok, cache: DecoderCache, lora, *, mesh: Mesh | None = None):
+    """One decoder step: append token `tok [B]` to `cache`; returns `(logits [B, V], cache)`.
+    Pure: `T5Engine.generate`'s decode loop and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tok[:, None], cache, lora=lora,
+                                 constrain=shd.make_constrain(mesh), logits_at="last")
+    return logits[:, 0], _constrain_cache(cache, mesh)
+
+
+# Compiled step functions (graphdef and mesh static; the decode step donates its cache).
+prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size", "mesh"))
+decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("mesh",),
+                          donate_argnums=(3,))
 
 
 class T5Engine(SplitEngine):
@@ -78,16 +127,12 @@ class T5Engine(SplitEngine):
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
                        lora, *, max_new, greedy):
-        model = self._model(state)
         b = ids.shape[0]
-        enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)
-        cache = model.init_cache(enc, mask, max_new, lora=lora)
+        cache = prefill(self.graphdef, state, ids, mask, lora, cache_size=max_new, mesh=self.mesh)
         start = jnp.full((b,), self.config.decoder_start_token_id, jnp.int32)
 
         def step_logits(tok, cache):
-            logits, cache = model.decode(tok[:, None], cache, lora=lora,
-                                         constrain=self._constrain, logits_at="last")
-            return logits[:, 0], cache
+            return decode_step(self.graphdef, state, tok, cache, lora, mesh=self.mesh)
 
         def record(step, tok, out, done, lengths):
             out = out.at[:, step].set(jnp.where(done, 0, tok))
