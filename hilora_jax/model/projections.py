@@ -164,9 +164,9 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def shared_input_groups() -> tuple[tuple[str, ...], ...]:
-    """Projections that read the same activation, in table order (q/k/v; gate/up); singletons
-    left out."""
+    """Projections that read the same activation, in table order (Llama q/k/v, gate/up; T5
+    self-attention q/k/v, cross-attention k/v, wi/wi_0/wi_1 of each stack); singletons left out."""
     groups: dict[str, list[str]] = {}
-    for p in LLAMA:
+    for p in (*LLAMA, *T5):
         groups.setdefault(p.reads, []).append(p.name)
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)
