@@ -60,14 +60,6 @@ class AotError(HiloraUserError, ValueError):
 # ---------------------------------------------------------------------------------------------
 # Model presets: the published shapes (each repo's config.json on the Hugging Face hub).
 PRESETS: dict[str, ModelConfig | T5Config] = {
-    # google/flan-t5-large config.json (T5 v1.1: gated-gelu, untied head, no output scaling);
-    # compiled by `hilora_jax.t5.aot` (encoder + cross K/V prefill, decoder step)
-    "flan-t5-large": T5Config(
-        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
-        num_heads=16, relative_attention_num_buckets=32, relative_attention_max_distance=128,
-        layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True,
-        tie_word_embeddings=False, scale_decoder_outputs=False, pad_token_id=0,
-        eos_token_id=(1,), decoder_start_token_id=0),
     # meta-llama/Llama-2-7b-hf config.json
     "llama-2-7b": ModelConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -95,6 +87,14 @@ PRESETS: dict[str, ModelConfig | T5Config] = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
         max_position_embeddings=8192, tie_word_embeddings=True, model_type="llama"),
+    # google/flan-t5-large config.json (T5 v1.1: gated-gelu, untied head, no output scaling);
+    # compiled by `hilora_jax.t5.aot` (encoder + cross K/V prefill, decoder step)
+    "flan-t5-large": T5Config(
+        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+        num_heads=16, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True,
+        tie_word_embeddings=False, scale_decoder_outputs=False, pad_token_id=0,
+        eos_token_id=(1,), decoder_start_token_id=0),
 }
 
 
