@@ -50,6 +50,7 @@ from hilora_jax.model import sharding as shd
 from hilora_jax.model.config import ModelConfig, RopeConfig
 from hilora_jax.model.llama import KVCache
 from hilora_jax.model.projections import MODULES, projection
+from hilora_jax.t5.config import T5Config
 
 
 class AotError(HiloraUserError, ValueError):
@@ -58,7 +59,7 @@ class AotError(HiloraUserError, ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Model presets: the published shapes (each repo's config.json on the Hugging Face hub).
-PRESETS: dict[str, ModelConfig] = {
+PRESETS: dict[str, ModelConfig | T5Config] = {
     # meta-llama/Llama-2-7b-hf config.json
     "llama-2-7b": ModelConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -86,6 +87,14 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
         max_position_embeddings=8192, tie_word_embeddings=True, model_type="llama"),
+    # google/flan-t5-large config.json (T5 v1.1: gated-gelu, untied head, no output scaling);
+    # compiled by `hilora_jax.t5.aot` (encoder + cross K/V prefill, decoder step)
+    "flan-t5-large": T5Config(
+        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+        num_heads=16, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True,
+        tie_word_embeddings=False, scale_decoder_outputs=False, pad_token_id=0,
+        eos_token_id=(1,), decoder_start_token_id=0),
 }
 
 
@@ -178,6 +187,8 @@ def model_config(model: str | None = None, preset: str | None = None) -> tuple[s
         raise AotError(f"--model {model}: not a HF config.json, a directory holding one, or a "
                        "converted hilora-jax directory")
     try:
+        if json.loads(cfg_file.read_text()).get("model_type") == "t5":
+            return p.name, T5Config.from_hf_config(cfg_file)
         return p.name, ModelConfig.from_hf_config(cfg_file)
     except (KeyError, json.JSONDecodeError) as e:
         raise AotError(f"--model {cfg_file}: unreadable config ({e})") from None
@@ -586,7 +597,12 @@ def check_spec(spec: AotSpec) -> None:
 
 def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     """Compile prefill and one decode step for every router in `spec.routers` (base first) and
-    return the report (see the module docstring; `format_table` prints it)."""
+    return the report (see the module docstring; `format_table` prints it). A T5 config is
+    compiled by `hilora_jax.t5.aot.analyze` (same report)."""
+    if isinstance(spec.cfg, T5Config):
+        from hilora_jax.t5.aot import analyze as analyze_t5
+
+        return analyze_t5(spec, log=log, hlo_dir=hlo_dir)
     check_spec(spec)
     log = log or (lambda *_: None)
     cfg = spec.cfg
@@ -817,7 +833,8 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=None, help="a saved pool dir (shapes only are read)")
     p.add_argument("--pool-size", type=int, default=50)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--targets", default=None,
+                   help="PEFT target names (default q_proj,v_proj; T5: q,v)")
     p.add_argument("--router", default="hilora",
                    help=f"{', '.join(ROUTERS)} or all (base is always compiled, for ratios)")
     p.add_argument("--batch", type=int, default=8)
@@ -830,8 +847,9 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args) -> AotSpec:
     name, cfg = model_config(args.model, args.preset)
     routers = list(ROUTERS) if args.router == "all" else [s for s in args.router.split(",") if s]
+    targets = args.targets or ("q,v" if isinstance(cfg, T5Config) else "q_proj,v_proj")
     pool = PoolSpec(n=args.pool_size, rank=args.rank,
-                    targets=tuple(s for s in args.targets.split(",") if s), path=args.pool)
+                    targets=tuple(s for s in targets.split(",") if s), path=args.pool)
     return AotSpec(cfg=cfg, name=name, topology=args.topology, mesh=args.mesh, dtype=args.dtype,
                    weights=args.weights, pool=pool, routers=routers, batch=args.batch,
                    prompt=args.prompt, new=args.new, max_candidates=args.max_candidates)

@@ -213,7 +213,8 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, tiny_cfg_file):
     p = _hilora("--preset", "llama-9b", "--topology", "v5e-8")
     assert p.returncode == 2
     assert p.stderr.strip() == ("hilora: error: unknown preset 'llama-9b'; choose from "
-                                "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m")
+                                "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m, "
+                                "flan-t5-large")
     assert not (tmp_path / "x.json").exists()
 
 
