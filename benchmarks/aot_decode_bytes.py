@@ -5,8 +5,8 @@ copies from on-chip memory back to HBM, per router. Compile-only through libtpu 
     TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu python benchmarks/aot_decode_bytes.py base,hilora,hilora-gathered,oracle TAG
 
 writes /tmp/aot/dec_TAG_<router>.hlo.txt and prints one line per router (docs/aot_decode_bytes.md).
-`WRITE_FIRST=1` restores the attention of before (write the new keys into the cache, then attend
-over the updated cache) by making every cached call a "prefill" (`llama.DECODE_FRACTION`).
+`WRITE_FIRST=1` compiles the attention of before (write the new keys into the cache, then attend
+over the updated cache; `llama.DECODE_ATTENTION`), otherwise the TPU default (attend, then write).
 """
 import os
 import re
@@ -31,8 +31,7 @@ from hilora_jax.inference import KVCache, decode_step_jit, kv_cache_sharding
 from hilora_jax.model import llama
 from hilora_jax.model import sharding as shd
 
-if os.environ.get("WRITE_FIRST"):
-    llama.DECODE_FRACTION = 1 << 30
+llama.DECODE_ATTENTION = "write_first" if os.environ.get("WRITE_FIRST") else "then_write"
 
 cfg, dtype = aot.PRESETS["llama-2-7b"], jnp.bfloat16
 devices, chip = topology_devices("v5e-8")

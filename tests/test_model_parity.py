@@ -182,3 +182,27 @@ def test_attention_then_write_equals_write_then_attend(window):
     np.testing.assert_array_equal(np.asarray(v2), np.asarray(v_ref))
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
     assert np.abs(np.asarray(ref)).max() > 0.1
+
+
+def test_decode_attention_orders_generate_the_same(tmp_path):
+    """The TPU decode order (attend over the old cache + the new token, then write) and the
+    write-first order give the same decode logits and greedy tokens through `Engine.generate`,
+    on a left-padded batch (GQA, sliding window)."""
+    from hilora_jax.inference import pad_batch
+    from hilora_jax.model import llama
+
+    make_hf_model(tmp_path, "mistral", kv_heads=2)
+    model = load_model(tmp_path, progress=False)
+    prompts = [[5, 9, 13, 2, 7, 30, 11], [4, 8], [17, 3, 3, 21]]
+    out, logits = {}, {}
+    for mode in ("then_write", "write_first"):
+        with llama.decode_attention(mode):
+            eng = Engine(model)
+            out[mode] = eng.generate(prompts, max_new_tokens=12, stop_tokens=[-1]).tokens
+            lg, cache = eng.prefill(*pad_batch(prompts, 8, 0), cache_size=32)
+            lg, _ = eng.decode_step(np.asarray(lg).argmax(-1), cache)
+            logits[mode] = np.asarray(lg)
+    np.testing.assert_array_equal(out["then_write"], out["write_first"])
+    np.testing.assert_allclose(logits["then_write"], logits["write_first"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="DECODE_ATTENTION"), llama.decode_attention("later"):
+        Engine(model).generate(prompts, max_new_tokens=2)
