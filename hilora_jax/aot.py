@@ -46,10 +46,12 @@ from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import bucket_length, decode_step_jit, kv_cache_sharding, prefill_jit
+from hilora_jax.model import llama
 from hilora_jax.model import sharding as shd
 from hilora_jax.model.config import ModelConfig, RopeConfig
 from hilora_jax.model.llama import KVCache
 from hilora_jax.model.projections import MODULES, projection
+from hilora_jax.t5.config import T5Config
 
 
 class AotError(HiloraUserError, ValueError):
@@ -58,7 +60,7 @@ class AotError(HiloraUserError, ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Model presets: the published shapes (each repo's config.json on the Hugging Face hub).
-PRESETS: dict[str, ModelConfig] = {
+PRESETS: dict[str, ModelConfig | T5Config] = {
     # meta-llama/Llama-2-7b-hf config.json
     "llama-2-7b": ModelConfig(
         vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
@@ -86,6 +88,14 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
         num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5, rope=RopeConfig(theta=100000.0),
         max_position_embeddings=8192, tie_word_embeddings=True, model_type="llama"),
+    # google/flan-t5-large config.json (T5 v1.1: gated-gelu, untied head, no output scaling);
+    # compiled by `hilora_jax.t5.aot` (encoder + cross K/V prefill, decoder step)
+    "flan-t5-large": T5Config(
+        vocab_size=32128, d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24,
+        num_heads=16, relative_attention_num_buckets=32, relative_attention_max_distance=128,
+        layer_norm_epsilon=1e-6, dense_act_fn="gelu_new", is_gated_act=True,
+        tie_word_embeddings=False, scale_decoder_outputs=False, pad_token_id=0,
+        eos_token_id=(1,), decoder_start_token_id=0),
 }
 
 
@@ -129,7 +139,7 @@ TOPOLOGIES: dict[str, tuple[str, dict, str]] = {
 }
 LOCAL = "local"
 
-ROUTERS = ("base", "oracle", "arrow", "hilora", "hilora-dense")
+ROUTERS = ("base", "oracle", "arrow", "hilora", "hilora-gathered", "hilora-dense")
 
 
 def topology_devices(topology: str) -> tuple[list, Chip | None]:
@@ -178,6 +188,8 @@ def model_config(model: str | None = None, preset: str | None = None) -> tuple[s
         raise AotError(f"--model {model}: not a HF config.json, a directory holding one, or a "
                        "converted hilora-jax directory")
     try:
+        if json.loads(cfg_file.read_text()).get("model_type") == "t5":
+            return p.name, T5Config.from_hf_config(cfg_file)
         return p.name, ModelConfig.from_hf_config(cfg_file)
     except (KeyError, json.JSONDecodeError) as e:
         raise AotError(f"--model {cfg_file}: unreadable config ({e})") from None
@@ -265,6 +277,51 @@ def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
     return arrays, desc
 
 
+def _target_backend(mesh: Mesh) -> str:
+    return mesh.devices.flat[0].platform
+
+
+def _decode_attention(mesh: Mesh) -> str:
+    """The model's decode attention order for the compile target (`llama.DECODE_ATTENTION`)."""
+    return "then_write" if _target_backend(mesh) == "tpu" else "auto"
+
+
+def abstract_pack(arrays, mesh: Mesh):
+    """The `RocPack` that `routing.hooks.pack_rocs` builds on the host, as `ShapeDtypeStruct`s:
+    every ROC of the (synthetic or shapes-only) pool counted valid, i.e. each adapter at its
+    padded rank in one rank group (an upper bound for a real pool with mixed ranks). Packed A
+    `[P_key, D]` and B `[P, E]` carry the rules table's axes ("rocs", the projection's in/out
+    axis); per-ROC weights and validity are replicated."""
+    from hilora_jax.routing.hooks import SHARED_INPUT, RocPack
+
+    rep = shd.replicated(mesh)
+    A, B, W, V, groups, inputs, done = {}, {}, {}, {}, [], [], set()
+    p_of = {}
+    for m in arrays.modules:
+        L, n, r, _ = arrays.A[m].shape
+        e = arrays.B[m].shape[-1]
+        p_of[m] = n * r
+        spec = shd.logical_to_spec(("rocs", projection(m).out_axis), (n * r, e), mesh)
+        B[m] = [_sds((n * r, e), arrays.B[m].dtype, NamedSharding(mesh, spec))] * L
+        W[m] = [_sds((n * r,), jnp.float32, rep)] * L
+        V[m] = [_sds((n * r,), bool, rep)] * L
+        groups.append((m, ((r, tuple(range(n))),)))
+    for m in arrays.modules:
+        if m in done:
+            continue
+        members = [mm for mm in next((g for g in SHARED_INPUT if m in g), (m,)) if mm in p_of]
+        offs, off = [], 0
+        for mm in members:
+            offs.append((mm, off, p_of[mm]))
+            off += p_of[mm]
+        L, _, _, d = arrays.A[m].shape
+        spec = shd.logical_to_spec(("rocs", projection(m).in_axis), (off, d), mesh)
+        A[m] = [_sds((off, d), arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
+        inputs.append((m, tuple(offs)))
+        done.update(members)
+    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=tuple(inputs))
+
+
 def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8):
     """The router's hook pytree with abstract decisions (`None` for `base`), and the adapters per
     row it reads (for the decode step's minimum bytes)."""
@@ -287,12 +344,20 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
                                        (L, A, d), mesh)
             protos[m] = _sds((L, A, d), jnp.float32, NamedSharding(mesh, spec))
         return ArrowHook(arrays, protos, top_k=3), n
-    if router in ("hilora", "hilora-dense"):
+    if router in ("hilora", "hilora-gathered", "hilora-dense"):
         c = min(max_candidates, n)
-        return HiLoRAHook(arrays, _sds((batch, c), jnp.int32, rows), _sds((batch, c), bool, rows),
+        strategy = {"hilora": "auto", "hilora-gathered": "gathered", "hilora-dense": "dense"}[router]
+        hook = HiLoRAHook(arrays, _sds((batch, c), jnp.int32, rows), _sds((batch, c), bool, rows),
                           _sds((batch, c), jnp.int32, rows), _sds((batch,), jnp.float32, rep),
-                          strategy="dense" if router == "hilora-dense" else "gathered"
-                          ), min(n, batch * c)
+                          strategy=strategy, backend=_target_backend(mesh))
+        if strategy == "auto":  # as HiLoRAHook.prepared() on the host: pack + folded decisions
+            hook = hook.replace(pack=abstract_pack(arrays, mesh))
+            args = jax.eval_shape(lambda h: h._packed_inputs(), hook)
+            hook = hook.replace(packed_args={
+                m: tuple([_sds(a.shape, a.dtype, rep if i == 1 else
+                               shd.batch_sharding(mesh, a.shape)) for a in part]
+                         for i, part in enumerate(parts)) for m, parts in args.items()})
+        return hook, min(n, batch * c)
     raise AotError(f"unknown router {router!r}; choose from {', '.join(ROUTERS)} or all")
 
 
@@ -547,7 +612,12 @@ def check_spec(spec: AotSpec) -> None:
 
 def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     """Compile prefill and one decode step for every router in `spec.routers` (base first) and
-    return the report (see the module docstring; `format_table` prints it)."""
+    return the report (see the module docstring; `format_table` prints it). A T5 config is
+    compiled by `hilora_jax.t5.aot.analyze` (same report)."""
+    if isinstance(spec.cfg, T5Config):
+        from hilora_jax.t5.aot import analyze as analyze_t5
+
+        return analyze_t5(spec, log=log, hlo_dir=hlo_dir)
     check_spec(spec)
     log = log or (lambda *_: None)
     cfg = spec.cfg
@@ -590,11 +660,12 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         v: dict[str, Any] = {}
         for prog in ("prefill", "decode_step"):
             t0 = time.perf_counter()
-            if prog == "prefill":
-                lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
-                                            cache_size=cache_size, mesh=mesh)
-            else:
-                lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
+            with llama.decode_attention(_decode_attention(mesh)):
+                if prog == "prefill":
+                    lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
+                                                cache_size=cache_size, mesh=mesh)
+                else:
+                    lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
             try:
                 compiled = lowered.compile()
             except Exception as e:  # the compiler's own out-of-memory verdict is a result
@@ -782,7 +853,8 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pool", default=None, help="a saved pool dir (shapes only are read)")
     p.add_argument("--pool-size", type=int, default=50)
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--targets", default=None,
+                   help="PEFT target names (default q_proj,v_proj; T5: q,v)")
     p.add_argument("--router", default="hilora",
                    help=f"{', '.join(ROUTERS)} or all (base is always compiled, for ratios)")
     p.add_argument("--batch", type=int, default=8)
@@ -795,8 +867,9 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args) -> AotSpec:
     name, cfg = model_config(args.model, args.preset)
     routers = list(ROUTERS) if args.router == "all" else [s for s in args.router.split(",") if s]
+    targets = args.targets or ("q,v" if isinstance(cfg, T5Config) else "q_proj,v_proj")
     pool = PoolSpec(n=args.pool_size, rank=args.rank,
-                    targets=tuple(s for s in args.targets.split(",") if s), path=args.pool)
+                    targets=tuple(s for s in targets.split(",") if s), path=args.pool)
     return AotSpec(cfg=cfg, name=name, topology=args.topology, mesh=args.mesh, dtype=args.dtype,
                    weights=args.weights, pool=pool, routers=routers, batch=args.batch,
                    prompt=args.prompt, new=args.new, max_candidates=args.max_candidates)

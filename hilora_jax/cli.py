@@ -60,6 +60,15 @@ def check_model_source(src: str) -> None:
     resolve_source(src)
 
 
+def _is_t5_dir(src) -> bool:
+    """A local HF directory whose config.json says `model_type: t5`."""
+    cfg = Path(src) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "t5"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_task_files(paths) -> list:
     """Read and validate every task file (one line per problem, naming file and line)."""
     from hilora_jax.eval.tasks import load_tasks
@@ -380,9 +389,17 @@ def cmd_eval(args) -> int:
             raise UsageError(f"--mesh {args.mesh}: {d}x{m} = {d * m} devices, but this process has "
                              f"{n} local device(s)")
         mesh = shd.make_mesh(d, m, devices=jax.local_devices())
-    model = load_model(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights)
+    if _is_t5_dir(args.model):  # encoder-decoder: the choice is the decoder target
+        if args.weights:
+            raise UsageError("--weights int8: Llama-family models only (not T5)")
+        from hilora_jax.t5 import T5Engine, load_t5
+
+        model = load_t5(args.model, dtype=args.dtype, mesh=mesh)
+        eng = T5Engine(model, mesh=mesh)
+    else:
+        model = load_model(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights)
+        eng = Engine(model, mesh=mesh)
     tok = load_tokenizer(args.model)
-    eng = Engine(model, mesh=mesh)
     pool = load_pool(args.pool, model=model, mesh=mesh)
     router = build_router_checked(args.router, pool, options, engine=eng, tokenizer=tok)
     config = {"model": str(args.model), "pool_src": str(args.pool), "router_options": options,

@@ -185,14 +185,42 @@ decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("me
                           donate_argnames=("cache",))
 
 
-class Engine:
-    """Split-once, jit-compiled inference over a `CausalLM` (optionally sharded over `mesh`)."""
+class SplitEngine:
+    """The scaffolding every engine shares (`Engine` here, `hilora_jax.t5.generate.T5Engine`):
+    the model split once into `graphdef` / `state` (`_model(state)` merges them inside jitted
+    functions), the activation constraint of `mesh`, batch placement (`place`) and the input
+    length check against the config's `max_position_embeddings` (none when the family has
+    relative positions and no such field, as T5)."""
 
-    def __init__(self, model: CausalLM, mesh: Mesh | None = None):
+    def __init__(self, model, mesh: Mesh | None = None):
         self.config = model.config
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self._constrain = shd.make_constrain(mesh)
+
+    def _model(self, state):
+        return nnx.merge(self.graphdef, state)
+
+    def place(self, *arrays):
+        """Host batches on the engine's devices: dim 0 sharded over the mesh's `data` axis (when it
+        divides), the rest replicated; without a mesh, the default device."""
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
+
+    def _check_length(self, n: int):
+        limit = getattr(self.config, "max_position_embeddings", None)
+        if limit is not None and n > limit:
+            raise ValueError(
+                f"input of {n} tokens (with generation bucket) exceeds the model's "
+                f"max_position_embeddings={limit}")
+
+
+class Engine(SplitEngine):
+    """Split-once, jit-compiled inference over a `CausalLM` (optionally sharded over `mesh`)."""
+
+    def __init__(self, model: CausalLM, mesh: Mesh | None = None):
+        super().__init__(model, mesh)
         self._forward = jax.jit(self._forward_impl,
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
         self._score = jax.jit(self._score_impl,
@@ -202,9 +230,6 @@ class Engine:
         )
 
     # -- pure functions ------------------------------------------------------------------
-    def _model(self, state) -> CausalLM:
-        return nnx.merge(self.graphdef, state)
-
     def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,
                       trace=False):
         rec = _Recorder(lora) if trace and lora is not None else None
@@ -270,13 +295,6 @@ class Engine:
         return out, lengths
 
     # -- public API ----------------------------------------------------------------------
-    def place(self, *arrays):
-        """Host batches on the engine's devices: dim 0 sharded over the mesh's `data` axis (when it
-        divides), the rest replicated; without a mesh, the default device."""
-        if self.mesh is None:
-            return tuple(jnp.asarray(a) for a in arrays)
-        return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
-
     def prefill(self, ids, mask, *, cache_size: int, lora=None):
         """Prompt stage alone (the compiled `prefill_jit`): `(last logits [B, V], KVCache)`."""
         ids, mask = self.place(np.asarray(ids, np.int32), np.asarray(mask, bool))
@@ -376,9 +394,3 @@ class Engine:
         for i, n in enumerate(lengths):
             out[i, n:] = pad_id
         return GenerationOutput(tokens=out, lengths=lengths)
-
-    def _check_length(self, n: int):
-        if n > self.config.max_position_embeddings:
-            raise ValueError(
-                f"input of {n} tokens (with generation bucket) exceeds the model's "
-                f"max_position_embeddings={self.config.max_position_embeddings}")

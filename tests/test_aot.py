@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hf_utils import hf_logits, make_hf_model, padded_batch
@@ -71,6 +72,34 @@ def test_tiny_model_compiles_for_tpu_and_fits(tpu_report):
     # the routed step does strictly more work than the base step
     assert rep["ratios"]["hilora"]["prefill_flops"] > 1.0
     assert rep["ratios"]["hilora"]["decode_bytes"] >= 1.0
+
+
+def test_hilora_compiles_as_the_router_runs_it(tiny_cfg_file):
+    """`hilora` is the router's default (`auto`, which picks `packed` for the TPU target, with
+    the pack and the folded decisions as `prepared()` gives them); both it and the per-row
+    `gathered` variant compile and fit (their bytes at 7B scale: benchmarks/results/aot.md)."""
+    from jax.sharding import Mesh
+
+    from hilora_jax.model import sharding as shd
+
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    devices, _ = aot.topology_devices("v5e-8")
+    mesh = Mesh(np.asarray(devices).reshape(2, 4), (shd.DATA, shd.MODEL))
+    arrays, _ = aot.abstract_pool(aot.PoolSpec(n=6, rank=4), cfg, jnp.bfloat16, mesh)
+    hook, _ = aot.abstract_hook("hilora", arrays, 8, mesh)
+    assert hook.strategy == "auto" and hook.backend == "tpu" and hook.pack is not None
+    assert hook.packed_args is not None
+    assert {hook.choose(m, (8, t, arrays.A[m].shape[-1])) for m in arrays.A for t in (1, 32)} \
+        == {"packed"}
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
+                       pool=aot.PoolSpec(n=6, rank=4), routers=("hilora", "hilora-gathered"),
+                       batch=8, prompt=16, new=16)
+    rep = aot.analyze(spec)
+    assert set(rep["variants"]) == {"base", "hilora", "hilora-gathered"}
+    for r, v in rep["variants"].items():
+        assert v["fits"] is True and v["decode_step"]["weight_gathers"] == [], r
+        assert v["decode_step"]["hbm_bytes_est"] >= rep["variants"]["base"]["decode_step"][
+            "hbm_bytes_est"], r
 
 
 def test_report_schema(tpu_report):
@@ -233,7 +262,8 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, tiny_cfg_file):
     p = _hilora("--preset", "llama-9b", "--topology", "v5e-8")
     assert p.returncode == 2
     assert p.stderr.strip() == ("hilora: error: unknown preset 'llama-9b'; choose from "
-                                "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m")
+                                "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, smollm2-135m, "
+                                "flan-t5-large")
     assert not (tmp_path / "x.json").exists()
 
 

@@ -147,3 +147,62 @@ def test_score_equals_logsoftmax_of_transformers(tmp_path):
     lp = torch.log_softmax(torch.as_tensor(hf_logits(hf, ids, mask)), -1).numpy()
     ref = np.array([sum(lp[b, t - 1, ids[b, t]] for t in range(7, 10)) for b in range(2)])
     np.testing.assert_allclose(np.asarray(total), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_attention_then_write_equals_write_then_attend(window):
+    """The decode path (attend over the old cache + the new keys, then write) equals writing the
+    new keys first and attending over the updated cache, with left padding, GQA, a write into the
+    middle of the cache and a sliding window; the updated caches are identical."""
+    import jax
+    import jax.numpy as jnp
+
+    from hilora_jax.model import layers
+
+    rng = np.random.default_rng(0)
+    b, t, s, n, kh, h, at = 3, 2, 12, 4, 2, 8, 7
+    q = jnp.asarray(rng.standard_normal((b, t, n, h)), jnp.float32)
+    kc = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.float32)
+    vc = jnp.asarray(rng.standard_normal((b, s, kh, h)), jnp.float32)
+    kn = jnp.asarray(rng.standard_normal((b, t, kh, h)), jnp.float32)
+    vn = jnp.asarray(rng.standard_normal((b, t, kh, h)), jnp.float32)
+    valid = np.ones((b, s), bool)
+    valid[1, :3] = False  # left padding of row 1
+    valid[:, at + t:] = False  # not written yet
+    pos = np.maximum(np.cumsum(valid, 1) - 1, 0).astype(np.int32)
+    q_slot = at + np.arange(t)
+    q_pos = pos[:, at:at + t]
+    mask = layers.attention_mask(jnp.asarray(q_pos), jnp.asarray(q_slot), jnp.asarray(pos),
+                                 jnp.asarray(valid), window)
+    out, k2, v2 = jax.jit(layers.attention_then_write)(q, kc, vc, kn, vn, mask, jnp.int32(at))
+    k_ref = jax.lax.dynamic_update_slice(kc, kn, (0, at, 0, 0))
+    v_ref = jax.lax.dynamic_update_slice(vc, vn, (0, at, 0, 0))
+    ref = layers.dot_product_attention(q, k_ref, v_ref, mask)
+    np.testing.assert_array_equal(np.asarray(k2), np.asarray(k_ref))
+    np.testing.assert_array_equal(np.asarray(v2), np.asarray(v_ref))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    assert np.abs(np.asarray(ref)).max() > 0.1
+
+
+def test_decode_attention_orders_generate_the_same(tmp_path):
+    """The TPU decode order (attend over the old cache + the new token, then write) and the
+    write-first order give the same decode logits and greedy tokens through `Engine.generate`,
+    on a left-padded batch (GQA, sliding window)."""
+    from hilora_jax.inference import pad_batch
+    from hilora_jax.model import llama
+
+    make_hf_model(tmp_path, "mistral", kv_heads=2)
+    model = load_model(tmp_path, progress=False)
+    prompts = [[5, 9, 13, 2, 7, 30, 11], [4, 8], [17, 3, 3, 21]]
+    out, logits = {}, {}
+    for mode in ("then_write", "write_first"):
+        with llama.decode_attention(mode):
+            eng = Engine(model)
+            out[mode] = eng.generate(prompts, max_new_tokens=12, stop_tokens=[-1]).tokens
+            lg, cache = eng.prefill(*pad_batch(prompts, 8, 0), cache_size=32)
+            lg, _ = eng.decode_step(np.asarray(lg).argmax(-1), cache)
+            logits[mode] = np.asarray(lg)
+    np.testing.assert_array_equal(out["then_write"], out["write_first"])
+    np.testing.assert_allclose(logits["then_write"], logits["write_first"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="DECODE_ATTENTION"), llama.decode_attention("later"):
+        Engine(model).generate(prompts, max_new_tokens=2)

@@ -45,7 +45,11 @@ def test_projection_table_is_the_one_source():
         assert param_logical_axes(f"model.layers.0.{projection(m).block}.{m}.bias", 1) == (o,)
         assert lora_axes(m, "A")[-1] == i and lora_axes(m, "B")[-1] == o
     assert len(PARAM_AXES) == 2 * len(LLAMA) + 3
-    assert shared_input_groups() == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    groups = shared_input_groups()
+    assert groups[:2] == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+    # then T5's (model.projections.T5): self-attention q/k/v, cross-attention k/v, wi*
+    assert ("decoder.EncDecAttention.k", "decoder.EncDecAttention.v") in groups[2:]
+    assert all(n.startswith(("encoder.", "decoder.")) for g in groups[2:] for n in g)
     assert projection("up_proj").module_key(4) == "model.layers.4.mlp.up_proj"
     with pytest.raises(KeyError, match=r"'qkv_proj' is not an adaptable projection \(known: q_proj"):
         projection("qkv_proj")

@@ -400,7 +400,7 @@ def test_projection_table_matches_hf_modules(tmp_path):
         linear = {n: (m.in_features, m.out_features) for n, m in hf.named_modules()
                   if isinstance(m, torch.nn.Linear) and n != "lm_head"}
         assert module_shapes(cfg) == linear
-        assert {p.name for p in projections(cfg)} == (
+        assert {p.target for p in projections(cfg)} == (
             {"q", "k", "v", "o", "wi_0", "wi_1", "wo"} if variant == "v1.1"
             else {"q", "k", "v", "o", "wi", "wo"})
 

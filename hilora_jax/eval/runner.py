@@ -257,6 +257,8 @@ def _resume_records(partial: Path | None, fp: str, resume: bool) -> dict[str, di
 
 
 def _checked_scorer(scorer: PrefixScorer | None, engine, pool: LoraPool) -> PrefixScorer:
+    if hasattr(engine, "mc_scorer"):  # an engine with its own choice scoring (T5: encoder-decoder)
+        return scorer if scorer is not None else engine.mc_scorer()
     first = first_adapted_layer(pool)
     if scorer is None:
         return PrefixScorer(engine, first)

@@ -53,15 +53,34 @@ LLAMA_TABLE: list[tuple[str, str, Callable]] = [
 # Keys some checkpoints carry that we deliberately do not use (recomputed from the config).
 IGNORED_KEYS = [r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"]
 
-_COMPILED = [(re.compile(p + "$"), t, f) for p, t, f in LLAMA_TABLE]
+class KeyMapper:
+    """HF tensor key -> `(target parameter path, transform)` from a `(regex, template, transform)`
+    table (first full match wins; `{i}` in the template is the regex's group i), plus the keys to
+    skip (`ignored`, full-match regexes). One mapper per model family (Llama here, T5 in
+    `hilora_jax.t5.load`)."""
+
+    def __init__(self, table: list[tuple[str, str, Callable]], ignored: list[str] = ()):
+        self.table = list(table)
+        self._compiled = [(re.compile(p + "$"), t, f) for p, t, f in self.table]
+        self._ignored = [re.compile(p) for p in ignored]
+
+    def ignored(self, key: str) -> bool:
+        """Whether `key` is a tensor the loader deliberately skips."""
+        return any(p.fullmatch(key) for p in self._ignored)
+
+    def __call__(self, key: str) -> tuple[str, Callable] | None:
+        for pat, tmpl, fn in self._compiled:
+            m = pat.match(key)
+            if m:
+                return tmpl.format(*m.groups()), fn
+        return None
+
+
+LLAMA_KEYS = KeyMapper(LLAMA_TABLE, IGNORED_KEYS)
 
 
 def map_key(key: str) -> tuple[str, Callable] | None:
-    for pat, tmpl, fn in _COMPILED:
-        m = pat.match(key)
-        if m:
-            return tmpl.format(*m.groups()), fn
-    return None
+    return LLAMA_KEYS(key)
 
 
 def _path_str(path) -> str:
@@ -99,9 +118,9 @@ def build_model(
     for i, (key, load, src) in enumerate(tensors):
         if progress is not None:
             progress(i + 1, total or 0)
-        if any(re.fullmatch(p, key) for p in IGNORED_KEYS):
+        if LLAMA_KEYS.ignored(key):
             continue
-        m = map_key(key)
+        m = LLAMA_KEYS(key)
         if m is None:
             problems.append(f"unexpected tensor {key!r} in {src}")
             continue

@@ -102,6 +102,10 @@ _MUST_BE_OFF = {
 _NOT_ADAPTED = ("lm_head", "embed_tokens", "norm", "input_layernorm", "post_attention_layernorm",
                 "q_norm", "k_norm", "rotary_emb", "act_fn", *BLOCKS)
 
+# A T5 module key or target name (`encoder.block.0.layer.0.SelfAttention.q`, `EncDecAttention.q`,
+# `wi_0`): named in the error when a T5 adapter meets a Llama-family base.
+_T5_MODULE = re.compile(r"(^|\.)((encoder|decoder)\.block\.\d+\.|(SelfAttention|EncDecAttention|"
+                        r"DenseReluDense)\.|(q|k|v|o|wi|wi_0|wi_1|wo)$)")
 _KEY = re.compile(
     rf"^base_model\.model\.model\.layers\.(\d+)\.({'|'.join(BLOCKS)})\.(\w+)\.lora_(A|B)\.weight$")
 
@@ -191,10 +195,63 @@ def _target_entry_status(entry: Any) -> tuple[str, str] | None:
     return None
 
 
-def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None) -> dict:
+@dataclass(frozen=True)
+class AdapterFamily:
+    """What `check_config` needs to know about a model family's adaptable modules.
+
+    `default_targets`: PEFT's targets when `target_modules` is null; `check_targets(tm, bad,
+    where)`: validates a non-null `target_modules` (a string or a list), raising `bad(field, why)`
+    (an `AdapterError`) or warning about ignored entries. Llama: `LLAMA_FAMILY` here; T5:
+    `hilora_jax.t5.lora.T5_FAMILY`.
+    """
+
+    name: str
+    default_targets: tuple[str, ...]
+    check_targets: Any  # Callable[[str | list, Callable[[str, str], AdapterError], str], None]
+
+
+def _check_llama_targets(tm: Any, bad, where: str) -> None:
+    if isinstance(tm, str):
+        if tm.lower() != "all-linear":
+            try:
+                rx = re.compile(tm)
+            except re.error as e:
+                raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
+            hit = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
+            if hit:
+                raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
+                          "adapt")
+    elif isinstance(tm, list) and tm:
+        status = [(e, _target_entry_status(e)) for e in tm]
+        for e, st in status:
+            if st and st[0] == "refuse":
+                raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
+        ignored = [(e, st[1]) for e, st in status if st]
+        t5 = [e for e in tm if isinstance(e, str) and _T5_MODULE.search(f".{e}")]
+        if len(ignored) == len(tm) and t5:
+            raise bad("target_modules", f"= {_repr_short(tm)} names T5 modules ({t5[0]!r}): a T5 "
+                      "adapter does not fit a Llama-family base (load it on a T5 model)")
+        if len(ignored) == len(tm):
+            raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
+                      f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
+                      "or another architecture's modules)")
+        if ignored:
+            warnings.warn(f"{where}: target_modules entries {[e for e, _ in ignored]} match no module "
+                          "of a Llama-family model and are ignored, as PEFT ignores them",
+                          UnmatchedTargetWarning, stacklevel=4)
+    else:
+        raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
+
+
+LLAMA_FAMILY = AdapterFamily("Llama-family", DEFAULT_TARGETS, _check_llama_targets)
+
+
+def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None,
+                 family: AdapterFamily = LLAMA_FAMILY) -> dict:
     """Validate an `adapter_config.json` dict under the field policy; returns it as a plain dict.
 
-    `target_modules: null` is resolved to PEFT's default (`DEFAULT_TARGETS`). Raises `AdapterError`
+    `target_modules: null` is resolved to PEFT's default for the `family` (Llama:
+    `DEFAULT_TARGETS`); a non-null one is checked by `family.check_targets`. Raises `AdapterError`
     naming the adapter (and `source`, the file, when given), the first offending field and its value;
     warns once (`UnknownFieldWarning`) about unknown fields that are unset.
     """
@@ -230,33 +287,9 @@ def check_config(cfg: Mapping[str, Any], name: str, *, source: str | None = None
         raise bad("use_rslora", f"= {cfg['use_rslora']!r} must be true or false")
     tm = cfg.get("target_modules")
     if tm is None:
-        cfg["target_modules"] = list(DEFAULT_TARGETS)
-    elif isinstance(tm, str):
-        if tm.lower() != "all-linear":
-            try:
-                rx = re.compile(tm)
-            except re.error as e:
-                raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
-            hit = [m for m in ("lm_head", "model.embed_tokens") if rx.fullmatch(m)]
-            if hit:
-                raise bad("target_modules", f"= {tm!r} adapts {hit[0]!r}, which hilora-jax does not "
-                          "adapt")
-    elif isinstance(tm, list) and tm:
-        status = [(e, _target_entry_status(e)) for e in tm]
-        for e, st in status:
-            if st and st[0] == "refuse":
-                raise bad("target_modules", f"entry {e!r} {st[1]} (target_modules = {_repr_short(tm)})")
-        ignored = [(e, st[1]) for e, st in status if st]
-        if len(ignored) == len(tm):
-            raise bad("target_modules", f"= {_repr_short(tm)}: no entry names a projection of a "
-                      f"Llama-family model ({ignored[0][0]!r} {ignored[0][1]}; a fused qkv projection "
-                      "or another architecture's modules)")
-        if ignored:
-            warnings.warn(f"{where}: target_modules entries {[e for e, _ in ignored]} match no module "
-                          "of a Llama-family model and are ignored, as PEFT ignores them",
-                          UnmatchedTargetWarning, stacklevel=3)
+        cfg["target_modules"] = list(family.default_targets)
     else:
-        raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a non-empty list")
+        family.check_targets(tm, bad, where)
     ex = cfg.get("exclude_modules")
     if ex is not None and not isinstance(ex, str) and not (
             isinstance(ex, list) and all(isinstance(e, str) for e in ex)):
@@ -402,6 +435,10 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
             raise AdapterError(f"adapter {name!r}: {tpath}: key {k!r} is for layer {layer}, the base "
                                f"model has {model_cfg.num_layers} layers")
         found.setdefault((layer, m.group(3)), {})[m.group(4)] = k
+    t5 = [k for k in bad if _T5_MODULE.search(k)]
+    if t5:
+        raise AdapterError(f"adapter {name!r}: {tpath}: {t5[0]!r} is a T5 module; this adapter "
+                           "does not fit a Llama-family base (load it on a T5 model)")
     if bad:
         raise AdapterError(f"adapter {name!r}: {tpath}: unexpected tensor keys (not LoRA A/B of an "
                            f"adaptable projection): {sorted(bad)[:8]}")

@@ -39,6 +39,7 @@ from hilora_jax.io.peft import AdapterError, module_key, read_adapter, write_ada
 from hilora_jax.lora.manifest import PoolManifest, read_manifest
 from hilora_jax.lora.pool import LoraPool, PoolArrays, pool_shardings
 from hilora_jax.model.config import ModelConfig
+from hilora_jax.model.projections import family_table, projection
 
 POOL_FORMAT_VERSION = 1
 POOL_META = "pool.json"
@@ -47,13 +48,19 @@ POOL_META = "pool.json"
 def model_config_of(model: Any) -> ModelConfig:
     """`ModelConfig` of a `CausalLM`, a `ModelConfig`, or any model source `load_model` accepts
     (only the config is read for HF and converted directories)."""
-    if isinstance(model, ModelConfig):
+    from hilora_jax.t5.config import T5Config
+
+    if isinstance(model, (ModelConfig, T5Config)):
         return model
-    if hasattr(model, "config") and isinstance(model.config, ModelConfig):
+    if hasattr(model, "config") and isinstance(model.config, (ModelConfig, T5Config)):
         return model.config
     from hilora_jax.io.loading import resolve_source
 
     kind, path = resolve_source(model)
+    if kind == "hf" and _model_type(path / "config.json") == "t5":
+        from hilora_jax.t5.config import read_t5_config
+
+        return read_t5_config(path)
     if kind == "converted":
         from hilora_jax.io.checkpoint import read_meta
 
@@ -63,6 +70,25 @@ def model_config_of(model: Any) -> ModelConfig:
     from hilora_jax.io.gguf import read_gguf
 
     return ModelConfig.from_hf_config(read_gguf(path).config, source=str(path))
+
+
+def _model_type(config_json: Path) -> str | None:
+    try:
+        return json.loads(config_json.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # the family's own reader reports the problem
+
+
+def adapter_reader(cfg):
+    """The PEFT reader for the base config's family: `io.peft.read_adapter` (Llama) or
+    `t5.lora.read_t5_pool_adapter` (T5); both return `io.peft.PeftAdapter`s keyed `(layer, row)`."""
+    from hilora_jax.t5.config import T5Config
+
+    if isinstance(cfg, T5Config):
+        from hilora_jax.t5.lora import read_t5_pool_adapter
+
+        return read_t5_pool_adapter
+    return read_adapter
 
 
 def _bar(items, desc: str, progress: bool):
@@ -97,21 +123,26 @@ def load_pool(src: str | os.PathLike | Mapping | PoolManifest, *, model: Any = N
             raise ValueError(f"{man.source}: no base model given (pass model= or set 'base')")
         model = man.base
     cfg = model_config_of(model)
-    adapters = [read_adapter(e.path, cfg, name=e.name, base=man.base)
+    read = adapter_reader(cfg)
+    adapters = [read(e.path, cfg, name=e.name, base=man.base)
                 for e in _bar(man.adapters, "reading adapters", progress)]
     return LoraPool.from_adapters(
         adapters, cfg, clusters={e.name: e.cluster for e in man.adapters},
         samples={e.name: e.samples for e in man.adapters}, dtype=dtype, mesh=mesh)
 
 
-def _check_pool_fits(pool: LoraPool, cfg: ModelConfig, where: str) -> None:
-    shapes = cfg.module_shapes()
+def _check_pool_fits(pool: LoraPool, cfg, where: str) -> None:
+    table = {p.name: p for p in family_table(cfg)}
     for m in pool.arrays.modules:
+        if m not in table:
+            raise AdapterError(f"{where}: pool module {m!r} is not a projection of this "
+                               f"{cfg.model_type} model (its projections: {', '.join(table)})")
         L, _, _, d_in = pool.arrays.A[m].shape
         d_out = pool.arrays.B[m].shape[-1]
-        if L != cfg.num_layers or (d_in, d_out) != shapes[m]:
+        want_l, want = table[m].num_layers(cfg), table[m].shape(cfg)
+        if L != want_l or (d_in, d_out) != want:
             raise AdapterError(f"{where}: pool module {m} has L={L}, (d_in, d_out)={(d_in, d_out)}; "
-                               f"the model has L={cfg.num_layers}, {shapes[m]}")
+                               f"the model has L={want_l}, {want}")
 
 
 def _flat(arrays: PoolArrays) -> dict[str, jax.Array]:
@@ -237,8 +268,9 @@ def export_peft(pool: LoraPool, name_or_weights, out: str | os.PathLike, *,
     pattern = {re.escape(k): v for k, v in ranks.items() if v != r}
     used = [pool.names[i] for i in np.flatnonzero(w)]
     bases = {pool.configs[n].get("base_model_name_or_path") for n in used} - {None}
+    seq2seq = all(projection(m).key.startswith(("encoder.", "decoder.")) for _, m in modules)
     cfg = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM",
         "base_model_name_or_path": bases.pop() if len(bases) == 1 else None,
         "r": int(r), "lora_alpha": int(r), "use_rslora": False,
         "rank_pattern": pattern, "alpha_pattern": dict(pattern),

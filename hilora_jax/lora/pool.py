@@ -40,7 +40,7 @@ from hilora_jax.io.peft import PeftAdapter
 from hilora_jax.model import sharding as shd
 from hilora_jax.model.config import ModelConfig
 from hilora_jax.model.hook import LoraHook
-from hilora_jax.model.projections import MODULES, projection
+from hilora_jax.model.projections import family_table, pool_module_order, projection
 
 
 @struct.dataclass
@@ -56,7 +56,8 @@ class PoolArrays:
 
     @property
     def modules(self) -> tuple[str, ...]:
-        return tuple(m for m in MODULES if m in self.A)
+        """Pool keys in projection-table order (Llama `q_proj`..., T5 rows `encoder.SelfAttention.q`...)."""
+        return pool_module_order(self.A)
 
     @property
     def max_rank(self) -> int:
@@ -219,15 +220,15 @@ class LoraPool:
         """Stack host adapters (`io.peft.read_adapter`) into a pool; see the module docstring."""
         if not adapters:
             raise ValueError("cannot build an empty pool (no adapters)")
-        L, N = model_cfg.num_layers, len(adapters)
-        shapes = model_cfg.module_shapes()
+        N = len(adapters)
         A, B, S, M = {}, {}, {}, {}
-        for m in MODULES:
+        for p in family_table(model_cfg):  # Llama's table, or the config's own (T5)
+            m, L = p.name, p.num_layers(model_cfg)
             rmax = max((a.shape[0] for ad in adapters for (_, mm), (a, _, _) in ad.modules.items()
                         if mm == m), default=0)
             if rmax == 0:
                 continue
-            d_in, d_out = shapes[m]
+            d_in, d_out = p.shape(model_cfg)
             A[m] = np.zeros((L, N, rmax, d_in), np.float32)
             B[m] = np.zeros((L, N, rmax, d_out), np.float32)
             S[m] = np.zeros((L, N, rmax), np.float32)

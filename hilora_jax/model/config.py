@@ -150,6 +150,26 @@ def unknown_fields_warning(where: str, fields: Mapping[str, Any]) -> None:
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+def read_config_mapping(cfg: Mapping[str, Any] | Any, source: str = "config"
+                        ) -> tuple[dict[str, Any], str]:
+    """A HF config (path to `config.json`, mapping, or `PretrainedConfig`) as a plain dict, and
+    the source to name in errors (the file when a path is given). Raises
+    `UnsupportedConfigError` (one line) for an unreadable file or a non-object. Shared by every
+    family's `from_hf_config` (Llama here, T5 in `hilora_jax.t5.config`)."""
+    if isinstance(cfg, (str, Path)):
+        source = str(cfg)
+        try:
+            cfg = json.loads(Path(cfg).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UnsupportedConfigError(f"{source}: unreadable config ({e})") from e
+    elif not isinstance(cfg, Mapping) and hasattr(cfg, "to_dict"):
+        cfg = cfg.to_dict()
+    if not isinstance(cfg, Mapping):
+        raise UnsupportedConfigError(f"{source}: a config must be a JSON object, got "
+                                     f"{type(cfg).__name__}")
+    return dict(cfg), source
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
@@ -235,18 +255,7 @@ class ModelConfig:
         is not implemented, or another architecture (with the reason); warns once
         (`UnknownFieldWarning`) about unknown fields that are unset.
         """
-        if isinstance(cfg, (str, Path)):
-            source = str(cfg)
-            try:
-                cfg = json.loads(Path(cfg).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UnsupportedConfigError(f"{source}: unreadable config ({e})") from e
-        elif not isinstance(cfg, Mapping):
-            cfg = cfg.to_dict()
-        if not isinstance(cfg, Mapping):
-            raise UnsupportedConfigError(f"{source}: a config must be a JSON object, got "
-                                         f"{type(cfg).__name__}")
-        cfg = dict(cfg)
+        cfg, source = read_config_mapping(cfg, source)
 
         def bad(field: str, why: str) -> UnsupportedConfigError:
             return UnsupportedConfigError(f"{source}: field {field!r} {why}")

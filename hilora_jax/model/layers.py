@@ -121,6 +121,51 @@ def dot_product_attention(
     return jnp.concatenate(outs, axis=1).reshape(b, t, n, h)
 
 
+def attention_then_write(
+    q: Float[Array, "B T N H"],
+    k_cache: Float[Array, "B S K H"],
+    v_cache: Float[Array, "B S K H"],
+    k_new: Float[Array, "B T K H"],
+    v_new: Float[Array, "B T K H"],
+    mask: Bool[Array, "B T S"],
+    write_at: Int[Array, ""],
+):
+    """Attention of a few new queries over the cache *before* it is updated plus this call's own
+    keys, then the cache update: `(out [B, T, N, H], k_cache', v_cache')`.
+
+    Same maths as writing first and attending over the updated cache (`mask` is that cache's
+    mask, slots `write_at .. write_at+T-1` being this call's keys): one softmax over the old
+    slots (those slots masked out) and the new keys, normalised together in float32. Why: when
+    attention reads the cache that the same step has just written, XLA:TPU may stage the written
+    cache in on-chip memory and copy every layer's whole cache back to HBM each decode step
+    (`docs/aot_decode_bytes.md`); updating after the reads keeps the update in place in HBM.
+    """
+    b, t, n, h = q.shape
+    kh = k_cache.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)  # B T K G H
+    scale = h**-0.5
+    slots = jnp.arange(k_cache.shape[1])
+    fresh = (slots >= write_at) & (slots < write_at + t)  # S: overwritten by this call
+    mask_old = mask & ~fresh[None, None, :]
+    mask_new = jax.lax.dynamic_slice_in_dim(mask, write_at, t, axis=2)  # B T T
+    kc, vc = k_cache.astype(q.dtype), v_cache.astype(q.dtype)
+    kn, vn = k_new.astype(q.dtype), v_new.astype(q.dtype)
+    s_old = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kc, preferred_element_type=jnp.float32) * scale
+    s_new = jnp.einsum("BTKGH,BSKH->BKGTS", qg, kn, preferred_element_type=jnp.float32) * scale
+    s_old = jnp.where(mask_old[:, None, None], s_old, _NEG)
+    s_new = jnp.where(mask_new[:, None, None], s_new, _NEG)
+    top = jnp.maximum(s_old.max(-1, keepdims=True), s_new.max(-1, keepdims=True))
+    p_old, p_new = jnp.exp(s_old - top), jnp.exp(s_new - top)
+    den = p_old.sum(-1, keepdims=True) + p_new.sum(-1, keepdims=True)
+    p_old, p_new = (p_old / den).astype(vc.dtype), (p_new / den).astype(vc.dtype)
+    out = (jnp.einsum("BKGTS,BSKH->BTKGH", p_old, vc, preferred_element_type=jnp.float32)
+           + jnp.einsum("BKGTS,BSKH->BTKGH", p_new, vn, preferred_element_type=jnp.float32))
+    at = (0, write_at, 0, 0)
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), at)
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v_new.astype(v_cache.dtype), at)
+    return out.astype(q.dtype).reshape(b, t, n, h), k_cache, v_cache
+
+
 def swiglu(gate: Array, up: Array) -> Array:
     """`silu(gate) * up` (HF `LlamaMLP` with `hidden_act="silu"`)."""
     return jax.nn.silu(gate) * up

@@ -13,6 +13,7 @@ gate values never recompile. Shape letters: `hilora_jax.model.projections`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import jax
@@ -64,6 +65,39 @@ class KVCache:
             valid=jnp.zeros((batch, size), bool),
             index=jnp.zeros((), jnp.int32),
         )
+
+
+# Decode attention order. A cached call of T tokens into S slots counts as decoding when
+# T * DECODE_FRACTION <= S. On TPU it then attends over the old cache plus its own keys and writes
+# the cache afterwards (`layers.attention_then_write`: XLA:TPU otherwise may stage the written
+# cache on chip and copy every layer's cache back to HBM each step, docs/aot_decode_bytes.md).
+# Elsewhere, and for longer calls (prefill), it writes first and attends over every slot (on CPU
+# the two-part softmax measured slower: benchmarks/decode_attention_cpu.py). DECODE_ATTENTION:
+# "auto" (by `jax.default_backend()` at trace time), "then_write" or "write_first"; `hilora aot`
+# sets it for its compile target. Read at trace time.
+DECODE_FRACTION = 16
+DECODE_ATTENTION = "auto"
+
+
+@contextlib.contextmanager
+def decode_attention(mode: str):
+    """Set `DECODE_ATTENTION` while tracing (e.g. `hilora aot` lowering for a TPU on a CPU host)."""
+    global DECODE_ATTENTION
+    old, DECODE_ATTENTION = DECODE_ATTENTION, mode
+    try:
+        yield
+    finally:
+        DECODE_ATTENTION = old
+
+
+def _attend_then_write(t: int, s: int) -> bool:
+    mode = DECODE_ATTENTION
+    if mode == "auto":
+        mode = "then_write" if jax.default_backend() == "tpu" else "write_first"
+    if mode not in ("then_write", "write_first"):
+        raise ValueError(f"llama.DECODE_ATTENTION={DECODE_ATTENTION!r}: choose auto, then_write "
+                         "or write_first")
+    return mode == "then_write" and t * DECODE_FRACTION <= s
 
 
 def _init(rngs: nnx.Rngs, shape, dtype, std=0.02):
@@ -137,15 +171,21 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = layers.apply_rope(q, pos.cos, pos.sin)  # B T N H
         k = layers.apply_rope(k, pos.cos, pos.sin)  # B T K H
+        mask = layers.attention_mask(pos.q_pos, pos.q_slot, pos.key_pos, pos.key_valid,
+                                     self.sliding_window)
+        then_write = k_cache is not None and _attend_then_write(t, k_cache.shape[1])
         if k_cache is None:  # no cache: keys are this call's tokens
             k_all, v_all = k, v
-        else:
+        elif then_write:  # decode on TPU: attend, then write the cache
+            out, k_all, v_all = layers.attention_then_write(q, k_cache, v_cache, k, v, mask,
+                                                            pos.write_at)
+        else:  # write, then attend (one softmax over every slot)
             at = (0, pos.write_at, 0, 0)
             k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), at)
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), at)
-        mask = layers.attention_mask(pos.q_pos, pos.q_slot, pos.key_pos, pos.key_valid,
-                                     self.sliding_window)
-        out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask)
+        if not then_write:
+            out = layers.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                               mask)
         (out,) = _project(lora, self.layer, out.reshape(b, t, -1), (("o_proj", self.o_proj),))
         return out, k_all, v_all
 

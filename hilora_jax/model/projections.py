@@ -7,7 +7,9 @@ computed together by packed routing), the logical axes of its input and output (
 base kernel `[in, out]`, and of LoRA A / B after qwix's rule), and its `(d_in, d_out)` as config
 attributes. PEFT files (`io.peft`), sharding (`sharding.PARAM_AXES`, `sharding.lora_axes`),
 the config (`ModelConfig.module_shapes`), the model's layers, the pool, the routing hooks and the
-trainer all read `LLAMA`. Another family (T5, say) is one more tuple of `Projection`s.
+trainer all read `LLAMA`. T5 (`T5`) is one more tuple of `Projection`s: its rows name the
+place (`decoder.EncDecAttention.q`), carry a module-key template and the config attribute of their
+layer count (encoder and decoder stacks differ).
 
 Shape-letter legend
 -------------------
@@ -54,14 +56,29 @@ class Projection:
     out_axis: str
     in_dim: str
     out_dim: str
+    # module-key template with `{l}` for the layer/block index; "" = the Llama layout
+    # `model.layers.{l}.{block}.{name}`. T5 rows: `encoder.block.{l}.layer.0.SelfAttention.q`.
+    key: str = ""
+    layers_attr: str = "num_layers"  # config attribute giving this row's layer count
 
     def shape(self, cfg: ModelConfig) -> tuple[int, int]:
         """`(d_in, d_out)` under `cfg`."""
         return int(getattr(cfg, self.in_dim)), int(getattr(cfg, self.out_dim))
 
+    def num_layers(self, cfg) -> int:
+        """Layers (blocks) holding this projection under `cfg`."""
+        return int(getattr(cfg, self.layers_attr))
+
     def module_key(self, layer: int) -> str:
-        """The HF/PEFT module key in layer `layer`: `model.layers.{layer}.{block}.{name}`."""
+        """The HF/PEFT module key in layer `layer` (Llama: `model.layers.{layer}.{block}.{name}`)."""
+        if self.key:
+            return self.key.format(l=layer)
         return f"model.layers.{layer}.{self.block}.{self.name}"
+
+    @property
+    def target(self) -> str:
+        """PEFT's target-module name (the key's last component: `q_proj`, `q`, `wi_0`, ...)."""
+        return self.module_key(0).rsplit(".", 1)[-1]
 
 
 # The Llama family (Llama 1/2/3, Mistral, Qwen2/3, SmolLM2), in the order pools store them.
@@ -76,7 +93,44 @@ LLAMA: tuple[Projection, ...] = (
                "hidden_size"),
 )
 
+
+def _t5_rows() -> tuple[Projection, ...]:
+    """T5 / FLAN-T5 (`T5ForConditionalGeneration`): one row per projection kind and place, named
+    `{stack}.{block}.{proj}` (the pool key; the block index is the hook's layer). Both FFN layouts
+    are listed (`wi` of v1.0, `wi_0`/`wi_1` of v1.1); `hilora_jax.t5.projections.projections(cfg)`
+    keeps the config's. Cross-attention k/v read the encoder output (`enc_out`)."""
+    rows = []
+    places = (("encoder", "SelfAttention", 0, "enc_attn", "num_layers"),
+              ("decoder", "SelfAttention", 0, "dec_attn", "num_decoder_layers"),
+              ("decoder", "EncDecAttention", 1, "cross_attn", "num_decoder_layers"))
+    for stack, block, li, reads, n in places:
+        for proj, rd, ia, oa, di, do in (
+                ("q", f"{reads}_in", "embed", "q_heads", "d_model", "inner_dim"),
+                ("k", "enc_out" if block == "EncDecAttention" else f"{reads}_in", "embed",
+                 "kv_heads", "d_model", "inner_dim"),
+                ("v", "enc_out" if block == "EncDecAttention" else f"{reads}_in", "embed",
+                 "kv_heads", "d_model", "inner_dim"),
+                ("o", f"{reads}_out", "q_heads", "embed", "inner_dim", "d_model")):
+            rows.append(Projection(f"{stack}.{block}.{proj}", block, rd, ia, oa, di, do,
+                                   key=f"{stack}.block.{{l}}.layer.{li}.{block}.{proj}",
+                                   layers_attr=n))
+    for stack, li, n in (("encoder", 1, "num_layers"), ("decoder", 2, "num_decoder_layers")):
+        for proj in ("wi", "wi_0", "wi_1", "wo"):
+            up = proj != "wo"
+            rows.append(Projection(
+                f"{stack}.DenseReluDense.{proj}", "DenseReluDense",
+                f"{stack}_mlp_in" if up else f"{stack}_mlp_hidden",
+                "embed" if up else "mlp", "mlp" if up else "embed",
+                "d_model" if up else "d_ff", "d_ff" if up else "d_model",
+                key=f"{stack}.block.{{l}}.layer.{li}.DenseReluDense.{proj}", layers_attr=n))
+    return tuple(rows)
+
+
+T5: tuple[Projection, ...] = _t5_rows()
+
 PROJECTIONS: dict[str, Projection] = {p.name: p for p in LLAMA}
+# Every family's rows by pool key (`projection()` and the pool's sharding read it).
+ALL_PROJECTIONS: dict[str, Projection] = {**PROJECTIONS, **{p.name: p for p in T5}}
 MODULES: tuple[str, ...] = tuple(p.name for p in LLAMA)
 BLOCKS: tuple[str, ...] = tuple(dict.fromkeys(p.block for p in LLAMA))
 
@@ -84,9 +138,24 @@ BLOCKS: tuple[str, ...] = tuple(dict.fromkeys(p.block for p in LLAMA))
 def projection(name: str) -> Projection:
     """The table entry of projection `name` (KeyError naming the known ones)."""
     try:
-        return PROJECTIONS[name]
+        return ALL_PROJECTIONS[name]
     except KeyError:
-        raise KeyError(f"{name!r} is not an adaptable projection (known: {', '.join(MODULES)})") from None
+        raise KeyError(f"{name!r} is not an adaptable projection (known: {', '.join(MODULES)}; "
+                       "T5 rows like 'encoder.SelfAttention.q')") from None
+
+
+def family_table(cfg) -> tuple[Projection, ...]:
+    """The adaptable projections of a model config: `cfg.projections()` when the config has it
+    (T5), else the Llama table."""
+    rows = getattr(cfg, "projections", None)
+    return tuple(rows()) if callable(rows) else LLAMA
+
+
+def pool_module_order(names) -> tuple[str, ...]:
+    """Pool keys in table order (Llama, then T5) and unknown ones sorted last."""
+    names = set(names)
+    known = [p.name for p in (*LLAMA, *T5) if p.name in names]
+    return tuple(known) + tuple(sorted(names - set(known)))
 
 
 def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -95,9 +164,9 @@ def module_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
 
 
 def shared_input_groups() -> tuple[tuple[str, ...], ...]:
-    """Projections that read the same activation, in table order (q/k/v; gate/up); singletons
-    left out."""
+    """Projections that read the same activation, in table order (Llama q/k/v, gate/up; T5
+    self-attention q/k/v, cross-attention k/v, wi/wi_0/wi_1 of each stack); singletons left out."""
     groups: dict[str, list[str]] = {}
-    for p in LLAMA:
+    for p in (*LLAMA, *T5):
         groups.setdefault(p.reads, []).append(p.name)
     return tuple(tuple(g) for g in groups.values() if len(g) > 1)

@@ -205,6 +205,9 @@ class HiLoRAHook(LoraHook):
     packed_args: dict | None = None
     strategy: str = struct.field(pytree_node=False, default="gathered")
     topn_method: str = struct.field(pytree_node=False, default="pairwise")
+    # the backend `auto` chooses for (default: `jax.default_backend()`; `hilora aot` sets the
+    # compile target's, e.g. "tpu" on a CPU host)
+    backend: str | None = struct.field(pytree_node=False, default=None)
 
     def prepared(self, strategy: str | None = None) -> HiLoRAHook:
         """This hook with its pool's `RocPack` attached (host side; cached per pool) and,
@@ -252,7 +255,8 @@ class HiLoRAHook(LoraHook):
         c = self.cand_idx.shape[1]
         p = self.pack.B[name][0].shape[0] if self.pack is not None else None
         options = ("dense", "gathered") + (("packed",) if p is not None else ())
-        costs = {s: token_cost(s, b=b, t=t, c=c, a=a, r=r, p=p or 0, d=d, e=e) for s in options}
+        costs = {s: token_cost(s, b=b, t=t, c=c, a=a, r=r, p=p or 0, d=d, e=e,
+                               backend=self.backend) for s in options}
         return min(options, key=lambda s: (costs[s], s != "packed"))
 
     def deltas(self, layer: int, names, x: Float[Array, "B T D"]):

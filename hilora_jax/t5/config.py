@@ -24,7 +24,6 @@ The two T5 variants differ in three places, all read from the config:
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from hilora_jax.model.config import (
     UnsupportedConfigError,
     _short_repr,
     _unset,
+    read_config_mapping,
     unknown_fields_warning,
 )
 
@@ -111,6 +111,12 @@ class T5Config:
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
+    def projections(self):
+        """The adaptable projection rows of this config (`hilora_jax.t5.projections`)."""
+        from hilora_jax.t5.projections import projections
+
+        return projections(self)
+
     @property
     def variant(self) -> str:
         return "v1.1" if self.is_gated_act else "v1.0"
@@ -133,18 +139,7 @@ class T5Config:
         architecture, an unknown field with a value, or a known field at a value whose maths is
         not implemented; warns once (`UnknownFieldWarning`) about unset unknown fields.
         """
-        if isinstance(cfg, (str, Path)):
-            source = str(cfg)
-            try:
-                cfg = json.loads(Path(cfg).read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise UnsupportedConfigError(f"{source}: unreadable config ({e})") from e
-        elif not isinstance(cfg, Mapping):
-            cfg = cfg.to_dict()
-        if not isinstance(cfg, Mapping):
-            raise UnsupportedConfigError(f"{source}: a config must be a JSON object, got "
-                                         f"{type(cfg).__name__}")
-        cfg = dict(cfg)
+        cfg, source = read_config_mapping(cfg, source)
 
         def bad(field: str, why: str) -> UnsupportedConfigError:
             return UnsupportedConfigError(f"{source}: field {field!r} {why}")

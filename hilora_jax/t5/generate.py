@@ -23,30 +23,78 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax.inference import GenerationOutput, _sample, bucket_length, pad_batch
+from hilora_jax.inference import (
+    GenerationOutput,
+    SplitEngine,
+    _sample,
+    bucket_length,
+    pad_batch,
+)
 from hilora_jax.model import sharding as shd
-from hilora_jax.t5.model import T5ForConditionalGeneration
+from hilora_jax.t5.model import DecoderCache, T5ForConditionalGeneration
 
 
-class T5Engine:
-    """Split-once, jit-compiled inference over a `T5ForConditionalGeneration`."""
+def decoder_cache_sharding(mesh: Mesh, cache: DecoderCache) -> DecoderCache:
+    """`NamedSharding`s of a `DecoderCache` (arrays or `ShapeDtypeStruct`s) on `mesh`, from the
+    rules table: self- and cross-attention K/V `[B, S, N, H]` as (batch, seq, kv_heads, -), the
+    masks `[B, S]` as batch, the write index replicated."""
+    kv = NamedSharding(mesh, shd.logical_to_spec(("batch", "seq", "kv_heads", None),
+                                                 cache.k[0].shape, mesh, what="decoder cache"))
+    ckv = NamedSharding(mesh, shd.logical_to_spec(("batch", "seq", "kv_heads", None),
+                                                  cache.cross_k[0].shape, mesh,
+                                                  what="cross-attention cache"))
+    return DecoderCache(k=[kv] * len(cache.k), v=[kv] * len(cache.v),
+                        valid=shd.batch_sharding(mesh, cache.valid.shape),
+                        index=shd.replicated(mesh), cross_k=[ckv] * len(cache.cross_k),
+                        cross_v=[ckv] * len(cache.cross_v),
+                        enc_mask=shd.batch_sharding(mesh, cache.enc_mask.shape))
+
+
+def _constrain_cache(cache: DecoderCache, mesh: Mesh | None) -> DecoderCache:
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, decoder_cache_sharding(mesh, cache))
+
+
+def prefill(graphdef, state, ids, mask, lora, *, cache_size: int, mesh: Mesh | None = None
+            ) -> DecoderCache:
+    """Encoder stage of generation: encode `ids [B, T]` (`mask`) once and compute every decoder
+    layer's cross-attention K/V into a fresh `DecoderCache` of `cache_size` self-attention slots.
+    Pure: `T5Engine.generate` and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    enc = model.encode(ids, mask, lora=lora, constrain=shd.make_constrain(mesh))
+    return _constrain_cache(model.init_cache(enc, mask, cache_size, lora=lora), mesh)
+
+
+def decode_step(graphdef, state, tok, cache: DecoderCache, lora, *, mesh: Mesh | None = None):
+    """One decoder step: append token `tok [B]` to `cache`; returns `(logits [B, V], cache)`.
+    Pure: `T5Engine.generate`'s decode loop and `hilora aot` use exactly this."""
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(tok[:, None], cache, lora=lora,
+                                 constrain=shd.make_constrain(mesh), logits_at="last")
+    return logits[:, 0], _constrain_cache(cache, mesh)
+
+
+# Compiled step functions (graphdef and mesh static; the decode step donates its cache).
+prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size", "mesh"))
+decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("mesh",),
+                          donate_argnums=(3,))
+
+
+class T5Engine(SplitEngine):
+    """Split-once, jit-compiled inference over a `T5ForConditionalGeneration` (the split, `place`
+    and length check are `hilora_jax.inference.SplitEngine`'s, shared with `Engine`)."""
 
     def __init__(self, model: T5ForConditionalGeneration, mesh: Mesh | None = None):
-        self.config = model.config
-        self.mesh = mesh
-        self.graphdef, self.state = nnx.split(model)
-        self._constrain = shd.make_constrain(mesh)
+        super().__init__(model, mesh)
         self._forward = jax.jit(self._forward_impl)
         self._encode = jax.jit(self._encode_impl)
         self._score = jax.jit(self._score_impl)
         self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
 
     # -- pure functions ----------------------------------------------------------------------
-    def _model(self, state) -> T5ForConditionalGeneration:
-        return nnx.merge(self.graphdef, state)
-
     def _encode_impl(self, state, ids, mask, lora):
         return self._model(state).encode(ids, mask, lora=lora, constrain=self._constrain)
 
@@ -55,35 +103,36 @@ class T5Engine:
                                   constrain=self._constrain)
 
     def _score_impl(self, state, ids, mask, targets, target_mask, lora):
-        """ids/mask `[B, T]`; targets/target_mask `[B, C, L]` -> summed log-probs `[B, C]`."""
+        """ids/mask `[B, T]`; targets/target_mask `[B, C, L]` -> summed log-probs `[B, C]`.
+
+        The encoder and the cross-attention K/V run once per example; each choice is decoded as
+        a batch of the same `B` rows, so a per-row routed hook (oracle, HiLoRA decisions `[B, ...]`)
+        stays aligned with its rows."""
         model = self._model(state)
         b, c, n = targets.shape
         enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)  # once per example
-        enc = jnp.repeat(enc, c, axis=0)  # (B C) T D
-        emask = jnp.repeat(mask, c, axis=0)
-        tgt = targets.reshape(b * c, n)
-        tmask = target_mask.reshape(b * c, n)
-        start = jnp.full((b * c, 1), self.config.decoder_start_token_id, tgt.dtype)
-        dec_in = jnp.concatenate([start, tgt[:, :-1]], axis=1)
-        dec_mask = jnp.concatenate([jnp.ones((b * c, 1), bool), tmask[:, :-1]], axis=1)
-        cache = model.init_cache(enc, emask, n, lora=lora)
-        logits, _ = model.decode(dec_in, cache, dec_mask, lora=lora, constrain=self._constrain)
-        lp = jax.nn.log_softmax(logits, axis=-1)
-        tok_lp = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(tmask, tok_lp, 0.0), axis=-1).reshape(b, c)
+        cache = model.init_cache(enc, mask, n, lora=lora)
+        start = jnp.full((b, 1), self.config.decoder_start_token_id, targets.dtype)
+        out = []
+        for j in range(c):
+            tgt, tmask = targets[:, j], target_mask[:, j]
+            dec_in = jnp.concatenate([start, tgt[:, :-1]], axis=1)
+            dec_mask = jnp.concatenate([jnp.ones((b, 1), bool), tmask[:, :-1]], axis=1)
+            logits, _ = model.decode(dec_in, cache, dec_mask, lora=lora,
+                                     constrain=self._constrain)
+            lp = jax.nn.log_softmax(logits, axis=-1)
+            tok_lp = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
+            out.append(jnp.sum(jnp.where(tmask, tok_lp, 0.0), axis=-1))
+        return jnp.stack(out, axis=1)
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
                        lora, *, max_new, greedy):
-        model = self._model(state)
         b = ids.shape[0]
-        enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)
-        cache = model.init_cache(enc, mask, max_new, lora=lora)
+        cache = prefill(self.graphdef, state, ids, mask, lora, cache_size=max_new, mesh=self.mesh)
         start = jnp.full((b,), self.config.decoder_start_token_id, jnp.int32)
 
         def step_logits(tok, cache):
-            logits, cache = model.decode(tok[:, None], cache, lora=lora,
-                                         constrain=self._constrain, logits_at="last")
-            return logits[:, 0], cache
+            return decode_step(self.graphdef, state, tok, cache, lora, mesh=self.mesh)
 
         def record(step, tok, out, done, lengths):
             out = out.at[:, step].set(jnp.where(done, 0, tok))
@@ -110,16 +159,11 @@ class T5Engine:
         return out, lengths
 
     # -- public API ----------------------------------------------------------------------------
-    def _place(self, *arrays):
-        if self.mesh is None:
-            return tuple(jnp.asarray(a) for a in arrays)
-        return tuple(jax.device_put(a, shd.batch_sharding(self.mesh, np.shape(a))) for a in arrays)
-
     def encode(self, input_ids, attention_mask=None, *, lora=None):
         """Encoder output `[B, T, D]` (after the final layer norm)."""
         ids = np.asarray(input_ids, np.int32)
         mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
-        return self._encode(self.state, *self._place(ids, mask), lora)
+        return self._encode(self.state, *self.place(ids, mask), lora)
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
                 *, lora=None):
@@ -129,7 +173,7 @@ class T5Engine:
         dids = np.asarray(decoder_input_ids, np.int32)
         dmask = (np.ones(dids.shape, bool) if decoder_attention_mask is None
                  else np.asarray(decoder_attention_mask, bool))
-        return self._forward(self.state, *self._place(ids, mask, dids, dmask), lora)
+        return self._forward(self.state, *self.place(ids, mask, dids, dmask), lora)
 
     def score_choices(self, prompts: Sequence[Sequence[int]],
                       choices: Sequence[Sequence[Sequence[int]]], *, lora=None,
@@ -153,9 +197,19 @@ class T5Engine:
             for j, x in enumerate(ch):
                 tgt[i, j, :len(x)] = x
                 tm[i, j, :len(x)] = True
-        ids, mask = self._place(ids, mask)
-        tgt, tm = jnp.asarray(tgt), jnp.asarray(tm)
+        return self.score_targets(ids, mask, tgt, tm, lora=lora)
+
+    def score_targets(self, input_ids, attention_mask, targets, target_mask, *, lora=None):
+        """Summed log-prob `[B, C]` of padded decoder targets `[B, C, L]` (`target_mask` marks
+        their tokens) given encoder inputs `[B, T]`: the array form of `score_choices`."""
+        ids, mask = self.place(np.asarray(input_ids, np.int32), np.asarray(attention_mask, bool))
+        tgt, tm = jnp.asarray(np.asarray(targets, np.int32)), jnp.asarray(np.asarray(target_mask,
+                                                                                     bool))
         return np.asarray(self._score(self.state, ids, mask, tgt, tm, lora))
+
+    def mc_scorer(self) -> T5ChoiceScorer:
+        """The scorer `eval.runner.evaluate` uses for this engine (`T5ChoiceScorer`)."""
+        return T5ChoiceScorer(self)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 32,
                  temperature: float = 0.0, top_p: float = 1.0, key: jax.Array | None = None,
@@ -180,7 +234,7 @@ class T5Engine:
             if not greedy:
                 raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
             key = jax.random.key(0)
-        ids, mask = self._place(ids, mask)
+        ids, mask = self.place(ids, mask)
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p),
             jnp.asarray(stops, jnp.int32), jnp.int32(max_new_tokens), lora,
@@ -190,3 +244,30 @@ class T5Engine:
         for i, n in enumerate(lengths):
             out[i, n:] = pad
         return GenerationOutput(tokens=out, lengths=lengths)
+
+
+class T5ChoiceScorer:
+    """Multiple-choice scoring of `eval.tasks.MCBatch` rows (prompt + choice, left-padded, the
+    choice marked by `target_mask`) on T5: the prompt is the encoder input (the choice tokens are
+    masked out as keys), the choice the decoder target (`score_targets`, one choice per row, so a
+    per-row routed hook stays aligned). `layer = 0`: no shared prefix (`eval.runner`)."""
+
+    layer = 0
+
+    def __init__(self, engine: T5Engine):
+        self.engine = engine
+
+    def batch(self, b, lora=None) -> np.ndarray:
+        """Summed choice log-probs `[B]` of one batch."""
+        ids = np.asarray(b.input_ids, np.int32)
+        mask = np.asarray(b.attention_mask, bool)
+        tm = np.asarray(b.target_mask, bool)
+        n = max(int(b.tail), int(tm.sum(1).max()))
+        pad = self.engine.config.pad_token_id or 0
+        tgt = np.full((ids.shape[0], 1, n), pad, np.int32)
+        tmask = np.zeros((ids.shape[0], 1, n), bool)
+        for r in range(ids.shape[0]):
+            c = ids[r, tm[r]]
+            tgt[r, 0, :len(c)] = c
+            tmask[r, 0, :len(c)] = True
+        return self.engine.score_targets(ids, mask & ~tm, tgt, tmask, lora=lora)[:, 0]

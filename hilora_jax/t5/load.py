@@ -30,6 +30,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from hilora_jax.io.hf import KeyMapper
 from hilora_jax.io.safetensors import (
     CheckpointError,
     SafetensorsFile,
@@ -61,15 +62,11 @@ EMBED_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 # Keys transformers itself ignores when loading (an unused bias some old conversions saved).
 IGNORED_KEYS = [r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"]
 
-_COMPILED = [(re.compile(p + "$"), t, f) for p, t, f in T5_TABLE]
+T5_KEYS = KeyMapper(T5_TABLE, IGNORED_KEYS)
 
 
 def map_key(key: str) -> tuple[str, Callable] | None:
-    for pat, tmpl, fn in _COMPILED:
-        m = pat.match(key)
-        if m:
-            return tmpl.format(*m.groups()), fn
-    return None
+    return T5_KEYS(key)
 
 
 def hf_key(target: str) -> str:
@@ -206,7 +203,7 @@ def build_model(cfg: T5Config, tensors: Tensors, *, dtype=jnp.float32, mesh: Mes
     bad_targets: set[str] = set()
     aliases: list[tuple[str, Callable, str]] = []
     for key, load, src in tensors:
-        if any(re.fullmatch(p, key) for p in IGNORED_KEYS):
+        if T5_KEYS.ignored(key):
             continue
         if key in EMBED_ALIASES or (key == "lm_head.weight" and cfg.tie_word_embeddings):
             aliases.append((key, load, src))

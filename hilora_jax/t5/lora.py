@@ -17,7 +17,6 @@ base, or a T5 adapter whose shapes do not fit the base, is refused in one line.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,18 +27,18 @@ import numpy as np
 from flax import struct
 
 from hilora_jax.io.peft import (
-    _IGNORED,
-    _MUST_BE_OFF,
-    _READ,
     AdapterError,
-    _is_unset,
+    AdapterFamily,
+    PeftAdapter,
     _read_tensors,
     _repr_short,
+    check_config,
     is_targeted,
     module_rank_alpha,
 )
-from hilora_jax.model.config import unknown_fields_warning
+from hilora_jax.model.hook import LoraHook
 from hilora_jax.t5.config import T5Config
+from hilora_jax.t5.model import split_module_key
 from hilora_jax.t5.projections import module_shapes
 
 DEFAULT_TARGETS = ("q", "v")  # PEFT's TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["t5"]
@@ -48,54 +47,29 @@ _KEY = re.compile(r"^base_model\.model\.(.+)\.lora_(A|B)\.weight$")
 _LLAMA = re.compile(r"(^|\.)layers\.\d+\.(self_attn|mlp)\.")
 
 
-def check_t5_config(cfg: Any, name: str, *, source: str | None = None) -> dict:
-    """The Llama adapter field policy (`hilora_jax.io.peft.check_config`) with T5 targets."""
-    where = f"adapter {name!r}" + (f" ({source})" if source else "")
-
-    def bad(f: str, why: str) -> AdapterError:
-        return AdapterError(f"{where}: field {f!r} {why}")
-
-    if not isinstance(cfg, dict):
-        raise AdapterError(f"{where}: the config must be a JSON object, got {type(cfg).__name__}")
-    cfg = dict(cfg)
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise bad("peft_type", f"= {cfg['peft_type']!r}; only LORA adapters are supported")
-    unset: dict[str, Any] = {}
-    for f in sorted(cfg):
-        v = cfg[f]
-        if f in _IGNORED or f in _READ:
-            continue
-        if f in _MUST_BE_OFF:
-            if not _MUST_BE_OFF[f](v):
-                raise bad(f, f"= {_repr_short(v)} changes the LoRA maths and is not supported")
-            continue
-        if _is_unset(v):
-            unset[f] = v
-            continue
-        raise bad(f, f"= {_repr_short(v)} is not known to hilora-jax (it may change the maths); "
-                  "refusing (unknown fields are accepted only when unset)")
-    for f in ("r", "lora_alpha"):
-        v = cfg.get(f, 8)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0 or not math.isfinite(v):
-            raise bad(f, f"= {v!r} must be a positive number")
-    tm = cfg.get("target_modules")
-    if tm is None:
-        cfg["target_modules"] = list(DEFAULT_TARGETS)
-    elif isinstance(tm, list):
+def _check_t5_targets(tm: Any, bad, where: str) -> None:
+    if isinstance(tm, list):
         if not tm or not all(isinstance(e, str) and e for e in tm):
             raise bad("target_modules", f"= {_repr_short(tm)} must be a non-empty list of names")
         llama = [e for e in tm if e.rsplit(".", 1)[-1].endswith("_proj")]
         if llama and not any(e.rsplit(".", 1)[-1] in T5_NAMES for e in tm):
             raise bad("target_modules", f"= {_repr_short(tm)} names Llama-family projections "
                       f"({llama[0]!r}); a T5 adapter targets {', '.join(T5_NAMES)}")
-    elif not isinstance(tm, str):
+    elif isinstance(tm, str):
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise bad("target_modules", f"= {tm!r} is not a valid regular expression ({e})") from e
+    else:
         raise bad("target_modules", f"= {_repr_short(tm)} must be null, a string or a list")
-    idx = cfg.get("layers_to_transform")
-    if idx is not None and isinstance(tm, str) and idx != []:
-        raise bad("layers_to_transform", "cannot be used with a string target_modules (PEFT "
-                  "refuses it too)")
-    unknown_fields_warning(where, unset)
-    return cfg
+
+
+T5_FAMILY = AdapterFamily("T5", DEFAULT_TARGETS, _check_t5_targets)
+
+
+def check_t5_config(cfg: Any, name: str, *, source: str | None = None) -> dict:
+    """The adapter field policy (`hilora_jax.io.peft.check_config`) with T5 targets."""
+    return check_config(cfg, name, source=source, family=T5_FAMILY)
 
 
 @dataclass
@@ -164,27 +138,47 @@ def read_t5_adapter(src: str | Path, model_cfg: T5Config, *, name: str | None = 
     return ad
 
 
-@struct.dataclass
-class SingleLoraHook:
-    """`hook(path, x)` = scale * (x @ A^T) @ B^T for an adapted module, None otherwise.
+def to_peft_adapter(ad: T5LoraAdapter) -> PeftAdapter:
+    """The adapter as the pool's host type (`io.peft.PeftAdapter`): `modules[(block, row)] =
+    (A [r, d_in], B [r, d_out] rows, scale)`, keyed like the hook (`split_module_key`)."""
+    out = PeftAdapter(name=ad.name, source=ad.source, config=ad.config,
+                      r=int(ad.config.get("r", 8)))
+    for path, (a, b, scale) in ad.modules.items():
+        out.modules[split_module_key(path)] = (a, np.ascontiguousarray(b.T), scale)
+    return out
 
-    A pytree (module paths are static structure), so it is passed to jitted functions as an
-    argument: new adapter values of the same shapes never recompile.
+
+def read_t5_pool_adapter(src: str | Path, model_cfg: T5Config, *, name: str | None = None,
+                         base: str | None = None) -> PeftAdapter:
+    """`read_t5_adapter` as a pool member (`to_peft_adapter`); `base` is accepted for the pool
+    reader's signature (`io.peft.read_adapter`)."""
+    return to_peft_adapter(read_t5_adapter(src, model_cfg, name=name))
+
+
+@struct.dataclass
+class SingleLoraHook(LoraHook):
+    """One adapter as a `LoraHook`: `delta(block, row, x)` = scale * (x @ A^T) @ B^T for an adapted
+    module, None otherwise.
+
+    A pytree (module keys `"{block}:{row}"` are static structure), so it is passed to jitted
+    functions as an argument: new adapter values of the same shapes never recompile.
     """
 
-    a: dict  # path -> [d_in, r]
-    b: dict  # path -> [r, d_out]
-    scale: dict  # path -> scalar
+    a: dict  # key -> [d_in, r]
+    b: dict  # key -> [r, d_out]
+    scale: dict  # key -> scalar
 
     @classmethod
     def from_adapter(cls, ad: T5LoraAdapter, dtype=jnp.float32) -> SingleLoraHook:
-        return cls(a={p: jnp.asarray(m[0].T, dtype) for p, m in ad.modules.items()},
-                   b={p: jnp.asarray(m[1].T, dtype) for p, m in ad.modules.items()},
-                   scale={p: jnp.float32(m[2]) for p, m in ad.modules.items()})
+        keys = {p: "{}:{}".format(*split_module_key(p)) for p in ad.modules}
+        return cls(a={keys[p]: jnp.asarray(m[0].T, dtype) for p, m in ad.modules.items()},
+                   b={keys[p]: jnp.asarray(m[1].T, dtype) for p, m in ad.modules.items()},
+                   scale={keys[p]: jnp.float32(m[2]) for p, m in ad.modules.items()})
 
-    def __call__(self, path: str, x):
-        if path not in self.a:
+    def delta(self, layer: int, name: str, x):
+        key = f"{layer}:{name}"
+        if key not in self.a:
             return None
-        a, b = self.a[path], self.b[path]
+        a, b = self.a[key], self.b[key]
         h = jnp.einsum("...D,DR->...R", x.astype(a.dtype), a)
-        return jnp.einsum("...R,RF->...F", h, b) * self.scale[path].astype(a.dtype)
+        return jnp.einsum("...R,RF->...F", h, b) * self.scale[key].astype(a.dtype), {}

@@ -23,14 +23,21 @@ Numerics follow transformers (fp32 parity <= 1e-4):
   loading with `dtype=torch.bfloat16` nevertheless leaves it in bf16). Only fp32 is held to
   transformers' numbers; bf16 is tested to be as close to fp32 as transformers' own bf16 is.
 
-LoRA hook: each adaptable projection calls `lora(path, x)` with its HF module path (e.g.
-`"decoder.block.1.layer.1.EncDecAttention.q"`, the key PEFT uses) and adds the returned delta
-`[..., d_out]` (None: not adapted). The hook is an argument, never module state.
+LoRA hook: the Llama model's protocol (`hilora_jax.model.hook.LoraHook`). Projections reading the
+same activation ask together, `lora.deltas(block, rows, x)` (self-attention q/k/v, cross-attention
+k/v, gated wi_0/wi_1; `project`), the others alone, `lora.delta(block, row, x)`, with the block
+index and the projection rows
+(`hilora_jax.model.projections.T5`: `encoder.SelfAttention.q`, `decoder.EncDecAttention.k`,
+`decoder.DenseReluDense.wo`, ...; a pool's keys) and adds the returned delta `[B, T, d_out]`
+(None: not adapted), so every pool hook and router hook works on T5 unchanged. Cross-attention
+k/v are asked once per generation, on the encoder output (`init_cache`). The hook is an argument,
+never module state.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -40,9 +47,9 @@ import numpy as np
 from flax import nnx, struct
 from jaxtyping import Array, Bool, Float, Int
 
+from hilora_jax.model.hook import LoraHook
 from hilora_jax.t5.config import T5Config
 
-LoraHook = Callable[[str, Array], "Array | None"]
 _NEG = -1e30  # finite "minus infinity": fully masked rows (padding queries) never give NaN
 
 
@@ -110,21 +117,48 @@ def _init(rngs: nnx.Rngs, shape, dtype, std=0.05):
     return jax.random.normal(rngs.params(), shape, dtype) * std
 
 
+_MODULE_KEY = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.layer\.\d+\.(\w+)\.(\w+)$")
+
+
+def split_module_key(path: str) -> tuple[int, str] | None:
+    """HF module path -> the hook's `(layer, name)`: block index and projection row
+    (`decoder.block.2.layer.1.EncDecAttention.q` -> `(2, "decoder.EncDecAttention.q")`, the row
+    names of `hilora_jax.model.projections.T5`); None for a module outside the blocks."""
+    m = _MODULE_KEY.match(path)
+    if m is None:
+        return None
+    return int(m.group(2)), f"{m.group(1)}.{m.group(3)}.{m.group(4)}"
+
+
 class Linear(nnx.Module):
-    """Bias-free projection, kernel `[in, out]`; `path` is its HF module path (for the hook)."""
+    """Bias-free projection, kernel `[in, out]`; `path` is its HF module path, `(index, row)` its
+    hook key (`split_module_key`)."""
 
     def __init__(self, d_in: int, d_out: int, path: str, *, dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_init(rngs, (d_in, d_out), dtype))
         self.path = path
+        key = split_module_key(path)
+        self.index, self.row = key if key is not None else (None, None)
 
     def __call__(self, x: Array, lora: LoraHook | None = None) -> Array:
         w = self.kernel[...]
         y = jnp.einsum("...D,DF->...F", x.astype(w.dtype), w)
-        if lora is not None:
-            delta = lora(self.path, x)
-            if delta is not None:
-                y = y + delta.astype(y.dtype)
+        if lora is not None and self.row is not None:
+            out = lora.delta(self.index, self.row, x)
+            if out is not None:
+                y = y + out[0].astype(y.dtype)
         return y
+
+
+def project(lora: LoraHook | None, mods, x: Array) -> list[Array]:
+    """`x W + delta` for Linears of one block reading the same `x` (q/k/v; k/v of
+    cross-attention; wi_0/wi_1): one `lora.deltas(block, rows, x)` call for all of them, as the
+    Llama model asks (packed HiLoRA then computes their responses in one matmul)."""
+    ys = [m(x) for m in mods]
+    if lora is None:
+        return ys
+    outs = lora.deltas(mods[0].index, tuple(m.row for m in mods), x)
+    return [y if o is None else y + o[0].astype(y.dtype) for y, o in zip(ys, outs, strict=True)]
 
 
 class Embed(nnx.Module):
@@ -157,14 +191,27 @@ class T5Attention(nnx.Module):
             Embed(cfg.relative_attention_num_buckets, cfg.num_heads, dtype=dtype, rngs=rngs)
             if has_relative_attention_bias else None)
 
+    def split_heads(self, y: Array) -> Array:
+        b, t, _ = y.shape
+        return y.reshape(b, t, self.num_heads, self.d_kv)
+
+    def qkv(self, x: Array, lora) -> tuple[Array, Array, Array]:
+        """Self-attention q, k, v heads `[B, T, N, H]` of `x` (one hook call)."""
+        return tuple(self.split_heads(y) for y in project(lora, (self.q, self.k, self.v), x))
+
+    def kv(self, x: Array, lora) -> tuple[Array, Array]:
+        """k, v heads of `x` (cross-attention: the encoder output; one hook call)."""
+        return tuple(self.split_heads(y) for y in project(lora, (self.k, self.v), x))
+
     def heads(self, proj: Linear, x: Array, lora) -> Array:
         b, t, _ = x.shape
         return proj(x, lora).reshape(b, t, self.num_heads, self.d_kv)
 
-    def __call__(self, x, k, v, bias, mask, lora):
-        """`x [B, T, D]` queries against keys/values `[B, S, N, H]`; returns `[B, T, D]`."""
+    def __call__(self, x, k, v, bias, mask, lora, q=None):
+        """`x [B, T, D]` queries (or their heads `q`, already projected) against keys/values
+        `[B, S, N, H]`; returns `[B, T, D]`."""
         b, t, _ = x.shape
-        q = self.heads(self.q, x, lora)
+        q = self.heads(self.q, x, lora) if q is None else q
         out = attention(q, k.astype(q.dtype), v.astype(q.dtype), bias, mask)
         return self.o(out.reshape(b, t, -1), lora)
 
@@ -208,7 +255,8 @@ class T5DenseGatedActDense(nnx.Module):
         self.act_name = cfg.dense_act_fn
 
     def __call__(self, x, lora):
-        h = activation(self.act_name)(self.wi_0(x, lora)) * self.wi_1(x, lora)
+        g, u = project(lora, (self.wi_0, self.wi_1), x)
+        h = activation(self.act_name)(g) * u
         return self.wo(h, lora).astype(x.dtype)
 
 
@@ -295,8 +343,8 @@ class T5ForConditionalGeneration(nnx.Module):
             sa = blk.layer[0]
             h = sa.layer_norm(x)
             att = sa.SelfAttention
-            k, v = att.heads(att.k, h, lora), att.heads(att.v, h, lora)
-            x = x + att(h, k, v, bias, mask, lora)
+            q, k, v = att.qkv(h, lora)
+            x = x + att(h, k, v, bias, mask, lora, q=q)
             x = blk.layer[1](x, lora)
             if constrain is not None:
                 x = constrain(x, "act")
@@ -312,8 +360,9 @@ class T5ForConditionalGeneration(nnx.Module):
         ck, cv = [], []
         for blk in self.decoder.block:
             att = blk.layer[1].EncDecAttention
-            ck.append(att.heads(att.k, enc_out, lora))
-            cv.append(att.heads(att.v, enc_out, lora))
+            k, v = att.kv(enc_out, lora)
+            ck.append(k)
+            cv.append(v)
         n = cfg.num_decoder_layers
         return DecoderCache(k=[jnp.zeros(shape, self.dtype) for _ in range(n)],
                             v=[jnp.zeros(shape, self.dtype) for _ in range(n)],
@@ -342,13 +391,14 @@ class T5ForConditionalGeneration(nnx.Module):
             sa = blk.layer[0]
             h = sa.layer_norm(x)
             att = sa.SelfAttention
-            k = jax.lax.dynamic_update_slice(cache.k[i], att.heads(att.k, h, lora).astype(
-                cache.k[i].dtype), (0, at, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache.v[i], att.heads(att.v, h, lora).astype(
-                cache.v[i].dtype), (0, at, 0, 0))
+            q, k_new, v_new = att.qkv(h, lora)
+            k = jax.lax.dynamic_update_slice(cache.k[i], k_new.astype(cache.k[i].dtype),
+                                             (0, at, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache.v[i], v_new.astype(cache.v[i].dtype),
+                                             (0, at, 0, 0))
             new_k.append(k)
             new_v.append(v)
-            x = x + att(h, k, v, bias, self_mask, lora)
+            x = x + att(h, k, v, bias, self_mask, lora, q=q)
             ca = blk.layer[1]
             x = x + ca.EncDecAttention(ca.layer_norm(x), cache.cross_k[i], cache.cross_v[i], None,
                                        cross_mask, lora)

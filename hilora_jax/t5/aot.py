@@ -1,0 +1,228 @@
+"""`hilora aot` for T5 / FLAN-T5: `T5Engine`'s real programs compiled with abstract arguments.
+
+The programs are `hilora_jax.t5.generate.prefill_jit` (encode the prompt once, cross-attention K/V
+of every decoder layer into a fresh `DecoderCache`) and `decode_step_jit` (one decoder token),
+the very functions `T5Engine.generate` composes, lowered with `jax.ShapeDtypeStruct`s carrying
+the shardings of the T5 rules table (`t5.projections.PARAM_AXES`) and of the pool (A input-side,
+B output-side axis). The LoRA hook is the router's real hook pytree over a T5 pool whose rows are
+the projections named by `targets` (PEFT target names: `q`, `v`, `wi_0`, ...) in every block of
+both stacks. The report has the schema of `hilora_jax.aot.analyze` (so `format_table` prints it);
+the prefill's attention share is not estimated (`None`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from hilora_jax import aot
+from hilora_jax.inference import bucket_length
+from hilora_jax.model import sharding as shd
+from hilora_jax.t5.config import T5Config
+from hilora_jax.t5.generate import decode_step_jit, decoder_cache_sharding, prefill, prefill_jit
+from hilora_jax.t5.model import T5ForConditionalGeneration
+from hilora_jax.t5.projections import projections
+
+DEFAULT_TARGETS = ("q", "v")  # PEFT's T5 default (and LoraHub's FLAN-T5 LoRAs)
+
+
+def parse_mesh(mesh: str | None, n_devices: int, cfg: T5Config, batch: int) -> tuple[int, int]:
+    if mesh is None:
+        data, model = 1, n_devices
+    else:
+        m = re.fullmatch(r"(\d+)x(\d+)", mesh.strip().lower())
+        if not m:
+            raise aot.AotError(f"--mesh {mesh!r}: expected DATAxMODEL, e.g. 1x8")
+        data, model = int(m.group(1)), int(m.group(2))
+    if data * model != n_devices:
+        raise aot.AotError(f"mesh {data}x{model} uses {data * model} devices; the target has "
+                           f"{n_devices}")
+    if cfg.num_heads % model:
+        raise aot.AotError(f"mesh {data}x{model}: the model axis ({model}) does not divide "
+                           f"num_heads={cfg.num_heads}")
+    if batch % data:
+        raise aot.AotError(f"mesh {data}x{model}: the data axis ({data}) does not divide batch "
+                           f"{batch}")
+    return data, model
+
+
+def abstract_pool(spec: aot.PoolSpec, cfg: T5Config, dtype, mesh: Mesh):
+    """Synthetic T5 `PoolArrays` of `ShapeDtypeStruct`s (`spec.n` adapters of rank `spec.rank`
+    on every row whose PEFT target is in `spec.targets`) on their shardings, and its description."""
+    from hilora_jax.lora.pool import PoolArrays, pool_shardings
+
+    if spec.path is not None:
+        raise aot.AotError("--pool DIR is not supported for T5 yet; use --pool-size/--rank/"
+                           "--targets")
+    names = {p.target for p in projections(cfg)}
+    bad = [t for t in spec.targets if t not in names]
+    if bad or not spec.targets:
+        raise aot.AotError(f"--targets {','.join(spec.targets)}: unknown T5 module(s) {bad}; "
+                           f"choose from {','.join(sorted(names))}")
+    if spec.n < 1 or spec.rank < 1:
+        raise aot.AotError(f"--pool-size {spec.n} / --rank {spec.rank}: both must be >= 1")
+    n, r = spec.n, spec.rank
+    rows = [p for p in projections(cfg) if p.target in spec.targets]
+    sds = aot._sds
+    A, B, S, M = {}, {}, {}, {}
+    for p in rows:
+        L, (d_in, d_out) = p.num_layers(cfg), p.shape(cfg)
+        A[p.name] = sds((L, n, r, d_in), dtype)
+        B[p.name] = sds((L, n, r, d_out), dtype)
+        S[p.name] = sds((L, n, r), jnp.float32)
+        M[p.name] = sds((L, n, r), bool)
+    arrays = PoolArrays(A=A, B=B, scale=S, mask=M, ranks=sds((n,), jnp.int32),
+                        active=sds((n,), bool))
+    sh = pool_shardings(arrays, mesh)
+    arrays = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), arrays, sh)
+    desc = {"path": None, "n": n, "rank": r, "targets": list(spec.targets),
+            "bytes": int(sum(aot._nbytes(a) for a in jax.tree.leaves(arrays)))}
+    return arrays, desc
+
+
+def abstract_params(cfg: T5Config, dtype, mesh: Mesh):
+    """Graph definition and state of the T5 model with `ShapeDtypeStruct` leaves on their
+    shardings (`t5.load.param_sharding`)."""
+    from hilora_jax.t5.load import _path_str, param_sharding
+
+    abs_model = nnx.eval_shape(lambda: T5ForConditionalGeneration(cfg, dtype=dtype,
+                                                                  rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abs_model)
+    for path, var in nnx.to_flat_state(state):
+        v = var.get_value()
+        var.set_value(aot._sds(v.shape, v.dtype, param_sharding(_path_str(path), v.shape, mesh)))
+    return graphdef, state
+
+
+def analyze(spec: aot.AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
+    """Compile the T5 prefill (encoder + cross K/V) and one decode step for every router in
+    `spec.routers` (base first); the report of `hilora_jax.aot.analyze`."""
+    cfg = spec.cfg
+    if spec.dtype not in ("bfloat16", "float32"):
+        raise aot.AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
+    for r in spec.routers:
+        if r not in aot.ROUTERS:
+            raise aot.AotError(f"unknown router {r!r}; choose from {', '.join(aot.ROUTERS)} or all")
+    for what, v in (("--batch", spec.batch), ("--prompt", spec.prompt), ("--new", spec.new)):
+        if v < 1:
+            raise aot.AotError(f"{what} {v}: must be >= 1")
+    if spec.topology != aot.LOCAL and spec.topology not in aot.TOPOLOGIES:
+        raise aot.AotError(f"unknown topology {spec.topology!r}; choose from "
+                           f"{', '.join([*aot.TOPOLOGIES, aot.LOCAL])}")
+    log = log or (lambda *_: None)
+    dtype = jnp.dtype(spec.dtype)
+    devices, chip = aot.topology_devices(spec.topology)
+    data, model_ax = parse_mesh(spec.mesh, len(devices), cfg, spec.batch)
+    mesh = Mesh(np.asarray(devices).reshape(data, model_ax), (shd.DATA, shd.MODEL))
+    routers = ["base", *[r for r in spec.routers if r != "base"]]
+    pool_arrays, pool_desc = abstract_pool(spec.pool, cfg, dtype, mesh)  # input errors first
+    graphdef, state = abstract_params(cfg, dtype, mesh)
+    t = bucket_length(spec.prompt)
+    cache_size = bucket_length(spec.new, minimum=16, multiple=64)
+    b = spec.batch
+    tok_sh = shd.batch_sharding(mesh, (b, t))
+    ids, mask = aot._sds((b, t), jnp.int32, tok_sh), aot._sds((b, t), bool, tok_sh)
+    tok = aot._sds((b,), jnp.int32, shd.batch_sharding(mesh, (b,)))
+    cache = jax.eval_shape(functools.partial(prefill, graphdef, cache_size=cache_size),
+                           state, ids, mask, None)
+    cache = jax.tree.map(lambda a, s: aot._sds(a.shape, a.dtype, s), cache,
+                         decoder_cache_sharding(mesh, cache))
+    weights_dev = sum(aot._device_bytes(a) for a in jax.tree.leaves(state))
+    kv_dev = sum(aot._device_bytes(a) for a in (*cache.k, *cache.v, *cache.cross_k,
+                                                 *cache.cross_v))
+    pool_dev = sum(aot._device_bytes(a) for a in (*pool_arrays.A.values(),
+                                                   *pool_arrays.B.values()))
+    # the encoder weights and the embedding table (B rows gathered) are not read by a decode step
+    enc_dev = sum(aot._device_bytes(a) for a in jax.tree.leaves(state["encoder"]))
+    emb = state["shared"]["embedding"].get_value()
+    emb_unread = aot._device_bytes(emb) - min(b, cfg.vocab_size) * cfg.d_model * dtype.itemsize
+    enc_pool = sum(aot._device_bytes(a) for m, a in (*pool_arrays.A.items(),
+                                                      *pool_arrays.B.items())
+                   if m.startswith("encoder."))
+    hbm = chip.hbm_bytes if chip is not None else aot._local_hbm(devices[0])
+    wshapes = aot.weight_shapes(state, pool_arrays)
+    variants: dict[str, dict] = {}
+    for r in routers:
+        hook, slots = aot.abstract_hook(r, pool_arrays, b, mesh, spec.max_candidates)
+        v: dict[str, Any] = {}
+        for prog in ("prefill", "decode_step"):
+            t0 = time.perf_counter()
+            if prog == "prefill":
+                lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
+                                            cache_size=cache_size, mesh=mesh)
+            else:
+                lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
+            try:
+                compiled = lowered.compile()
+            except Exception as e:  # the compiler's own out-of-memory verdict is a result
+                msg = str(e)
+                if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+                    raise
+                v["error"] = f"{prog}: " + msg.strip().splitlines()[0][:300]
+                log(f"  {r:<13} {prog:<11} does not fit: {v['error']}")
+                break
+            secs = time.perf_counter() - t0
+            hlo = compiled.as_text()
+            if hlo_dir is not None:
+                Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+                (Path(hlo_dir) / f"{r}_{prog}.hlo.txt").write_text(hlo)
+            colls = aot.collectives(hlo)
+            cost = aot._cost(compiled)
+            coll_bytes = float(sum(c["bytes"] for c in colls))
+            entry = {**cost, **aot.roofline(cost["flops"], cost["bytes"], coll_bytes, chip),
+                     "memory": aot._memory(compiled), "collective_bytes": coll_bytes,
+                     "collectives": aot.summarize_collectives(colls),
+                     "weight_gathers": [c for c in colls if c["kind"] == "all-gather"
+                                        and tuple(c["shape"]) in wshapes],
+                     "compile_s": round(secs, 2)}
+            if prog == "decode_step":
+                lora_min = ((pool_dev - enc_pool) * slots / pool_arrays.num_adapters
+                            if slots else 0)
+                entry["min_bytes"] = float(weights_dev - enc_dev - max(emb_unread, 0) + kv_dev
+                                           + lora_min)
+                entry["bytes_over_min"] = entry["bytes"] / entry["min_bytes"]
+            else:
+                entry["attention_flops"] = None
+                entry["attention_share"] = None
+            aot.add_hbm_estimate(entry, hlo, chip)
+            log(f"  {r:<13} {prog:<11} compiled in {secs:5.1f}s")
+            v[prog] = entry
+        if "error" in v:
+            v.update(fits=False, peak_bytes=None, margin_bytes=None)
+        else:
+            peak = max(v["prefill"]["memory"]["total"], v["decode_step"]["memory"]["total"])
+            v.update(peak_bytes=peak, fits=None if hbm is None else bool(peak <= hbm),
+                     margin_bytes=None if hbm is None else int(hbm - peak))
+        variants[r] = v
+    main = variants[routers[-1]]
+    ok = "error" not in main
+    return {
+        "model": spec.name, "family": "t5", "topology": spec.topology,
+        "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
+        "devices": len(devices), "mesh": {"data": data, "model": model_ax},
+        "dtype": spec.dtype, "weights": str(dtype), "batch": b, "prompt": spec.prompt,
+        "new": spec.new, "prompt_bucket": t, "cache_size": cache_size, "pool": pool_desc,
+        "router": routers[-1], "hbm_bytes": hbm,
+        "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev,
+                       "embedding_not_read": max(emb_unread, 0), "encoder_weights": enc_dev},
+        "fits": main["fits"], "margin_bytes": main["margin_bytes"],
+        "error": None if ok else main["error"],
+        "memory": {"prefill": main["prefill"]["memory"],
+                   "decode_step": main["decode_step"]["memory"],
+                   "peak": main["peak_bytes"]} if ok else None,
+        "prefill": main.get("prefill"), "decode_step": main.get("decode_step"),
+        "collectives": [{**c, "program": p} for p in ("prefill", "decode_step")
+                        for c in main[p]["collectives"]] if ok else [],
+        "variants": variants, "ratios": aot.compute_ratios(variants),
+    }
+
