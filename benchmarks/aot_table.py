@@ -1,4 +1,5 @@
-"""The README's accelerator table from `hilora aot`: Llama-2-7B + 50 r=8 q/v LoRAs, bf16, 2048-token
+"""The README's accelerator table from `hilora aot`: Llama-2-7B + 50 r=8 q/v LoRAs, bf16 (and
+weight-only int8 base kernels, `:int8` entries), 2048-token
 prompts (+128 new tokens: 2176 cache slots), on TPU v5e-1 / v5e-8 / v6e-8 at batch 1 / 8 / 32.
 
 Every cell comes from compiling `Engine`'s real prefill and decode step for that slice through
@@ -7,6 +8,7 @@ estimates from XLA's cost analysis and the chips' published peaks (see `hilora_j
 
     python benchmarks/aot_table.py                       # every configuration (resumes)
     python benchmarks/aot_table.py --only v5e-8:8        # one configuration
+    python benchmarks/aot_table.py --only v5e-1:1:int8   # the same with int8 base weights
     python benchmarks/aot_table.py --before v5e-8:32     # + the prefill with unchunked attention
 
 Results accumulate in benchmarks/results/aot.json (one entry per configuration, written after each,
@@ -25,16 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS_DIR, command_line, machine_info, markdown_table, write_json, write_text  # noqa: E402
 
-CONFIGS = [f"{t}:{b}" for t in ("v5e-8", "v6e-8", "v5e-1") for b in (8, 32, 1)]
+CONFIGS = [f"{t}:{b}{w}" for w in ("", ":int8") for t in ("v5e-8", "v6e-8", "v5e-1")
+           for b in (8, 32, 1)]
 MODEL, N, RANK, TARGETS, PROMPT, NEW = "llama-2-7b", 50, 8, ("q_proj", "v_proj"), 2048, 128
 
 
 def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
-            hlo_dir: str | None = None) -> dict:
+            hlo_dir: str | None = None, weights: str | None = None) -> dict:
     from hilora_jax import aot
     from hilora_jax.model import layers
 
     spec = aot.AotSpec(cfg=aot.PRESETS[MODEL], name=MODEL, topology=topology, dtype="bfloat16",
+                       weights=weights,
                        pool=aot.PoolSpec(n=N, rank=RANK, targets=TARGETS), routers=routers,
                        batch=batch, prompt=PROMPT, new=NEW)
     old = layers.ATTN_SCORE_BUDGET
@@ -57,14 +61,19 @@ def _ms(x):
     return "-" if x is None else f"{x * 1e3:.2f}"
 
 
+def _w(rep) -> str:
+    return "int8" if rep.get("weights") == "int8" else "bf16"
+
+
 def render(results: dict) -> str:
     rows = []
-    for rep in results["configs"].values():
+    for rep in sorted(results["configs"].values(), key=lambda r: (
+            r["topology"], r["batch"], _w(r) == "int8")):
         v = rep["variants"]
         base, hil = v.get("base", {}), v.get("hilora", {})
         if not hil and base and "error" not in base:  # base only (e.g. an attention check)
             bp, bd = base["prefill"], base["decode_step"]
-            rows.append([rep["topology"], rep["batch"], "(base only)",
+            rows.append([rep["topology"], rep["batch"], _w(rep), "(base only)",
                          f"{_ms(bp['roofline_hbm_s'])} ({bp['bound_hbm']})",
                          f"{bp['attention_share'] * 100:.1f}%",
                          f"{_ms(bd['roofline_hbm_s'])} ({bd['bound_hbm']})", "-", "-",
@@ -74,14 +83,14 @@ def render(results: dict) -> str:
             continue
         if "error" in base or "error" in hil or not base:
             err = base.get("error") or hil.get("error")
-            rows.append([rep["topology"], rep["batch"], f"NO ({err[:60]})", *["-"] * 9])
+            rows.append([rep["topology"], rep["batch"], _w(rep), f"NO ({err[:60]})", *["-"] * 9])
             continue
         bp, bd, hp, hd = base["prefill"], base["decode_step"], hil["prefill"], hil["decode_step"]
         r = rep["ratios"]["hilora"]
         colls = ", ".join(f"{c['kind']} x{c['count']}" for c in hd["collectives"]) or "none"
         gathers = len(hd["weight_gathers"]) + len(hp["weight_gathers"])
         rows.append([
-            rep["topology"], rep["batch"],
+            rep["topology"], rep["batch"], _w(rep),
             f"{'yes' if hil['fits'] else 'NO'} ({_gib(hil['margin_bytes'])} GiB)",
             f"{_ms(bp['roofline_hbm_s'])} ({bp['bound_hbm']})",
             f"{bp['attention_share'] * 100:.1f}%",
@@ -91,13 +100,14 @@ def render(results: dict) -> str:
             f"{r['decode_roofline']:.3f}x / {bd['bytes_over_min']:.2f} / {hd['bytes_over_min']:.2f}",
             colls, gathers])
     table = markdown_table(
-        ["slice", "batch", "hilora fits (margin)", "prefill ms (bound)", "attn flops",
+        ["slice", "batch", "weights", "hilora fits (margin)", "prefill ms (bound)", "attn flops",
          "decode ms base (bound)", "decode ms hilora", "hilora/base decode / prefill",
          "decode HBM bytes/min base / hilora",
          "XLA bytes: hilora/base decode, bytes/min base / hilora", "decode collectives",
          "weight/pool all-gathers"], rows)
     lines = [
-        f"# `hilora aot`: {MODEL} + {N} r={RANK} {'/'.join(TARGETS)} LoRAs, bf16, prompt {PROMPT} + "
+        f"# `hilora aot`: {MODEL} + {N} r={RANK} {'/'.join(TARGETS)} LoRAs, bf16 (int8: weight-only "
+        f"int8 base kernels, bf16 activations and LoRAs), prompt {PROMPT} + "
         f"{NEW} new tokens",
         "",
         "Compiled for each TPU slice through libtpu on a CPU host (`benchmarks/aot_table.py`); "
@@ -132,7 +142,7 @@ def render(results: dict) -> str:
                                      "query-chunked (now)"], brow))
     g = results["configs"]
     goals = []
-    for key in ("v5e-8:1", "v5e-8:8", "v5e-8:32"):
+    for key in ("v5e-8:1", "v5e-8:8", "v5e-8:32", "v5e-8:1:int8", "v5e-8:8:int8", "v5e-8:32:int8"):
         rep = g.get(key)
         if not rep or "hilora" not in rep["ratios"]:
             continue
@@ -214,11 +224,13 @@ def main(argv=None) -> int:
         if key in results[section] and not args.redo:
             print(f"{section} {key}: already done")
             continue
-        topo, batch = key.split(":")
+        topo, batch, *w = key.split(":")
+        if w not in ([], ["int8"]):
+            raise SystemExit(f"{key}: expected slice:batch or slice:batch:int8")
         print(f"== {section} {key}", flush=True)
         hlo_dir = None if args.hlo_dir is None else str(Path(args.hlo_dir) / f"{section}_{key}")
         rep = run_one(topo, int(batch), ("base",) if unchunked else routers, unchunked=unchunked,
-                      hlo_dir=hlo_dir)
+                      hlo_dir=hlo_dir, weights=w[0] if w else None)
         results[section][key] = rep
         results["machine"] = machine_info()
         write_json(path_json, results)

@@ -1,7 +1,8 @@
 """hilora-jax: training-free routing over pools of LoRA adapters (HiLoRA) in pure JAX/Flax.
 
 Front doors:
-  load_model(src, dtype=..., mesh=...)    HF dir, hub id, .gguf, converted dir, or "smollm2"
+  load_model(src, dtype=..., mesh=...)    HF dir, hub id, .gguf, converted dir, or "smollm2";
+                                          weights="int8": weight-only int8 base kernels
   load_tokenizer(src)
   load_pool(manifest_or_dir, model=...)   PEFT adapters -> stacked LoRA pool
   save_model(model, out, tokenizer=...)   converted (orbax) model dir; save_pool(pool, out)

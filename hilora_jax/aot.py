@@ -361,11 +361,20 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
     raise AotError(f"unknown router {router!r}; choose from {', '.join(ROUTERS)} or all")
 
 
-def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh):
-    """Graph definition and state of the model with `ShapeDtypeStruct` leaves on their shardings."""
+def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh, weights: str | None = None):
+    """Graph definition and state of the model with `ShapeDtypeStruct` leaves on their shardings.
+
+    `weights="int8"`: the base kernels are int8 with float32 per-output-channel scales
+    (`hilora_jax.model.quant.quantize_model`, traced abstractly), each on its rules-table sharding
+    (a scale takes its kernel's output axis)."""
     from hilora_jax.io.hf import _path_str, abstract_model
 
-    graphdef, state, _ = abstract_model(cfg, dtype)
+    if weights == "int8":
+        from hilora_jax.model.quant import abstract_int8_model
+
+        graphdef, state, _ = abstract_int8_model(cfg, dtype)
+    else:
+        graphdef, state, _ = abstract_model(cfg, dtype)
     for path, var in nnx.to_flat_state(state):
         v = var.get_value()
         p = _path_str(path)
@@ -578,11 +587,11 @@ class AotSpec:
 
 def check_spec(spec: AotSpec) -> None:
     """Input errors, before any compilation (each one line naming the bad value)."""
-    if spec.weights not in (None, "bf16", "bfloat16", "float32", "fp32", "none"):
-        if spec.weights in ("int8", "int4"):
-            raise AotError(f"--weights {spec.weights}: not implemented yet (weight-only "
-                           "quantisation is issue 14 item 4)")
-        raise AotError(f"--weights {spec.weights!r}: unknown; only int8 is planned")
+    if spec.weights not in (None, "none", "bf16", "bfloat16", "float32", "fp32", "int8"):
+        if spec.weights == "int4":
+            raise AotError("--weights int4: not implemented (weight-only int8 only)")
+        raise AotError(f"--weights {spec.weights!r}: unknown; choose int8 (or omit it for "
+                       "--dtype weights)")
     if spec.dtype not in ("bfloat16", "float32"):
         raise AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
     for r in spec.routers:
@@ -618,7 +627,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     mesh = Mesh(np.asarray(devices).reshape(data, model_ax), (shd.DATA, shd.MODEL))
     routers = ["base", *[r for r in spec.routers if r != "base"]]
 
-    graphdef, state = abstract_params(cfg, dtype, mesh)
+    weights = "int8" if spec.weights == "int8" else None
+    graphdef, state = abstract_params(cfg, dtype, mesh, weights)
     pool_arrays, pool_desc = abstract_pool(spec.pool, cfg, dtype, mesh)
     t = bucket_length(spec.prompt)
     cache_size = t + bucket_length(spec.new, minimum=16, multiple=64)
@@ -706,7 +716,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     main = variants[routers[-1]]
     if "error" in main:
         return {"model": spec.name, "topology": spec.topology, "devices": n_dev,
-                "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype, "batch": b,
+                "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype,
+                "weights": weights or str(dtype), "batch": b,
                 "prompt": spec.prompt, "new": spec.new, "cache_size": cache_size,
                 "pool": pool_desc, "router": routers[-1], "hbm_bytes": hbm,
                 "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
@@ -719,7 +730,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         "model": spec.name, "topology": spec.topology,
         "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
         "devices": n_dev, "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype,
-        "weights": str(dtype), "batch": b, "prompt": spec.prompt, "new": spec.new,
+        "weights": weights or str(dtype), "batch": b, "prompt": spec.prompt, "new": spec.new,
         "prompt_bucket": t, "cache_size": cache_size, "pool": pool_desc,
         "router": routers[-1], "hbm_bytes": hbm,
         "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev,
@@ -792,7 +803,8 @@ def _ms(x) -> str:
 
 def format_table(rep: dict) -> str:
     lines = [
-        f"{rep['model']} {rep['dtype']} on {rep['topology']} ({rep['devices']} devices, mesh "
+        f"{rep['model']} {rep['dtype']}{' int8 weights' if rep.get('weights') == 'int8' else ''}"
+        f" on {rep['topology']} ({rep['devices']} devices, mesh "
         f"{rep['mesh']['data']}x{rep['mesh']['model']}), batch {rep['batch']}, prompt "
         f"{rep['prompt']} (bucket {rep['prompt_bucket']}), cache {rep['cache_size']} slots; pool "
         f"N={rep['pool']['n']} r={rep['pool']['rank']} {','.join(rep['pool']['targets'])}",
@@ -836,7 +848,8 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default="v5e-8", help=f"{', '.join(TOPOLOGIES)} or local")
     p.add_argument("--mesh", default=None, help="DATAxMODEL (default 1xN)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--weights", default=None, help="int8: not implemented yet")
+    p.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels with "
+                   "per-channel scales (activations, embeddings and the pool in --dtype)")
     p.add_argument("--pool", default=None, help="a saved pool dir (shapes only are read)")
     p.add_argument("--pool-size", type=int, default=50)
     p.add_argument("--rank", type=int, default=8)

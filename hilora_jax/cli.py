@@ -281,6 +281,9 @@ def cmd_generate(args) -> int:
         PoolInfo(args.pool).check_router(router_name)
     elif args.router or options:
         raise UsageError("--router and --router-option need --pool")
+    from hilora_jax.model.quant import check_weights
+
+    check_weights(args.weights)
     check_model_source(args.model)
 
     import jax
@@ -288,7 +291,7 @@ def cmd_generate(args) -> int:
     from hilora_jax.inference import Engine
     from hilora_jax.io.loading import load_model, load_tokenizer
 
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, weights=args.weights)
     tok = load_tokenizer(args.model)
     ids = [_chat_prompt(tok, p, not args.no_chat_template) for p in prompts]
     eng = Engine(model)
@@ -363,6 +366,9 @@ def cmd_eval(args) -> int:
     examples = load_task_files(args.tasks)
     check_protocol(info, examples, args.protocol, args.router)
     check_model_source(args.model)
+    from hilora_jax.model.quant import check_weights
+
+    check_weights(args.weights)
 
     from hilora_jax import distributed as dist
 
@@ -384,19 +390,21 @@ def cmd_eval(args) -> int:
                              f"{n} local device(s)")
         mesh = shd.make_mesh(d, m, devices=jax.local_devices())
     if _is_t5_dir(args.model):  # encoder-decoder: the choice is the decoder target
+        if args.weights:
+            raise UsageError("--weights int8: Llama-family models only (not T5)")
         from hilora_jax.t5 import T5Engine, load_t5
 
         model = load_t5(args.model, dtype=args.dtype, mesh=mesh)
         eng = T5Engine(model, mesh=mesh)
     else:
-        model = load_model(args.model, dtype=args.dtype, mesh=mesh)
+        model = load_model(args.model, dtype=args.dtype, mesh=mesh, weights=args.weights)
         eng = Engine(model, mesh=mesh)
     tok = load_tokenizer(args.model)
     pool = load_pool(args.pool, model=model, mesh=mesh)
     router = build_router_checked(args.router, pool, options, engine=eng, tokenizer=tok)
     config = {"model": str(args.model), "pool_src": str(args.pool), "router_options": options,
               "tasks_files": [str(t) for t in args.tasks], "dtype": args.dtype,
-              "mesh": args.mesh or "none"}
+              "weights": args.weights or "none", "mesh": args.mesh or "none"}
     res = evaluate(eng, tok, pool, router, examples, protocol=args.protocol, out=out,
                    batch_size=args.batch_size, max_len=args.max_len, config=config,
                    resume=not args.no_resume)
@@ -465,6 +473,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels "
+                    "(activations in --dtype)")
     g.add_argument("--no-chat-template", action="store_true")
 
     cp = add("convert-pool", cmd_convert_pool,
@@ -493,6 +503,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-len", type=int, default=256)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ev.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels "
+                    "(activations in --dtype)")
     ev.add_argument("--mesh", default=None, help="DATAxMODEL over this process's devices, e.g. 2x4")
     ev.add_argument("--no-resume", action="store_true")
     ev.add_argument("--multihost", action="store_true",

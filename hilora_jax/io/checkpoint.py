@@ -52,6 +52,8 @@ def restore_arrays(path: Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> dic
 def save_model(model: CausalLM, out: str | os.PathLike, *, tokenizer=None, source: str = "",
                overwrite: bool = False) -> Path:
     """Write a converted model directory atomically."""
+    from hilora_jax.model.quant import is_quantized
+
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite) as tmp:
         save_arrays(tmp / "params", flat_params(model))
@@ -59,6 +61,7 @@ def save_model(model: CausalLM, out: str | os.PathLike, *, tokenizer=None, sourc
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "dtype": str(jnp.dtype(model.dtype)),
+            "weights": "int8" if is_quantized(model) else None,  # hilora_jax.model.quant
             "source": source,
         }
         (tmp / "hilora_model.json").write_text(json.dumps(meta, indent=2))
@@ -82,7 +85,12 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["config"])
     stored = jnp.dtype(meta["dtype"])
-    graphdef, state, flat = abstract_model(cfg, stored)
+    if meta.get("weights") == "int8":  # int8 kernels + f32 scales (hilora_jax.model.quant)
+        from hilora_jax.model.quant import abstract_int8_model
+
+        graphdef, state, flat = abstract_int8_model(cfg, stored)
+    else:
+        graphdef, state, flat = abstract_model(cfg, stored)
     abstract = {}
     for k, v in flat.items():
         sharding = (shd.param_sharding(k, v.shape, mesh) if mesh is not None
@@ -94,7 +102,8 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
         raise ValueError(f"{path}/params: missing parameters {missing}")
     for p, var in nnx.to_flat_state(state):
         a = arrays[_path_str(p)]
-        if dtype is not None and jnp.dtype(dtype) != stored:
+        if dtype is not None and jnp.dtype(dtype) != stored and a.dtype == stored \
+                and not _path_str(p).endswith(".scale"):  # int8 kernels and scales keep theirs
             a = a.astype(dtype)
         var.set_value(a)
     model = nnx.merge(graphdef, state)

@@ -90,12 +90,21 @@ def resolve_source(src: str | os.PathLike) -> tuple[str, Path]:
 
 
 def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None = None,
-               progress: bool = True) -> CausalLM:
+               progress: bool = True, weights: str | None = None) -> CausalLM:
     """Load a Llama-family model from any supported source (see module docstring).
 
     With `mesh`, every parameter is placed straight onto its `NamedSharding` from the rules table.
-    The returned module has `.config` (`ModelConfig`).
+    `weights="int8"`: weight-only int8 base kernels (`hilora_jax.model.quant`), activations, norms
+    and embeddings in `dtype`. The returned module has `.config` (`ModelConfig`).
     """
+    from hilora_jax.model.quant import check_weights, quantize_model
+
+    if check_weights(weights) is None:  # checked before any slow work
+        return _load_model(src, dtype=dtype, mesh=mesh, progress=progress)
+    return quantize_model(_load_model(src, dtype=dtype, mesh=mesh, progress=progress), weights)
+
+
+def _load_model(src, *, dtype, mesh, progress) -> CausalLM:
     kind, path = resolve_source(src)
     cb = _progress_printer(f"loading {path.name}") if progress else None
     if kind == "converted":

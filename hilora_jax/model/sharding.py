@@ -49,8 +49,11 @@ PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
     (r"embed_tokens\.embedding$", ("vocab", "embed")),
     *[(rf"{p.name}\.kernel$", (p.in_axis, p.out_axis)) for p in LLAMA],
     *[(rf"{p.name}\.bias$", (p.out_axis,)) for p in LLAMA],
+    # weight-only int8 (`hilora_jax.model.quant`): the per-output-channel scale follows the output
+    *[(rf"{p.name}\.scale$", (p.out_axis,)) for p in LLAMA],
     (r"(norm|layernorm)\.weight$", ("norm",)),
     (r"lm_head\.kernel$", ("embed", "vocab")),
+    (r"lm_head\.scale$", ("vocab",)),
 ]
 
 ACT_AXES = {
