@@ -5,8 +5,9 @@ copies from on-chip memory back to HBM, per router. Compile-only through libtpu 
     TPU_SKIP_MDS_QUERY=1 JAX_PLATFORMS=cpu python benchmarks/aot_decode_bytes.py base,hilora,hilora-gathered,oracle TAG
 
 writes /tmp/aot/dec_TAG_<router>.hlo.txt and prints one line per router (docs/aot_decode_bytes.md).
-`WRITE_FIRST=1` compiles the attention of before (write the new keys into the cache, then attend
-over the updated cache; `llama.DECODE_ATTENTION`), otherwise the TPU default (attend, then write).
+`WRITE_FIRST=1` compiles the default decode attention (write the new keys into the cache, then
+attend over the updated cache; `llama.DECODE_ATTENTION`), otherwise "then_write" (attend over the
+old cache plus the new keys, then write).
 """
 import os
 import re

@@ -1,6 +1,6 @@
 """Decode tokens/s on this CPU with the two decode attention orders (`llama.DECODE_ATTENTION`):
-`then_write` (attend over the old cache + the new token, then write; the TPU default) and
-`write_first` (write, then attend over the updated cache; the CPU default).
+`then_write` (attend over the old cache + the new token, then write) and `write_first` (write,
+then attend over the updated cache; the default).
 
 SmolLM2-135M-Instruct fp32, batch 8, 64-token prompts, 32 new tokens; base and HiLoRA (router
 default, 16 synthetic rank-8 q/v adapters from routing_overhead.py). One Engine per order (each

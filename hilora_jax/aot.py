@@ -46,7 +46,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import bucket_length, decode_step_jit, kv_cache_sharding, prefill_jit
-from hilora_jax.model import llama
 from hilora_jax.model import sharding as shd
 from hilora_jax.model.config import ModelConfig, RopeConfig
 from hilora_jax.model.llama import KVCache
@@ -279,11 +278,6 @@ def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
 
 def _target_backend(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
-
-
-def _decode_attention(mesh: Mesh) -> str:
-    """The model's decode attention order for the compile target (`llama.DECODE_ATTENTION`)."""
-    return "then_write" if _target_backend(mesh) == "tpu" else "auto"
 
 
 def abstract_pack(arrays, mesh: Mesh):
@@ -660,12 +654,11 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         v: dict[str, Any] = {}
         for prog in ("prefill", "decode_step"):
             t0 = time.perf_counter()
-            with llama.decode_attention(_decode_attention(mesh)):
-                if prog == "prefill":
-                    lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
-                                                cache_size=cache_size, mesh=mesh)
-                else:
-                    lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
+            if prog == "prefill":
+                lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
+                                            cache_size=cache_size, mesh=mesh)
+            else:
+                lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
             try:
                 compiled = lowered.compile()
             except Exception as e:  # the compiler's own out-of-memory verdict is a result

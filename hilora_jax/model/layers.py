@@ -135,10 +135,11 @@ def attention_then_write(
 
     Same maths as writing first and attending over the updated cache (`mask` is that cache's
     mask, slots `write_at .. write_at+T-1` being this call's keys): one softmax over the old
-    slots (those slots masked out) and the new keys, normalised together in float32. Why: when
-    attention reads the cache that the same step has just written, XLA:TPU may stage the written
-    cache in on-chip memory and copy every layer's whole cache back to HBM each decode step
-    (`docs/aot_decode_bytes.md`); updating after the reads keeps the update in place in HBM.
+    slots (those slots masked out) and the new keys, normalised together in float32. Used
+    when `llama.DECODE_ATTENTION == "then_write"` (not the default): when attention reads the cache
+    the same step has just written, XLA:TPU may stage the written cache on chip and copy every
+    layer's whole cache back to HBM each decode step (seen with the `gathered` HiLoRA hook,
+    `docs/aot_decode_bytes.md`); updating after the reads keeps the update in place in HBM.
     """
     b, t, n, h = q.shape
     kh = k_cache.shape[2]

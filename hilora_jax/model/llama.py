@@ -67,21 +67,21 @@ class KVCache:
         )
 
 
-# Decode attention order. A cached call of T tokens into S slots counts as decoding when
-# T * DECODE_FRACTION <= S. On TPU it then attends over the old cache plus its own keys and writes
-# the cache afterwards (`layers.attention_then_write`: XLA:TPU otherwise may stage the written
-# cache on chip and copy every layer's cache back to HBM each step, docs/aot_decode_bytes.md).
-# Elsewhere, and for longer calls (prefill), it writes first and attends over every slot (on CPU
-# the two-part softmax measured slower: benchmarks/decode_attention_cpu.py). DECODE_ATTENTION:
-# "auto" (by `jax.default_backend()` at trace time), "then_write" or "write_first"; `hilora aot`
-# sets it for its compile target. Read at trace time.
+# Decode attention order (`DECODE_ATTENTION`, read at trace time). "write_first" (default): write
+# this call's keys/values into the cache, then attend over every slot. "then_write": a cached call
+# of T tokens into S slots with T * DECODE_FRACTION <= S (decoding) attends over the old cache plus
+# its own keys and writes afterwards (`layers.attention_then_write`). On TPU the second order keeps
+# XLA from staging the cache on chip and copying it back each step when the step also gathers
+# per-row LoRA copies (`gathered`), but with the default `packed` HiLoRA hook and with int8 weights
+# the first order reads fewer bytes (docs/aot_decode_bytes.md), and on CPU it is faster
+# (benchmarks/decode_attention_cpu.py). Prefill always writes first.
 DECODE_FRACTION = 16
-DECODE_ATTENTION = "auto"
+DECODE_ATTENTION = "write_first"
 
 
 @contextlib.contextmanager
 def decode_attention(mode: str):
-    """Set `DECODE_ATTENTION` while tracing (e.g. `hilora aot` lowering for a TPU on a CPU host)."""
+    """Set `DECODE_ATTENTION` while tracing (tests, `benchmarks/aot_decode_bytes.py`)."""
     global DECODE_ATTENTION
     old, DECODE_ATTENTION = DECODE_ATTENTION, mode
     try:
@@ -92,11 +92,9 @@ def decode_attention(mode: str):
 
 def _attend_then_write(t: int, s: int) -> bool:
     mode = DECODE_ATTENTION
-    if mode == "auto":
-        mode = "then_write" if jax.default_backend() == "tpu" else "write_first"
     if mode not in ("then_write", "write_first"):
-        raise ValueError(f"llama.DECODE_ATTENTION={DECODE_ATTENTION!r}: choose auto, then_write "
-                         "or write_first")
+        raise ValueError(f"llama.DECODE_ATTENTION={DECODE_ATTENTION!r}: choose write_first or "
+                         "then_write")
     return mode == "then_write" and t * DECODE_FRACTION <= s
 
 
@@ -176,7 +174,7 @@ class Attention(nnx.Module):
         then_write = k_cache is not None and _attend_then_write(t, k_cache.shape[1])
         if k_cache is None:  # no cache: keys are this call's tokens
             k_all, v_all = k, v
-        elif then_write:  # decode on TPU: attend, then write the cache
+        elif then_write:  # decode, DECODE_ATTENTION='then_write': attend, then write the cache
             out, k_all, v_all = layers.attention_then_write(q, k_cache, v_cache, k, v, mask,
                                                             pos.write_at)
         else:  # write, then attend (one softmax over every slot)
