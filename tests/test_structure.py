@@ -44,7 +44,10 @@ def test_projection_table_is_the_one_source():
         assert param_logical_axes(f"model.layers.3.{projection(m).block}.{m}.kernel", 2) == (i, o)
         assert param_logical_axes(f"model.layers.0.{projection(m).block}.{m}.bias", 1) == (o,)
         assert lora_axes(m, "A")[-1] == i and lora_axes(m, "B")[-1] == o
-    assert len(PARAM_AXES) == 2 * len(LLAMA) + 3
+        # weight-only int8: the per-output-channel scale follows the kernel's output axis
+        assert param_logical_axes(f"model.layers.1.{projection(m).block}.{m}.scale", 1) == (o,)
+    # kernel, bias and int8 scale per projection; embedding, norms, lm_head kernel and scale
+    assert len(PARAM_AXES) == 3 * len(LLAMA) + 4
     groups = shared_input_groups()
     assert groups[:2] == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     # then T5's (model.projections.T5): self-attention q/k/v, cross-attention k/v, wi*
