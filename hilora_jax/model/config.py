@@ -150,6 +150,40 @@ def unknown_fields_warning(where: str, fields: Mapping[str, Any]) -> None:
 _SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
 
+
+def screen_fields(cfg: Mapping[str, Any], bad, *, known, value_checked: Mapping[str, tuple[Any, str]],
+                  refuse=None) -> dict[str, Any]:
+    """The strict field policy shared by every config reader: fields `known(k)` (read or metadata)
+    pass; fields in `value_checked` must satisfy their check; other fields are accepted only when
+    unset (returned, for `unknown_fields_warning`); `refuse(k, v)` may raise a more specific error
+    first; any other set field raises `bad(k, ...)`."""
+    unset_unknown: dict[str, Any] = {}
+    for k in sorted(cfg):
+        v = cfg[k]
+        if known(k) or _METADATA_RE.fullmatch(k):
+            continue
+        if k in value_checked:
+            ok, why = value_checked[k]
+            if not ok(v):
+                raise bad(k, f"= {_short_repr(v)}: {why}")
+            continue
+        if _unset(v):
+            unset_unknown[k] = v
+            continue
+        if refuse is not None:
+            refuse(k, v)
+        raise bad(k, f"= {_short_repr(v)} is not known to hilora-jax and may change the "
+                  "model's maths; refusing (unknown fields are accepted only when unset)")
+    return unset_unknown
+
+
+def check_positive_ints(cfg: Mapping[str, Any], bad, keys) -> None:
+    """Each of `keys` present in `cfg` is a positive int (not a bool), else `bad(key, ...)`."""
+    for k in keys:
+        v = cfg.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise bad(k, f"= {v!r} must be a positive integer")
+
 def read_config_mapping(cfg: Mapping[str, Any] | Any, source: str = "config"
                         ) -> tuple[dict[str, Any], str]:
     """A HF config (path to `config.json`, mapping, or `PretrainedConfig`) as a plain dict, and
@@ -268,33 +302,19 @@ class ModelConfig:
         if not isinstance(archs, list) or any(a not in _ARCHITECTURES[mt] for a in archs):
             raise bad("architectures", f"= {archs!r}: only {' / '.join(_ARCHITECTURES[mt])} is "
                       f"implemented for model_type {mt!r}")
-        unset_unknown: dict[str, Any] = {}
-        for k in sorted(cfg):
-            v = cfg[k]
-            if k in _READ or k in _METADATA or _METADATA_RE.fullmatch(k):
-                continue
-            if k in _VALUE_CHECKED:
-                ok, why = _VALUE_CHECKED[k]
-                if not ok(v):
-                    raise bad(k, f"= {_short_repr(v)}: {why}")
-                continue
-            if _unset(v):
-                unset_unknown[k] = v
-                continue
+        def refuse(k: str, v: Any) -> None:
             if k in _EXPERT_KEYS:
                 raise bad(k, f"= {_short_repr(v)}: {_other_architecture(cfg, mt)}")
-            raise bad(k, f"= {_short_repr(v)} is not known to hilora-jax and may change the "
-                      "model's maths; refusing (unknown fields are accepted only when unset)")
+
+        unset_unknown = screen_fields(cfg, bad, known=lambda k: k in _READ or k in _METADATA,
+                                      value_checked=_VALUE_CHECKED, refuse=refuse)
         missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                "num_attention_heads") if k not in cfg]
         if missing:
             raise bad(missing[0], f"is required and missing (all missing: {missing})")
-        for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads", "num_key_value_heads", "head_dim",
-                  "max_position_embeddings"):
-            v = cfg.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise bad(k, f"= {v!r} must be a positive integer")
+        check_positive_ints(cfg, bad, ("vocab_size", "hidden_size", "intermediate_size",
+                                       "num_hidden_layers", "num_attention_heads",
+                                       "num_key_value_heads", "head_dim", "max_position_embeddings"))
         unknown_fields_warning(source, unset_unknown)
 
         rope = _read_rope(cfg, bad)

@@ -30,11 +30,11 @@ from typing import Any
 
 from hilora_jax.model.config import (
     _METADATA,
-    _METADATA_RE,
     UnsupportedConfigError,
     _short_repr,
-    _unset,
+    check_positive_ints,
     read_config_mapping,
+    screen_fields,
     unknown_fields_warning,
 )
 
@@ -152,28 +152,13 @@ class T5Config:
         if not isinstance(archs, list) or any(a not in ARCHITECTURES for a in archs):
             raise bad("architectures", f"= {archs!r}: only {' / '.join(ARCHITECTURES)} (encoder, "
                       "decoder and LM head) is implemented for model_type 't5'")
-        unset_unknown: dict[str, Any] = {}
-        for k in sorted(cfg):
-            v = cfg[k]
-            if k in _READ or k in _METADATA or k in _T5_METADATA or _METADATA_RE.fullmatch(k):
-                continue
-            if k in _VALUE_CHECKED:
-                ok, why = _VALUE_CHECKED[k]
-                if not ok(v):
-                    raise bad(k, f"= {_short_repr(v)}: {why}")
-                continue
-            if _unset(v):
-                unset_unknown[k] = v
-                continue
-            raise bad(k, f"= {_short_repr(v)} is not known to hilora-jax and may change the "
-                      "model's maths; refusing (unknown fields are accepted only when unset)")
+        unset_unknown = screen_fields(
+            cfg, bad, known=lambda k: k in _READ or k in _METADATA or k in _T5_METADATA,
+            value_checked=_VALUE_CHECKED)
         for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
             if k not in cfg:
                 raise bad(k, "is required and missing")
-        for k in _INTS:
-            v = cfg.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-                raise bad(k, f"= {v!r} must be a positive integer")
+        check_positive_ints(cfg, bad, _INTS)
         eps = cfg.get("layer_norm_epsilon", 1e-6)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise bad("layer_norm_epsilon", f"= {eps!r} must be a positive number")
