@@ -286,10 +286,10 @@ def abstract_pack(arrays, mesh: Mesh):
     padded rank in one rank group (an upper bound for a real pool with mixed ranks). Packed A
     `[P_key, D]` and B `[P, E]` carry the rules table's axes ("rocs", the projection's in/out
     axis); per-ROC weights and validity are replicated."""
-    from hilora_jax.routing.hooks import SHARED_INPUT, RocPack
+    from hilora_jax.routing.hooks import RocPack, input_layout
 
     rep = shd.replicated(mesh)
-    A, B, W, V, groups, inputs, done = {}, {}, {}, {}, [], [], set()
+    A, B, W, V, groups = {}, {}, {}, {}, []
     p_of = {}
     for m in arrays.modules:
         L, n, r, _ = arrays.A[m].shape
@@ -300,20 +300,13 @@ def abstract_pack(arrays, mesh: Mesh):
         W[m] = [_sds((n * r,), jnp.float32, rep)] * L
         V[m] = [_sds((n * r,), bool, rep)] * L
         groups.append((m, ((r, tuple(range(n))),)))
-    for m in arrays.modules:
-        if m in done:
-            continue
-        members = [mm for mm in next((g for g in SHARED_INPUT if m in g), (m,)) if mm in p_of]
-        offs, off = [], 0
-        for mm in members:
-            offs.append((mm, off, p_of[mm]))
-            off += p_of[mm]
+    inputs = input_layout(p_of, arrays.modules)
+    for m, members in inputs:
+        p = sum(pm for _, _, pm in members)
         L, _, _, d = arrays.A[m].shape
-        spec = shd.logical_to_spec(("rocs", projection(m).in_axis), (off, d), mesh)
-        A[m] = [_sds((off, d), arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
-        inputs.append((m, tuple(offs)))
-        done.update(members)
-    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=tuple(inputs))
+        spec = shd.logical_to_spec(("rocs", projection(m).in_axis), (p, d), mesh)
+        A[m] = [_sds((p, d), arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
+    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs)
 
 
 def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8):

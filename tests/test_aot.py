@@ -91,6 +91,30 @@ def test_hilora_compiles_as_the_router_runs_it(tiny_cfg_file):
     assert hook.packed_args is not None
     assert {hook.choose(m, (8, t, arrays.A[m].shape[-1])) for m in arrays.A for t in (1, 32)} \
         == {"packed"}
+    # the abstract pack is the one `pack_rocs` builds on the host from a concrete pool of the
+    # same shapes (every ROC valid): same groups, input layout, shapes and dtypes per layer
+    from hilora_jax.lora.pool import PoolArrays
+    from hilora_jax.routing.hooks import pack_rocs
+
+    rng = np.random.default_rng(0)
+    conc = PoolArrays(
+        A={m: rng.normal(size=a.shape).astype(np.float32) for m, a in arrays.A.items()},
+        B={m: rng.normal(size=b.shape).astype(np.float32) for m, b in arrays.B.items()},
+        scale={m: np.ones(a.shape[:3], np.float32) for m, a in arrays.A.items()},
+        mask={m: np.ones(a.shape[:3], bool) for m, a in arrays.A.items()},
+        ranks=np.full(6, 4, np.int32), active=np.ones(6, bool))
+    host = pack_rocs(conc)
+    assert (hook.pack.groups, hook.pack.inputs) == (host.groups, host.inputs)
+    assert len(host.inputs) < len(arrays.A)  # q/k/v (and gate/up) share their input's pack
+    for side in ("A", "B", "w", "valid"):
+        got, want = getattr(hook.pack, side), getattr(host, side)
+        assert sorted(got) == sorted(want), side
+        for m in want:
+            assert [x.shape for x in got[m]] == [x.shape for x in want[m]], (side, m)
+    for side in ("w", "valid"):
+        for m in host.w:
+            assert [x.dtype for x in getattr(hook.pack, side)[m]] == \
+                [x.dtype for x in getattr(host, side)[m]], (side, m)
     spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
                        pool=aot.PoolSpec(n=6, rank=4), routers=("hilora", "hilora-gathered"),
                        batch=8, prompt=16, new=16)

@@ -96,6 +96,24 @@ class RocPack:
         return self.A[key][layer][off:off + p]
 
 
+def input_layout(rocs: dict[str, int], modules) -> tuple:
+    """`RocPack.inputs` for modules with `rocs[m]` packed ROCs: per input, in `modules` order,
+    `(key, ((m, offset, P_m), ...))`, the modules of one `SHARED_INPUT` group that the pool
+    adapts concatenated along P (the first of them is the key)."""
+    inputs, done = [], set()
+    for m in modules:
+        if m in done or m not in rocs:
+            continue
+        members = [mm for mm in next((g for g in SHARED_INPUT if m in g), (m,)) if mm in rocs]
+        offs, off = [], 0
+        for mm in members:
+            offs.append((mm, off, rocs[mm]))
+            off += rocs[mm]
+        inputs.append((m, tuple(offs)))
+        done.update(members)
+    return tuple(inputs)
+
+
 _PACK_CACHE: dict = {}
 
 
@@ -132,22 +150,12 @@ def pack_rocs(arrays: PoolArrays) -> RocPack:
         W[m] = [jnp.asarray(w_m[li]) for li in range(n_layers)]
         V[m] = [jnp.asarray(mask[li, ai, ji]) for li in range(n_layers)]
         groups.append((m, tuple(grp)))
-    A, inputs, done = {}, [], set()
-    for m in arrays.modules:
-        if m in done:
-            continue
-        shared = next((g for g in SHARED_INPUT if m in g), (m,))
-        members = [mm for mm in shared if mm in A_m]
-        offs, off = [], 0
-        for mm in members:
-            offs.append((mm, off, int(A_m[mm].shape[1])))
-            off += int(A_m[mm].shape[1])
-        a_cat = (jnp.concatenate([A_m[mm] for mm in members], axis=1) if len(members) > 1
-                 else A_m[m])  # L P_key D
-        A[m] = [a_cat[li] for li in range(a_cat.shape[0])]
-        inputs.append((m, tuple(offs)))
-        done.update(members)
-    pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=tuple(inputs))
+    A, inputs = {}, input_layout({m: int(a.shape[1]) for m, a in A_m.items()}, arrays.modules)
+    for key, members in inputs:
+        a_cat = (jnp.concatenate([A_m[mm] for mm, _, _ in members], axis=1) if len(members) > 1
+                 else A_m[key])  # L P_key D
+        A[key] = [a_cat[li] for li in range(a_cat.shape[0])]
+    pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs)
     if len(_PACK_CACHE) >= 4:
         _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
     _PACK_CACHE[key] = (leaves, pack)
