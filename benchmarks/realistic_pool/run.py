@@ -258,6 +258,9 @@ def main(argv=None) -> int:
                        help="choose the HiLoRA rule from the dev routing results and write frozen.json")
     stage.add_argument("--test", action="store_true",
                        help="evaluate every frozen router x protocol on the test split (reads test once)")
+    stage.add_argument("--all", action="store_true",
+                       help="the whole pipeline in one invocation: train + screen + select, "
+                            "--dev-routing, --freeze, --test (each only if the previous succeeded)")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if args.variant is None:
@@ -274,7 +277,17 @@ def main(argv=None) -> int:
         return run_dev_routing(args, res_dir, out)
     if args.freeze:
         return run_freeze(args, res_dir)
+    if args.all:  # the stages in order; the choice rule and the test come after the freeze
+        for stage in (run_train, run_dev_routing):
+            rc = stage(args, res_dir, out)
+            if rc:
+                return rc
+        return run_freeze(args, res_dir) or run_test(args, res_dir, out)
+    return run_train(args, res_dir, out)
 
+
+def run_train(args, res_dir: Path, out: Path) -> int:
+    """Train (or reuse) every shortlisted adapter, screen it on dev, and select the pool."""
     from hilora_jax.eval.runner import write_json_atomic
     from hilora_jax.eval.tasks import ChoiceScorer
     from hilora_jax.inference import Engine
