@@ -152,37 +152,89 @@ def paired(a: dict[str, int], b: dict[str, int]) -> dict:
             "gained": int((d > 0).sum()), "lost": int((d < 0).sum())}
 
 
+def select(args, prog: str):
+    """The pool, tokenizer, tasks, routers and test items a precision run compares on (checked
+    before any model loads): `(pool_dir, tok, names, tasks, routers, items)`."""
+    from hilora_jax import load_pool, load_tokenizer
+    from hilora_jax.eval.tasks import load_tasks
+
+    data, pool_dir = find_pool(Path(args.work))
+    test = load_tasks(data / "test.jsonl")
+    tok = load_tokenizer("smollm2")
+    names = set(load_pool(pool_dir, progress=False).names)
+    tasks = sorted(names) if not args.tasks else args.tasks.split(",")
+    bad = [t for t in tasks if t not in names]
+    if bad:
+        raise SystemExit(f"{prog}: --tasks {','.join(bad)} not in the pool ({sorted(names)})")
+    routers = args.routers.split(",")
+    bad = [r for r in routers if r not in ("oracle", "hilora")]
+    if bad:
+        raise SystemExit(f"{prog}: --routers {bad}: choose from oracle,hilora")
+    by = {t: [e for e in test if e.task == t] for t in tasks}
+    sel = [e for t in tasks for e in by[t][: args.items or None]]
+    log(f"{len(sel)} test items from {len(tasks)} tasks; routers {routers}; pool {pool_dir}")
+    return pool_dir, tok, names, tasks, routers, sel
+
+
+def evaluate_arm(arm: str, model, pool, tok, routers, sel, evals: Path, batch_size: int,
+                 config: dict, results: dict, timing: dict, resumed: dict) -> None:
+    """Every router of `routers` on `sel` (`seen`) with `model` + `pool`, into `results[(arm,
+    router)]` (per-item records cached under `evals/<arm>_<router>.json`)."""
+    from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
+    from hilora_jax.inference import Engine
+    from hilora_jax.routing import build_router
+
+    eng = Engine(model)
+    scorer = PrefixScorer(eng, first_adapted_layer(pool))
+    for name in routers:
+        router = build_router(name, pool, engine=eng, tokenizer=tok)
+        t0 = time.perf_counter()
+        r = evaluate(eng, tok, pool, router, sel, protocol="seen", scorer=scorer,
+                     batch_size=batch_size, progress=False, out=evals / f"{arm}_{name}.json",
+                     config=config)
+        timing[f"{arm}/{name}"] = time.perf_counter() - t0
+        resumed[f"{arm}/{name}"] = r["timing"]["resumed_examples"]
+        results[(arm, name)] = r
+        log(f"{arm} {name}: acc {r['mean']['acc']:.3f} ({timing[f'{arm}/{name}']:.0f}s)")
+
+
+def compare(results: dict, a: str, b: str, routers, tasks, evals: Path):
+    """Arm `b` against arm `a` per router: the paired table rows, the per-task paired stats and
+    the per-choice log-prob drift (with its markdown lines)."""
+    table, out_rows = [], {}
+    for name in routers:
+        ra, rb = results[(a, name)], results[(b, name)]
+        rows = {}
+        for t in tasks:
+            ca = {k: v for k, v in ra["correct"].items() if k.rsplit(":", 1)[0] == t}
+            cb = {k: v for k, v in rb["correct"].items() if k.rsplit(":", 1)[0] == t}
+            rows[t] = paired(ca, cb)
+        rows["ALL"] = paired(ra["correct"], rb["correct"])
+        out_rows[name] = rows
+        for t, p in rows.items():
+            table.append([name, t, p["n"], f"{p['acc_a']:.3f}", f"{p['acc_b']:.3f}",
+                          f"{p['diff']:+.3f}", f"{p['se']:.3f}", f"{p['gained']}/{p['lost']}"])
+    drift = {name: logprob_drift(evals / f"{a}_{name}.json.partial.jsonl",
+                                 evals / f"{b}_{name}.json.partial.jsonl",
+                                 sorted(results[(a, name)]["correct"]))
+             for name in routers}
+    drift_md = "\n".join(
+        f"- {n}: predictions agree on {v['prediction_agreement']:.1%} of {v['items']} items; "
+        f"|logprob {b} - {a}| per choice mean {v['mean_abs_logprob_diff']:.3f}, p95 "
+        f"{v['p95_abs_logprob_diff']:.3f}, max {v['max_abs_logprob_diff']:.3f} nats (median {a} "
+        f"top-2 margin {v['median_fp32_top2_margin']:.2f})" for n, v in drift.items())
+    return table, out_rows, drift, drift_md
+
+
 def run(args) -> int:
     t_start = time.perf_counter()
     import jax.numpy as jnp
 
-    from hilora_jax import load_model, load_pool, load_tokenizer
-    from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
-    from hilora_jax.eval.tasks import load_tasks
-    from hilora_jax.inference import Engine
+    from hilora_jax import load_model, load_pool
     from hilora_jax.lora.pool import LoraPool
-    from hilora_jax.routing import build_router
 
-    work = Path(args.work)
-    data, pool_dir = find_pool(work)
-    test = load_tasks(data / "test.jsonl")
-    tok = load_tokenizer("smollm2")
-    probe = load_pool(pool_dir, progress=False)
-    names = set(probe.names)
-    tasks = sorted(names) if not args.tasks else args.tasks.split(",")
-    bad = [t for t in tasks if t not in names]
-    if bad:
-        raise SystemExit(f"precision: --tasks {','.join(bad)} not in the pool ({sorted(names)})")
-    routers = args.routers.split(",")
-    bad = [r for r in routers if r not in ("oracle", "hilora")]
-    if bad:
-        raise SystemExit(f"precision: --routers {bad}: choose from oracle,hilora")
-    by = {t: [e for e in test if e.task == t] for t in tasks}
-    sel = [e for t in tasks for e in by[t][: args.items or None]]
-    log(f"{len(sel)} test items from {len(tasks)} tasks; routers {routers}; pool {pool_dir}")
-    del probe
-
-    evals = work / "eval"
+    pool_dir, tok, names, tasks, routers, sel = select(args, "precision")
+    evals = Path(args.work) / "eval"
     results: dict = {}
     timing: dict = {}
     resumed: dict = {}
@@ -196,43 +248,12 @@ def run(args) -> int:
                 B={m: v.astype(dtype) for m, v in pool.arrays.B.items()})
             pool = LoraPool(arrays, pool.names, clusters=pool.clusters, samples=pool.samples,
                             sources=pool.sources, configs=pool.configs)
-        eng = Engine(model)
-        scorer = PrefixScorer(eng, first_adapted_layer(pool))
-        for name in routers:
-            router = build_router(name, pool, engine=eng, tokenizer=tok)
-            t0 = time.perf_counter()
-            r = evaluate(eng, tok, pool, router, sel, protocol="seen", scorer=scorer,
-                         batch_size=args.batch_size, progress=False,
-                         out=evals / f"{dt}_{name}.json",
-                         config={"dtype": dt, "pool_dir": str(pool_dir)})
-            timing[f"{dt}/{name}"] = time.perf_counter() - t0
-            resumed[f"{dt}/{name}"] = r["timing"]["resumed_examples"]
-            results[(dt, name)] = r
-            log(f"{dt} {name}: acc {r['mean']['acc']:.3f} ({timing[f'{dt}/{name}']:.0f}s)")
-        del model, pool, eng, scorer
+        evaluate_arm(dt, model, pool, tok, routers, sel, evals, args.batch_size,
+                     {"dtype": dt, "pool_dir": str(pool_dir)}, results, timing, resumed)
+        del model, pool
 
-    table, out_rows = [], {}
-    for name in routers:
-        a, b = results[("float32", name)], results[("bfloat16", name)]
-        rows = {}
-        for t in tasks:
-            ca = {k: v for k, v in a["correct"].items() if k.rsplit(":", 1)[0] == t}
-            cb = {k: v for k, v in b["correct"].items() if k.rsplit(":", 1)[0] == t}
-            rows[t] = paired(ca, cb)
-        rows["ALL"] = paired(a["correct"], b["correct"])
-        out_rows[name] = rows
-        for t, p in rows.items():
-            table.append([name, t, p["n"], f"{p['acc_a']:.3f}", f"{p['acc_b']:.3f}",
-                          f"{p['diff']:+.3f}", f"{p['se']:.3f}", f"{p['gained']}/{p['lost']}"])
-    drift = {name: logprob_drift(evals / f"float32_{name}.json.partial.jsonl",
-                                 evals / f"bfloat16_{name}.json.partial.jsonl",
-                                 sorted(results[("float32", name)]["correct"]))
-             for name in routers}
-    drift_md = "\n".join(
-        f"- {n}: predictions agree on {v['prediction_agreement']:.1%} of {v['items']} items; "
-        f"|logprob bf16 - fp32| per choice mean {v['mean_abs_logprob_diff']:.3f}, p95 "
-        f"{v['p95_abs_logprob_diff']:.3f}, max {v['max_abs_logprob_diff']:.3f} nats (median fp32 "
-        f"top-2 margin {v['median_fp32_top2_margin']:.2f})" for n, v in drift.items())
+    table, out_rows, drift, drift_md = compare(results, "float32", "bfloat16", routers, tasks, evals)
+
     cmd = common.command_line()
     machine = common.machine_info()
     md_table = common.markdown_table(
@@ -252,21 +273,28 @@ def run(args) -> int:
           f"eval seconds {({k: round(v) for k, v in timing.items()})} (examples resumed from cached "
           f"per-item records: {resumed}).\n\n{md_table}\n\n"
           f"Summed choice log-probs, bf16 vs fp32 (per item, all choices):\n\n{drift_md}\n")
+    return write_report("precision", args, md, results, DTYPES, routers, tasks, out_rows, drift,
+                        {"subset": subset, "pool_description": pool_txt, "items": len(sel),
+                         "pool_dir": str(pool_dir),
+                         "pool": sorted(names), "machine": machine, "eval_s": timing,
+                         "resumed_examples": resumed}, t_start)
+
+
+def write_report(name: str, args, md: str, results: dict, arms, routers, tasks, paired_rows,
+                 drift, extra: dict, t_start: float) -> int:
+    """Print `md` and write `results/<name>.{json,md}` (or `--out`): settings, per-arm accuracy,
+    paired differences, log-prob drift and per-item correctness, plus `extra`."""
     print(md)
-    payload = {"benchmark": "precision", "command": cmd,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
-               "subset": subset, "pool_description": pool_txt, "items": len(sel),
-               "pool_dir": str(pool_dir),
-               "pool": sorted(names), "machine": machine, "eval_s": timing, "resumed_examples": resumed,
-               "accuracy": {f"{dt}/{n}": {"mean": results[(dt, n)]["mean"],
-                                          "tasks": {t: results[(dt, n)]["tasks"][t]["acc"]
-                                                    for t in tasks}}
-                            for dt in DTYPES for n in routers},
-               "paired": out_rows, "logprob_drift": drift,
-               "correct": {f"{dt}/{n}": results[(dt, n)]["correct"] for dt in DTYPES
-                           for n in routers},
+    payload = {"benchmark": name, "command": common.command_line(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args), **extra,
+               "accuracy": {f"{a}/{n}": {"mean": results[(a, n)]["mean"],
+                                         "tasks": {t: results[(a, n)]["tasks"][t]["acc"]
+                                                   for t in tasks}}
+                            for a in arms for n in routers},
+               "paired": paired_rows, "logprob_drift": drift,
+               "correct": {f"{a}/{n}": results[(a, n)]["correct"] for a in arms for n in routers},
                "total_wall_s": time.perf_counter() - t_start, "markdown": md}
-    out = Path(args.out) if args.out else common.RESULTS_DIR / "precision.json"
+    out = Path(args.out) if args.out else common.RESULTS_DIR / f"{name}.json"
     path = common.write_json(out, payload)
     common.write_text(path.with_suffix(".md"), md)
     log(f"wrote {path} and {path.with_suffix('.md')}")

@@ -27,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import common  # noqa: E402
-from precision import REPO, find_pool, log, logprob_drift, paired  # noqa: E402
+from precision import REPO, compare, evaluate_arm, select, write_report  # noqa: E402
 
 ARMS = ("fp32", "int8")
 
@@ -35,80 +35,25 @@ ARMS = ("fp32", "int8")
 def run(args) -> int:
     t_start = time.perf_counter()
     import jax.numpy as jnp
+    from flax import nnx
 
-    from hilora_jax import load_model, load_pool, load_tokenizer
-    from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
-    from hilora_jax.eval.tasks import load_tasks
-    from hilora_jax.inference import Engine
-    from hilora_jax.routing import build_router
+    from hilora_jax import load_model, load_pool
 
-    work = Path(args.work)
-    data, pool_dir = find_pool(work)
-    test = load_tasks(data / "test.jsonl")
-    tok = load_tokenizer("smollm2")
-    probe = load_pool(pool_dir, progress=False)
-    names = set(probe.names)
-    tasks = sorted(names) if not args.tasks else args.tasks.split(",")
-    bad = [t for t in tasks if t not in names]
-    if bad:
-        raise SystemExit(f"precision_int8: --tasks {','.join(bad)} not in the pool "
-                         f"({sorted(names)})")
-    routers = args.routers.split(",")
-    bad = [r for r in routers if r not in ("oracle", "hilora")]
-    if bad:
-        raise SystemExit(f"precision_int8: --routers {bad}: choose from oracle,hilora")
-    by = {t: [e for e in test if e.task == t] for t in tasks}
-    sel = [e for t in tasks for e in by[t][: args.items or None]]
-    log(f"{len(sel)} test items from {len(tasks)} tasks; routers {routers}; pool {pool_dir}")
-    del probe
-
-    evals = work / "eval_int8"
+    pool_dir, tok, names, tasks, routers, sel = select(args, "precision_int8")
+    evals = Path(args.work) / "eval_int8"
     results: dict = {}
     timing: dict = {}
     weight_bytes: dict = {}
     for arm in ARMS:
         model = load_model("smollm2", dtype=jnp.float32, progress=False,
                            weights="int8" if arm == "int8" else None)
-        from flax import nnx
-
         weight_bytes[arm] = int(sum(v.nbytes for _, v in nnx.to_flat_state(nnx.state(model))))
         pool = load_pool(pool_dir, model=model, dtype=jnp.float32, progress=False)
-        eng = Engine(model)
-        scorer = PrefixScorer(eng, first_adapted_layer(pool))
-        for name in routers:
-            router = build_router(name, pool, engine=eng, tokenizer=tok)
-            t0 = time.perf_counter()
-            r = evaluate(eng, tok, pool, router, sel, protocol="seen", scorer=scorer,
-                         batch_size=args.batch_size, progress=False,
-                         out=evals / f"{arm}_{name}.json",
-                         config={"weights": arm, "pool_dir": str(pool_dir)})
-            timing[f"{arm}/{name}"] = time.perf_counter() - t0
-            results[(arm, name)] = r
-            log(f"{arm} {name}: acc {r['mean']['acc']:.3f} ({timing[f'{arm}/{name}']:.0f}s)")
-        del model, pool, eng, scorer
+        evaluate_arm(arm, model, pool, tok, routers, sel, evals, args.batch_size,
+                     {"weights": arm, "pool_dir": str(pool_dir)}, results, timing, {})
+        del model, pool
 
-    table, out_rows = [], {}
-    for name in routers:
-        a, b = results[("fp32", name)], results[("int8", name)]
-        rows = {}
-        for t in tasks:
-            ca = {k: v for k, v in a["correct"].items() if k.rsplit(":", 1)[0] == t}
-            cb = {k: v for k, v in b["correct"].items() if k.rsplit(":", 1)[0] == t}
-            rows[t] = paired(ca, cb)
-        rows["ALL"] = paired(a["correct"], b["correct"])
-        out_rows[name] = rows
-        for t, p in rows.items():
-            table.append([name, t, p["n"], f"{p['acc_a']:.3f}", f"{p['acc_b']:.3f}",
-                          f"{p['diff']:+.3f}", f"{p['se']:.3f}", f"{p['gained']}/{p['lost']}"])
-    drift = {name: logprob_drift(evals / f"fp32_{name}.json.partial.jsonl",
-                                 evals / f"int8_{name}.json.partial.jsonl",
-                                 sorted(results[("fp32", name)]["correct"]))
-             for name in routers}
-    drift_md = "\n".join(
-        f"- {n}: predictions agree on {v['prediction_agreement']:.1%} of {v['items']} items; "
-        f"|logprob int8 - fp32| per choice mean {v['mean_abs_logprob_diff']:.3f}, p95 "
-        f"{v['p95_abs_logprob_diff']:.3f}, max {v['max_abs_logprob_diff']:.3f} nats (median fp32 "
-        f"top-2 margin {v['median_fp32_top2_margin']:.2f})" for n, v in drift.items())
+    table, out_rows, drift, drift_md = compare(results, "fp32", "int8", routers, tasks, evals)
     cmd = common.command_line()
     machine = common.machine_info()
     md_table = common.markdown_table(
@@ -127,25 +72,10 @@ def run(args) -> int:
           f"{machine['versions'].get('jax')}; eval seconds "
           f"{({k: round(v) for k, v in timing.items()})}.\n\n{md_table}\n\n"
           f"Summed choice log-probs, int8 vs fp32 (per item, all choices):\n\n{drift_md}\n")
-    print(md)
-    payload = {"benchmark": "precision_int8", "command": cmd,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "settings": vars(args),
-               "subset": subset, "items": len(sel), "pool_dir": str(pool_dir),
-               "pool": sorted(names), "machine": machine, "eval_s": timing,
-               "param_bytes": weight_bytes,
-               "accuracy": {f"{arm}/{n}": {"mean": results[(arm, n)]["mean"],
-                                           "tasks": {t: results[(arm, n)]["tasks"][t]["acc"]
-                                                     for t in tasks}}
-                            for arm in ARMS for n in routers},
-               "paired": out_rows, "logprob_drift": drift,
-               "correct": {f"{arm}/{n}": results[(arm, n)]["correct"] for arm in ARMS
-                           for n in routers},
-               "total_wall_s": time.perf_counter() - t_start, "markdown": md}
-    out = Path(args.out) if args.out else common.RESULTS_DIR / "precision_int8.json"
-    path = common.write_json(out, payload)
-    common.write_text(path.with_suffix(".md"), md)
-    log(f"wrote {path} and {path.with_suffix('.md')}")
-    return 0
+    return write_report("precision_int8", args, md, results, ARMS, routers, tasks, out_rows, drift,
+                        {"subset": subset, "items": len(sel), "pool_dir": str(pool_dir),
+                         "pool": sorted(names), "machine": machine, "eval_s": timing,
+                         "param_bytes": weight_bytes}, t_start)
 
 
 def main(argv=None) -> int:

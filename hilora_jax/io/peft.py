@@ -457,24 +457,32 @@ def read_adapter(src: str | os.PathLike, model_cfg: ModelConfig, *, name: str | 
 
     ad = PeftAdapter(name=name, source=str(d), config=cfg, r=int(cfg.get("r", 8)))
     for (layer, mod), sides in sorted(found.items()):
-        mk = module_key(layer, mod)
-        for side in "AB":
-            if side not in sides:
-                raise AdapterError(f"adapter {name!r}: {tpath}: missing "
-                                   f"{tensor_key(layer, mod, side)!r}")
-        a = np.asarray(tensors[sides["A"]], np.float32)
-        b = np.asarray(tensors[sides["B"]], np.float32)
-        r, _, scale = module_rank_alpha(cfg, mk)
-        d_in, d_out = shapes[mod]
-        for k, arr, exp in ((sides["A"], a, (r, d_in)), (sides["B"], b, (d_out, r))):
-            if arr.shape != exp:
-                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} has shape {arr.shape}, expected "
-                                   f"{exp} (rank {r} from the config, module shape (d_in={d_in}, "
-                                   f"d_out={d_out}) from the base model)")
-            if not np.all(np.isfinite(arr)):
-                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} contains NaN or inf")
+        r, _, scale = module_rank_alpha(cfg, module_key(layer, mod))
+        a, b = lora_pair(name, tpath, tensors, sides, r, shapes[mod],
+                         lambda side, layer=layer, mod=mod: tensor_key(layer, mod, side))
         ad.modules[(layer, mod)] = (a, np.ascontiguousarray(b.T), scale)  # PEFT B -> rows
     return ad
+
+
+def lora_pair(name: str, tpath, tensors, sides: Mapping[str, str], r: int,
+              dims: tuple[int, int], key_of) -> tuple[np.ndarray, np.ndarray]:
+    """One module's `(A [r, d_in], B [d_out, r])` as the file holds them, in float32, checked:
+    both present (`sides` maps "A"/"B" to tensor names; `key_of(side)` names a missing one),
+    shapes from the config's rank and the base model's `dims = (d_in, d_out)`, all finite."""
+    for side in "AB":
+        if side not in sides:
+            raise AdapterError(f"adapter {name!r}: {tpath}: missing {key_of(side)!r}")
+    d_in, d_out = dims
+    a = np.asarray(tensors[sides["A"]], np.float32)
+    b = np.asarray(tensors[sides["B"]], np.float32)
+    for k, arr, exp in ((sides["A"], a, (r, d_in)), (sides["B"], b, (d_out, r))):
+        if arr.shape != exp:
+            raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} has shape {arr.shape}, expected "
+                               f"{exp} (rank {r} from the config, module shape (d_in={d_in}, "
+                               f"d_out={d_out}) from the base model)")
+        if not np.all(np.isfinite(arr)):
+            raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} contains NaN or inf")
+    return a, b
 
 
 # -- writing ---------------------------------------------------------------------------------

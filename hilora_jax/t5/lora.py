@@ -34,6 +34,7 @@ from hilora_jax.io.peft import (
     _repr_short,
     check_config,
     is_targeted,
+    lora_pair,
     module_rank_alpha,
 )
 from hilora_jax.model.hook import LoraHook
@@ -120,20 +121,9 @@ def read_t5_adapter(src: str | Path, model_cfg: T5Config, *, name: str | None = 
                            f"tensors but not targeted: {sorted(set(found) - want)[:6]}")
     ad = T5LoraAdapter(name=name, source=str(d), config=cfg)
     for path, sides in sorted(found.items()):
-        for side in "AB":
-            if side not in sides:
-                raise AdapterError(f"adapter {name!r}: {tpath}: missing "
-                                   f"'base_model.model.{path}.lora_{side}.weight'")
-        a = np.asarray(tensors[sides["A"]], np.float32)
-        b = np.asarray(tensors[sides["B"]], np.float32)
         r, _, scale = module_rank_alpha(cfg, path)
-        d_in, d_out = shapes[path]
-        for k, arr, exp in ((sides["A"], a, (r, d_in)), (sides["B"], b, (d_out, r))):
-            if arr.shape != exp:
-                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} has shape {arr.shape}, "
-                                   f"expected {exp} (rank {r}, module d_in={d_in}, d_out={d_out})")
-            if not np.all(np.isfinite(arr)):
-                raise AdapterError(f"adapter {name!r}: {tpath}: {k!r} contains NaN or inf")
+        a, b = lora_pair(name, tpath, tensors, sides, r, shapes[path],
+                         lambda side, path=path: f"base_model.model.{path}.lora_{side}.weight")
         ad.modules[path] = (a, b, scale)
     return ad
 
