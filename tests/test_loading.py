@@ -53,7 +53,7 @@ def test_wrong_shape_is_named(hf_dir):
     def bad(t):
         t["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 48), np.float32)
     _rewrite(hf_dir, bad)
-    with pytest.raises(CheckpointError, match=r"k_proj\.weight' in .* has shape \(48, 8\)"):
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight' in .* has shape \(8, 48\), expected \(16, 48\)"):
         load_model(hf_dir, progress=False)
 
 

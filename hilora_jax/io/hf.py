@@ -95,6 +95,55 @@ def abstract_model(cfg: ModelConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, d
     return graphdef, state, flat
 
 
+
+class StrictFill:
+    """Fills abstract parameters (`flat`: target path -> abstract array) from checkpoint tensors,
+    strictly, collecting every problem instead of stopping at the first: each tensor maps to one
+    parameter of this config, once, with its shape (reported in the file's orientation) and finite
+    values (checked in the file's dtype: no float32 copy); each is cast per device shard straight
+    onto its sharding, and the host tensor freed before the next is read. Llama and T5 loaders."""
+
+    def __init__(self, flat: dict):
+        self.flat = flat
+        self.filled: dict[str, jax.Array] = {}
+        self.seen_from: dict[str, str] = {}
+        self.problems: list[str] = []
+        self.bad: set[str] = set()  # reported already: not "missing" as well
+
+    def add(self, key: str, src: str, target: str, fn, load, *, dtype, sharding_of,
+            absent: str) -> None:
+        """Tensor `key` of file `src` -> parameter `target` (`fn` maps the file's layout to it;
+        `load()` reads it; `sharding_of(target, shape)` or None; `absent` ends the message when
+        the config has no such parameter)."""
+        if target not in self.flat:
+            self.problems.append(f"tensor {key!r} in {src} {absent}")
+            return
+        if target in self.filled:
+            self.problems.append(f"tensor {key!r} in {src} fills {target!r} a second time "
+                                 f"(first from {self.seen_from[target]})")
+            return
+        arr = fn(load())
+        want = tuple(self.flat[target].shape)
+        if tuple(arr.shape) != want:
+            self.bad.add(target)
+            file_shape, file_want = ((arr.shape[::-1], want[::-1]) if fn is _T
+                                     else (arr.shape, want))
+            self.problems.append(f"tensor {key!r} in {src} has shape {tuple(file_shape)}, "
+                                 f"expected {tuple(file_want)} for {target}")
+            return
+        if not all_finite(arr):
+            self.bad.add(target)
+            self.problems.append(f"tensor {key!r} in {src} contains NaN or inf")
+            return
+        self.filled[target] = place_tensor(arr, dtype(target) if callable(dtype) else dtype,
+                                           sharding_of(target, want) if sharding_of else None)
+        del arr
+        self.seen_from[target] = src
+
+    def missing(self) -> list[str]:
+        """Parameters no tensor filled (those with a reported bad tensor excluded)."""
+        return sorted(set(self.flat) - set(self.filled) - self.bad)
+
 def build_model(
     cfg: ModelConfig,
     tensors: Iterable[tuple[str, Callable[[], np.ndarray], str]],
@@ -110,10 +159,8 @@ def build_model(
     so no full host copy of the model is ever assembled.
     """
     graphdef, state, flat = abstract_model(cfg, dtype)
-    filled: dict[str, jax.Array] = {}
-    seen_from: dict[str, str] = {}
-    problems: list[str] = []
-    bad_targets: set[str] = set()  # reported already; not "missing" as well
+    fill = StrictFill(flat)
+    problems = fill.problems
     tied_lm_head = None
     for i, (key, load, src) in enumerate(tensors):
         if progress is not None:
@@ -128,33 +175,11 @@ def build_model(
         if target == "lm_head.kernel" and cfg.tie_word_embeddings:
             tied_lm_head = (key, load, src)  # checked against the embedding below
             continue
-        if target not in flat:
-            problems.append(f"tensor {key!r} in {src} maps to {target!r}, which this config "
-                            f"({cfg.model_type}) does not have")
-            continue
-        if target in filled:
-            problems.append(f"tensor {key!r} in {src} fills {target!r} a second time "
-                            f"(first from {seen_from[target]})")
-            continue
-        arr = fn(load())
-        want = tuple(flat[target].shape)
-        if tuple(arr.shape) != want:
-            bad_targets.add(target)
-            problems.append(f"tensor {key!r} in {src} has shape {tuple(arr.shape)}, expected "
-                            f"{want[::-1] if fn is _T else want} for {target}")
-            continue
-        if not all_finite(arr):  # in the file's dtype: no float32 copy
-            bad_targets.add(target)
-            problems.append(f"tensor {key!r} in {src} contains NaN or inf")
-            continue
-        # cast per device shard straight onto the target sharding; the host tensor is freed
-        # before the next one is read
-        filled[target] = place_tensor(arr, jnp.dtype(dtype), shd.param_sharding(
-            target, want, mesh) if mesh is not None else None)
-        del arr
-        seen_from[target] = src
-    missing = sorted(set(flat) - set(filled) - bad_targets)
-    for t in missing:
+        fill.add(key, src, target, fn, load, dtype=jnp.dtype(dtype),
+                 sharding_of=(lambda t, shape: shd.param_sharding(t, shape, mesh)) if mesh else None,
+                 absent=f"maps to {target!r}, which this config ({cfg.model_type}) does not have")
+    filled = fill.filled
+    for t in fill.missing():
         problems.append(f"missing tensor for parameter {t}")
     if tied_lm_head is not None and "model.embed_tokens.embedding" in filled:
         key, load, src = tied_lm_head

@@ -23,26 +23,26 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from hilora_jax.io.hf import KeyMapper
+from hilora_jax.io.hf import (  # _T: torch Linear [out, in] -> kernel [in, out]
+    _T,
+    KeyMapper,
+    StrictFill,
+)
 from hilora_jax.io.safetensors import (
     CheckpointError,
     SafetensorsFile,
-    all_finite,
-    place_tensor,
 )
 from hilora_jax.model import sharding as shd
 from hilora_jax.t5.config import T5Config, read_t5_config
 from hilora_jax.t5.model import T5ForConditionalGeneration
 from hilora_jax.t5.projections import param_logical_axes
 
-_T = lambda a: np.swapaxes(a, -1, -2)  # noqa: E731  torch Linear [out, in] -> kernel [in, out]
 _ID = lambda a: a  # noqa: E731
 
 _S = r"(encoder|decoder)\.block\.(\d+)\.layer\.(\d+)"
@@ -197,10 +197,8 @@ def build_model(cfg: T5Config, tensors: Tensors, *, dtype=jnp.float32, mesh: Mes
                 where: str = "checkpoint") -> T5ForConditionalGeneration:
     """Fill a model from `(hf_key, load_fn, source_file)` triples, strictly (see module doc)."""
     graphdef, state, flat = abstract_model(cfg, dtype)
-    filled: dict[str, jax.Array] = {}
-    seen_from: dict[str, str] = {}
-    problems: list[str] = []
-    bad_targets: set[str] = set()
+    fill = StrictFill(flat)
+    problems = fill.problems
     aliases: list[tuple[str, Callable, str]] = []
     for key, load, src in tensors:
         if T5_KEYS.ignored(key):
@@ -213,30 +211,12 @@ def build_model(cfg: T5Config, tensors: Tensors, *, dtype=jnp.float32, mesh: Mes
             problems.append(f"unexpected tensor {key!r} in {src}")
             continue
         target, fn = m
-        if target not in flat:
-            problems.append(f"tensor {key!r} in {src} has no parameter in this config "
-                            f"({cfg.variant}, {cfg.num_layers}+{cfg.num_decoder_layers} blocks)")
-            continue
-        if target in filled:
-            problems.append(f"tensor {key!r} in {src} appears twice (first in {seen_from[target]})")
-            continue
-        arr = fn(load())
-        want = tuple(flat[target].shape)
-        if tuple(arr.shape) != want:
-            bad_targets.add(target)
-            problems.append(f"tensor {key!r} in {src} has shape {tuple(arr.shape[::-1] if fn is _T else arr.shape)}, "
-                            f"expected {want[::-1] if fn is _T else want}")
-            continue
-        if not all_finite(arr):
-            bad_targets.add(target)
-            problems.append(f"tensor {key!r} in {src} contains NaN or inf")
-            continue
-        pdtype = flat[target].dtype
-        filled[target] = place_tensor(arr, pdtype, param_sharding(target, want, mesh)
-                                      if mesh is not None else None)
-        seen_from[target] = src
-        del arr
-    for t in sorted(set(flat) - set(filled) - bad_targets):
+        fill.add(key, src, target, fn, load, dtype=lambda t: flat[t].dtype,
+                 sharding_of=(lambda t, shape: param_sharding(t, shape, mesh)) if mesh else None,
+                 absent=f"has no parameter in this config ({cfg.variant}, "
+                        f"{cfg.num_layers}+{cfg.num_decoder_layers} blocks)")
+    filled = fill.filled
+    for t in fill.missing():
         problems.append(f"missing tensor {hf_key(t)!r}")
     if "shared.embedding" in filled:
         emb = None
