@@ -151,10 +151,10 @@ def pack_rocs(arrays: PoolArrays) -> RocPack:
         V[m] = [jnp.asarray(mask[li, ai, ji]) for li in range(n_layers)]
         groups.append((m, tuple(grp)))
     A, inputs = {}, input_layout({m: int(a.shape[1]) for m, a in A_m.items()}, arrays.modules)
-    for key, members in inputs:
+    for first, members in inputs:
         a_cat = (jnp.concatenate([A_m[mm] for mm, _, _ in members], axis=1) if len(members) > 1
-                 else A_m[key])  # L P_key D
-        A[key] = [a_cat[li] for li in range(a_cat.shape[0])]
+                 else A_m[first])  # L P_key D
+        A[first] = [a_cat[li] for li in range(a_cat.shape[0])]
     pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs)
     if len(_PACK_CACHE) >= 4:
         _PACK_CACHE.pop(next(iter(_PACK_CACHE)))

@@ -94,6 +94,19 @@ class SequenceDecision:
     coverage: Float[Array, " B"]
 
 
+def _ranked(scores, ranks, active, c: int):
+    """Shared prelude of the selection rules on `scores [B, A]`: ranks broadcast to `[B, A]`,
+    eligible (active and finite), the scores with ineligible ones at -inf (and -0.0 as +0.0:
+    `lax.top_k` orders by total order, -0.0 below +0.0, the rules by value), and the top `c`
+    `(values, indices)` per row (equal scores: lower index first)."""
+    b, a = scores.shape
+    ranks = jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), (b, a))
+    eligible = jnp.broadcast_to(jnp.asarray(active, bool), (b, a)) & jnp.isfinite(scores)
+    masked = jnp.where(eligible, jnp.where(scores == 0, 0.0, scores), -jnp.inf)
+    top_s, top_idx = jax.lax.top_k(masked, c)  # [B, C]
+    return ranks, eligible, masked, top_s, top_idx
+
+
 def _gamma_fraction(gamma: float) -> Fraction:
     if not 0.0 < float(gamma) <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma}")
@@ -188,12 +201,7 @@ def sequence_decisions(
     scores = jnp.asarray(scores, jnp.float32)
     b, a = scores.shape
     c = min(max_candidates, a)
-    ranks = jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), (b, a))
-    eligible = jnp.broadcast_to(jnp.asarray(active, bool), (b, a)) & jnp.isfinite(scores)
-    # -0.0 -> +0.0: lax.top_k orders by total order (-0.0 below +0.0), the rules by value.
-    masked = jnp.where(eligible, jnp.where(scores == 0, 0.0, scores), -jnp.inf)
-
-    top_s, top_idx = jax.lax.top_k(masked, c)  # [B, C]; equal scores: lower index first
+    ranks, eligible, masked, top_s, top_idx = _ranked(scores, ranks, active, c)
     n_eligible = eligible.sum(-1)  # [B]
     s_max = top_s[:, 0]
     n_pos = (eligible & (scores > 0)).sum(-1)
@@ -276,10 +284,7 @@ def calibrated_decisions(
     cal = jnp.asarray(cal, jnp.float32)
     b, a = cal.shape
     c = min(max_candidates, a)
-    ranks = jnp.broadcast_to(jnp.asarray(ranks, jnp.int32), (b, a))
-    eligible = jnp.broadcast_to(jnp.asarray(active, bool), (b, a)) & jnp.isfinite(cal)
-    masked = jnp.where(eligible, jnp.where(cal == 0, 0.0, cal), -jnp.inf)
-    top_s, top_idx = jax.lax.top_k(masked, c)  # [B, C]; equal scores: lower index first
+    ranks, eligible, masked, top_s, top_idx = _ranked(cal, ranks, active, c)
     c_max = top_s[:, :1]  # [B, 1]
     chosen = eligible & (masked >= floor) & (masked >= c_max - margin)  # [B, A]
     n_selected = chosen.sum(-1).astype(jnp.int32)
