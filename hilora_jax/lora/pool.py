@@ -79,6 +79,12 @@ class PoolArrays:
         mask_l = self.mask[m][layer] & self.active[:, None]
         return self.A[m][layer], self.B[m][layer], mask_l, masked_scale(mask_l, self.scale[m][layer])
 
+    def rows(self, m: str, layer: int, idx) -> tuple[Array, Array]:
+        """`(A [*idx.shape, R, D], B [*idx.shape, R, E])`: the adapters `idx` of module `m` at
+        `layer`, each read by one gather from the stacked `[L, A, R, .]` arrays (slicing the layer
+        first would copy every adapter's rows of that layer in each decode step)."""
+        return self.A[m][layer, idx], self.B[m][layer, idx]
+
 
 def masked_scale(mask, scale):
     """s_ij where the ROC exists (`mask`), 0 elsewhere: the one place padded ROCs are zeroed."""
@@ -129,11 +135,10 @@ class GatedHook(LoraHook):
             return None
         A_l, B_l, mask_l, w_l = self.arrays.layer(name, layer)
         if self.idx is not None:  # gather the K adapters of each row first
-            A_c = A_l[self.idx].astype(x.dtype)  # B K R D
+            A_c, B_c = self.arrays.rows(name, layer, self.idx)  # B K R D, B K R E
             coef = (w_l[self.idx] * self.gates[..., None]).astype(x.dtype)  # B K R
-            u = jnp.einsum("BTD,BKRD->BTKR", x, A_c)
-            return jnp.einsum("BTKR,BKRE->BTE", u * coef[:, None],
-                              B_l[self.idx].astype(x.dtype)), {}
+            u = jnp.einsum("BTD,BKRD->BTKR", x, A_c.astype(x.dtype))
+            return jnp.einsum("BTKR,BKRE->BTE", u * coef[:, None], B_c.astype(x.dtype)), {}
         g = self.gates
         r = mask_l.shape[-1]
         if g.ndim == 2:

@@ -289,11 +289,11 @@ class HiLoRAHook(LoraHook):
         n_mod = self._n_module(mask_l)
         valid_c = mask_l[idx] & self.cand_valid[..., None]  # B C R
         if strategy == "gathered":
-            A_c = A_l[idx]  # B C R D
+            A_c, B_c = self.arrays.rows(name, layer, idx)  # B C R D, B C R E
             u = jnp.einsum("BTD,BCRD->BTCR", x, A_c.astype(x.dtype))
             g = topn_gates(u, n_mod, valid_c, method=self.topn_method)  # B T C R
             coef = u * g * (w_l[idx] * valid_c).astype(u.dtype)[:, None]  # B T C R
-            delta = jnp.einsum("BTCR,BCRE->BTE", coef, B_l[idx].astype(x.dtype))
+            delta = jnp.einsum("BTCR,BCRE->BTE", coef, B_c.astype(x.dtype))
         else:  # dense
             u_all = jnp.einsum("BTD,ARD->BTAR", x, A_l.astype(x.dtype))  # B T A R
             u = jnp.take_along_axis(u_all, idx[:, None, :, None], axis=2)  # B T C R
