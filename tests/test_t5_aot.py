@@ -1,5 +1,6 @@
 """`hilora aot` on T5: `T5Engine`'s real prefill (encoder + cross-attention K/V) and decode step
-compiled for a v5e-8 slice through libtpu on a tiny T5 config with a routed T5 pool; the
+compiled for a v5e-8 slice through libtpu on a tiny T5 config with a routed T5 pool (synthetic, or
+a saved pool dir of PEFT adapters: `--pool DIR`, refused when it was built for another model); the
 `flan-t5-large` preset's published shapes; the step functions reproduce `T5Engine.generate`."""
 
 import json
@@ -133,32 +134,41 @@ def t5_pool_dir(tmp_path_factory, t5_cfg_file):
     return save_pool(pool, root / "pool"), cfg
 
 
-def test_tiny_t5_compiles_for_tpu_with_a_pool_dir(t5_pool_dir):
-    """`--pool DIR` on T5: the abstract arrays are the saved pool's (shapes and dtypes from its
-    pool.json, nothing else read), and the routed programs compile and fit on a v5e-8."""
+def test_cli_aot_on_t5_with_a_pool_dir(t5_pool_dir, t5_cfg_file, tmp_path):
+    """`hilora aot --model T5 --pool DIR`: the abstract arrays are the saved pool's (shapes and
+    dtypes from its pool.json, nothing else read), and the routed programs compile and fit on a
+    v5e-8 (the installed entry point, as a user runs it)."""
+    import jax
+
     from hilora_jax.lora.io import load_pool_dir
 
     pdir, cfg = t5_pool_dir
     real = load_pool_dir(pdir).arrays
     arrays, desc = aot.pool_dir_arrays(str(pdir), cfg)
     assert (desc["n"], desc["rank"], desc["targets"]) == (2, 4, ["q", "v", "wo"])
-    import jax
-
     assert (jax.tree.map(lambda a: (a.shape, a.dtype), arrays)
             == jax.tree.map(lambda a: (a.shape, a.dtype), real))
     assert real.A["decoder.EncDecAttention.v"].shape == (3, 2, 4, 64)  # L, adapters, R, D
     assert real.B["encoder.DenseReluDense.wo"].shape == (2, 2, 2, 64)  # only "a" (r=2) has wo
-    spec = aot.AotSpec(cfg=cfg, name="tiny-t5", topology="v5e-8", mesh="2x4", dtype="bfloat16",
-                       pool=aot.PoolSpec(path=str(pdir)), routers=("hilora",), batch=8,
-                       prompt=32, new=16)
-    rep = aot.analyze(spec)
-    assert rep["pool"]["path"] == str(pdir) and rep["pool"]["n"] == 2
+    exe = Path(sys.executable).parent / "hilora"
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
+    env.update(PYTHONPATH=str(ROOT), TPU_SKIP_MDS_QUERY="1")
+    out = tmp_path / "rep.json"
+    p = subprocess.run([str(exe), "aot", "--model", str(t5_cfg_file), "--pool", str(pdir),
+                        "--topology", "v5e-8", "--mesh", "2x4", "--batch", "8", "--prompt", "32",
+                        "--new", "16", "--json", str(out)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["family"] == "t5" and rep["pool"]["path"] == str(pdir)
+    assert (rep["pool"]["n"], rep["pool"]["rank"]) == (2, 4)
     assert rep["pool"]["bytes"] == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(real))
     assert rep["fits"] is True and rep["variants"]["hilora"]["fits"] is True
     for prog in ("prefill", "decode_step"):
         assert not rep["variants"]["hilora"][prog]["weight_gathers"], prog
     assert (rep["variants"]["hilora"]["decode_step"]["memory"]["argument"]
             > rep["variants"]["base"]["decode_step"]["memory"]["argument"])
+    assert "pool N=2 r=4 q,v,wo" in p.stdout and "| hilora | yes" in p.stdout
 
 
 def test_pool_dir_of_another_model_is_refused(t5_pool_dir, tmp_path):

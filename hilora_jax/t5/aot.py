@@ -4,10 +4,12 @@ The programs are `hilora_jax.t5.generate.prefill_jit` (encode the prompt once, c
 of every decoder layer into a fresh `DecoderCache`) and `decode_step_jit` (one decoder token),
 the very functions `T5Engine.generate` composes, lowered with `jax.ShapeDtypeStruct`s carrying
 the shardings of the T5 rules table (`t5.projections.PARAM_AXES`) and of the pool (A input-side,
-B output-side axis). The LoRA hook is the router's real hook pytree over a T5 pool whose rows are
-the projections named by `targets` (PEFT target names: `q`, `v`, `wi_0`, ...) in every block of
-both stacks. The report has the schema of `hilora_jax.aot.analyze` (so `format_table` prints it);
-the prefill's attention share is not estimated (`None`).
+B output-side axis). The LoRA hook is the router's real hook pytree over a T5 pool: a saved pool
+dir's stacked arrays (`--pool DIR`: shapes from its `pool.json`, `aot.pool_dir_arrays`), or a
+synthetic one whose rows are the projections named by `targets` (PEFT target names: `q`, `v`,
+`wi_0`, ...) in every block of both stacks. Programs are compiled by `aot.compile_variant`
+(shared with the Llama family). The report has the schema of `hilora_jax.aot.analyze` (so
+`format_table` prints it); the prefill's attention share is not estimated (`None`).
 """
 
 from __future__ import annotations
