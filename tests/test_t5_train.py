@@ -145,17 +145,34 @@ def test_t5_targets_are_checked(t5):
 
 
 def test_train_lora_cli_on_t5_then_convert_pool(t5, tmp_path):
+    import argparse
+
+    from hilora_jax.errors import UsageError
+    from hilora_jax.lora.train import add_train_lora_args, train_lora_cli
+
     path, _, model = t5
     root = tmp_path
     (root / "t5").symlink_to(path)
     write_jsonl(toy_examples(), root / "tasks.jsonl")
-    ok(hilora(root, "train-lora", "--model", "t5", "--tasks", "tasks.jsonl", "--r", 2,
-              "--alpha", 4, "--targets", "q,v,wi_1", "--steps", 3, "--batch-size", 2,
-              "--out", "ad", env=user_env()))
+    train = ["train-lora", "--model", "t5", "--tasks", "tasks.jsonl"]
+    with ThreadPoolExecutor(max_workers=2) as ex:  # a good run and a bad one, as a user types them
+        good = ex.submit(hilora, root, *train, "--r", 2, "--alpha", 4, "--targets", "q,v,wi_1",
+                         "--steps", 3, "--batch-size", 2, "--out", "ad", env=user_env())
+        bad = ex.submit(hilora, root, *train, "--targets", "gate_proj", "--out", "bad",
+                        env=user_env())
+        ok(good.result())
+        bad = bad.result()
+    # a Llama target name on a T5: one line naming the flag, nothing written, exit 2
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert bad.stderr.strip().splitlines() == [
+        "hilora: error: --targets 'gate_proj': unknown module(s) of this T5 model ['gate_proj']; "
+        "choose from q, k, v, o, wi_0, wi_1, wo"]
+    assert not (root / "bad").exists()
     cfg = json.loads((root / "ad/adapter_config.json").read_text())
     assert (cfg["task_type"], cfg["r"], cfg["target_modules"]) == ("SEQ_2_SEQ_LM", 2,
                                                                     ["q", "v", "wi_1"])
     assert json.loads((root / "ad/hilora_train.json").read_text())["steps"] == 3
+    # `hilora` reads it back: a pool of the trained adapter
     (root / "manifest.json").write_text(json.dumps({"adapters": {"ad": {"path": "ad"}}}))
     ok(hilora(root, "convert-pool", "manifest.json", "--model", "t5", "--out", "pool",
               env=user_env()))
@@ -164,19 +181,12 @@ def test_train_lora_cli_on_t5_then_convert_pool(t5, tmp_path):
     assert meta["arrays"]["A.decoder.EncDecAttention.q"]["shape"] == [3, 1, 2, 40]
     assert meta["arrays"]["B.encoder.DenseReluDense.wi_1"]["shape"] == [2, 1, 2, 52]
     assert not any(k.endswith("DenseReluDense.wo") for k in meta["arrays"])
-
-    # bad input: one line naming the flag, nothing written
-    cases = {"llama target": (("--targets", "gate_proj"),
-                              "hilora: error: --targets 'gate_proj': unknown module(s) of this "
-                              "T5 model ['gate_proj']; choose from q, k, v, o, wi_0, wi_1, wo"),
-             "layers": (("--layers", "0"), "hilora: error: --layers '0': Llama-family models "
-                        "only; a T5 LoRA adapts every block")}
-    with ThreadPoolExecutor(max_workers=2) as ex:
-        runs = {c: ex.submit(hilora, root, "train-lora", "--model", "t5", "--tasks",
-                             "tasks.jsonl", "--out", f"bad{i}", *extra, env=user_env())
-                for i, (c, (extra, _)) in enumerate(cases.items())}
-    for i, (c, (_, want)) in enumerate(cases.items()):
-        r = runs[c].result()
-        assert r.returncode == 2, (c, r.stderr[-2000:])
-        assert r.stderr.strip().splitlines() == [want], c
-        assert not (root / f"bad{i}").exists()
+    # --layers is Llama-only: refused before the model loads
+    p = argparse.ArgumentParser()
+    add_train_lora_args(p)
+    args = p.parse_args([*train[1:], "--layers", "0", "--out", str(root / "bad2")])
+    args.model, args.tasks = str(root / "t5"), [str(root / "tasks.jsonl")]
+    with pytest.raises(UsageError, match="^--layers '0': Llama-family models only; a T5 LoRA "
+                       "adapts every block$"):
+        train_lora_cli(args)
+    assert not (root / "bad2").exists()

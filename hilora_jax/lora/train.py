@@ -144,6 +144,9 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
     `use_rslora`: scale `alpha / sqrt(r)` (PEFT's rsLoRA) instead of `alpha / r`. `rank_pattern` /
     `alpha_pattern`: `{target name: r / alpha}` overriding `r` / `alpha` for those modules (PEFT's
     fields of the same names; a T5 name covers every row it names)."""
+    if layers is not None and isinstance(model.config, T5Config):
+        raise ValueError("layers (PEFT layers_to_transform): Llama-family models only; a T5 "
+                         "adapter adapts every block of the targeted projections")
     rows = _rows(model)
     targets = resolve_targets(model, targets)
     names = list(dict.fromkeys(rows[t].target for t in targets))
@@ -164,9 +167,6 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
         a[name] = jax.random.uniform(jax.random.fold_in(key, i), (*shape, d_in), jnp.float32,
                                      -bound, bound)
         b[name] = jnp.zeros((*shape, d_out), jnp.float32)
-    if layers is not None and isinstance(model.config, T5Config):
-        raise ValueError("layers (PEFT layers_to_transform): Llama-family models only; a T5 "
-                         "adapter adapts every block of the targeted projections")
     if layers is not None:
         layers = tuple(sorted({int(i) for i in layers}))
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
