@@ -34,7 +34,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -230,31 +230,50 @@ def _sds(shape, dtype, sharding=None):
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=sharding)
 
 
+def pool_dir_arrays(path: str, cfg) -> tuple[Any, dict]:
+    """The stacked arrays of a saved pool dir as `PoolArrays` of `ShapeDtypeStruct`s (no
+    sharding), from its `pool.json` alone (no array is read), checked against the model config
+    (Llama or T5: `lora.io.check_pool_fits`), and the pool's description. Bad metadata, or a pool
+    of another family or size, is an `AotError` naming the pool dir."""
+    from hilora_jax.io.peft import AdapterError
+    from hilora_jax.lora.io import POOL_META, _unflat, check_pool_fits
+    from hilora_jax.model.projections import projection
+
+    meta_file = Path(path) / POOL_META
+    try:
+        meta = json.loads(meta_file.read_text())
+        arrays = _unflat({k: _sds(v["shape"], v["dtype"]) for k, v in meta["arrays"].items()})
+    except (OSError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AotError(f"--pool {path}: unreadable pool metadata {meta_file} ({e})") from None
+    if not arrays.A or set(arrays.A) != set(arrays.B):
+        raise AotError(f"--pool {path}: {meta_file} lists no LoRA modules, or A and B disagree")
+    try:
+        check_pool_fits(arrays, cfg, f"--pool {path}")
+    except AdapterError as e:
+        raise AotError(f"{e}: the pool does not fit the model") from None
+    return arrays, {"path": str(path), "n": arrays.num_adapters,
+                    "rank": max(a.shape[2] for a in arrays.A.values()),
+                    "targets": list(dict.fromkeys(projection(m).target for m in arrays.modules))}
+
+
+def place_pool(arrays, desc: dict, mesh: Mesh):
+    """`arrays` (`ShapeDtypeStruct`s) on the pool's shardings (`lora.pool.pool_shardings`), and
+    `desc` with their total bytes."""
+    from hilora_jax.lora.pool import pool_shardings
+
+    sh = pool_shardings(arrays, mesh)
+    arrays = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), arrays, sh)
+    return arrays, {**desc, "bytes": int(sum(_nbytes(a) for a in jax.tree.leaves(arrays)))}
+
+
 def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
     """`PoolArrays` of `ShapeDtypeStruct`s with the pool's shardings, and its description."""
-    from hilora_jax.lora.pool import PoolArrays, pool_shardings
+    from hilora_jax.lora.pool import PoolArrays
 
     shapes = cfg.module_shapes()
     L = cfg.num_layers
     if spec.path is not None:
-        from hilora_jax.lora.io import POOL_META, _unflat
-
-        meta_file = Path(spec.path) / POOL_META
-        try:
-            meta = json.loads(meta_file.read_text())
-            flat = {k: _sds(v["shape"], v["dtype"]) for k, v in meta["arrays"].items()}
-        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-            raise AotError(f"--pool {spec.path}: unreadable pool metadata {meta_file} ({e})") from None
-        arrays = _unflat(flat)
-        for m in arrays.A:
-            a, b = arrays.A[m].shape, arrays.B[m].shape
-            if a[0] != L or a[3] != shapes[m][0] or b[3] != shapes[m][1]:
-                raise AotError(f"--pool {spec.path}: module {m} has L={a[0]}, (d_in, d_out)="
-                               f"{(a[3], b[3])}; the model has L={L}, {shapes[m]}: the pool does "
-                               "not fit the model")
-        n = arrays.num_adapters
-        desc = {"path": str(spec.path), "n": n,
-                "rank": max(arrays.A[m].shape[2] for m in arrays.A), "targets": list(arrays.A)}
+        arrays, desc = pool_dir_arrays(spec.path, cfg)
     else:
         bad = [t for t in spec.targets if t not in MODULES]
         if bad or not spec.targets:
@@ -270,10 +289,7 @@ def abstract_pool(spec: PoolSpec, cfg: ModelConfig, dtype, mesh: Mesh):
             mask={m: _sds((L, n, r), bool) for m in spec.targets},
             ranks=_sds((n,), jnp.int32), active=_sds((n,), bool))
         desc = {"path": None, "n": n, "rank": r, "targets": list(spec.targets)}
-    sh = pool_shardings(arrays, mesh)
-    arrays = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), arrays, sh)
-    desc["bytes"] = int(sum(_nbytes(a) for a in jax.tree.leaves(arrays)))
-    return arrays, desc
+    return place_pool(arrays, desc, mesh)
 
 
 def _target_backend(mesh: Mesh) -> str:
@@ -597,6 +613,58 @@ def check_spec(spec: AotSpec) -> None:
                        f"model's max_position_embeddings={spec.cfg.max_position_embeddings}")
 
 
+def compile_variant(programs: Mapping[str, Callable[[], Any]], *, router: str,
+                    chip: Chip | None, hbm: int | None, wshapes, hlo_dir: str | None = None,
+                    log=None, finish=None) -> dict:
+    """One router's variant of the report: lower and compile each of `programs` (`{name: () ->
+    jax.stages.Lowered}`, in order) into an entry (cost, roofline, memory, collectives, weight
+    gathers, compile time incl. lowering; `finish(name, entry, compiled)` adds the family's own
+    fields before the HBM estimate, `add_hbm_estimate`), the HLO written to `hlo_dir` as
+    `{router}_{name}.hlo.txt`. The compiler's out-of-memory verdict is a result: the variant's
+    `error` (later programs are skipped). Then its peak bytes, `fits` and margin against `hbm`.
+    Shared by the Llama family (`analyze`) and T5 (`t5.aot.analyze`)."""
+    log = log or (lambda *_: None)
+    v: dict[str, Any] = {}
+    for prog, lower in programs.items():
+        t0 = time.perf_counter()
+        lowered = lower()
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # the compiler's own out-of-memory verdict is a result
+            msg = str(e)
+            if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+                raise
+            v["error"] = f"{prog}: " + msg.strip().splitlines()[0][:300]
+            log(f"  {router:<13} {prog:<11} does not fit: {v['error']}")
+            break
+        secs = time.perf_counter() - t0
+        hlo = compiled.as_text()
+        if hlo_dir is not None:
+            Path(hlo_dir).mkdir(parents=True, exist_ok=True)
+            (Path(hlo_dir) / f"{router}_{prog}.hlo.txt").write_text(hlo)
+        colls = collectives(hlo)
+        cost = _cost(compiled)
+        coll_bytes = float(sum(c["bytes"] for c in colls))
+        entry = {**cost, **roofline(cost["flops"], cost["bytes"], coll_bytes, chip),
+                 "memory": _memory(compiled), "collective_bytes": coll_bytes,
+                 "collectives": summarize_collectives(colls),
+                 "weight_gathers": [c for c in colls if c["kind"] == "all-gather"
+                                    and tuple(c["shape"]) in wshapes],
+                 "compile_s": round(secs, 2)}
+        if finish is not None:
+            finish(prog, entry, compiled)
+        add_hbm_estimate(entry, hlo, chip)
+        log(f"  {router:<13} {prog:<11} compiled in {secs:5.1f}s")
+        v[prog] = entry
+    if "error" in v:
+        v.update(fits=False, peak_bytes=None, margin_bytes=None)
+    else:
+        peak = max(v[p]["memory"]["total"] for p in programs)
+        v.update(peak_bytes=peak, fits=None if hbm is None else bool(peak <= hbm),
+                 margin_bytes=None if hbm is None else int(hbm - peak))
+    return v
+
+
 def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     """Compile prefill and one decode step for every router in `spec.routers` (base first) and
     return the report (see the module docstring; `format_table` prints it). A T5 config is
@@ -644,37 +712,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     variants: dict[str, dict] = {}
     for r in routers:
         hook, slots = abstract_hook(r, pool_arrays, b, mesh, spec.max_candidates)
-        v: dict[str, Any] = {}
-        for prog in ("prefill", "decode_step"):
-            t0 = time.perf_counter()
-            if prog == "prefill":
-                lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
-                                            cache_size=cache_size, mesh=mesh)
-            else:
-                lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
-            try:
-                compiled = lowered.compile()
-            except Exception as e:  # the compiler's own out-of-memory verdict is a result
-                msg = str(e)
-                if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-                    raise
-                v["error"] = f"{prog}: " + msg.strip().splitlines()[0][:300]
-                log(f"  {r:<13} {prog:<11} does not fit: {v['error']}")
-                break
-            secs = time.perf_counter() - t0
-            hlo = compiled.as_text()
-            if hlo_dir is not None:
-                Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-                (Path(hlo_dir) / f"{r}_{prog}.hlo.txt").write_text(hlo)
-            colls = collectives(hlo)
-            cost = _cost(compiled)
-            coll_bytes = float(sum(c["bytes"] for c in colls))
-            entry = {**cost, **roofline(cost["flops"], cost["bytes"], coll_bytes, chip),
-                     "memory": _memory(compiled), "collective_bytes": coll_bytes,
-                     "collectives": summarize_collectives(colls),
-                     "weight_gathers": [c for c in colls if c["kind"] == "all-gather"
-                                        and tuple(c["shape"]) in wshapes],
-                     "compile_s": round(secs, 2)}
+
+        def finish(prog, entry, compiled, hook=hook, slots=slots):
             if prog == "decode_step":
                 lora_min = pool_dev * slots / pool_arrays.num_adapters if slots else 0
                 entry["min_bytes"] = float(weights_dev - max(emb_unread, 0) + kv_dev + lora_min)
@@ -682,21 +721,18 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
             else:
                 entry["attention_flops"] = attn_flops
                 entry["attention_share"] = attn_flops / entry["flops"] if entry["flops"] else None
-            add_hbm_estimate(entry, hlo, chip)
             if spec.topology == LOCAL and spec.time_local:
                 args = (_zeros_like(state), _zeros_like(ids if prog == "prefill" else tok),
                         _zeros_like(mask if prog == "prefill" else cache), _zeros_like(hook))
                 entry["measured_s"] = _time(compiled, args, donate_cache=prog == "decode_step")
-            log(f"  {r:<13} {prog:<11} compiled in {secs:5.1f}s")
-            v[prog] = entry
-        if "error" in v:
-            v.update(fits=False, peak_bytes=None, margin_bytes=None)
-        else:
-            peak = max(v["prefill"]["memory"]["total"], v["decode_step"]["memory"]["total"])
-            v["peak_bytes"] = peak
-            v["fits"] = None if hbm is None else bool(peak <= hbm)
-            v["margin_bytes"] = None if hbm is None else int(hbm - peak)
-        variants[r] = v
+
+        programs = {
+            "prefill": lambda hook=hook: prefill_jit.lower(graphdef, state, ids, mask, hook,
+                                                           cache_size=cache_size, mesh=mesh),
+            "decode_step": lambda hook=hook: decode_step_jit.lower(graphdef, state, tok, cache,
+                                                                   hook, mesh=mesh)}
+        variants[r] = compile_variant(programs, router=r, chip=chip, hbm=hbm, wshapes=wshapes,
+                                      hlo_dir=hlo_dir, log=log, finish=finish)
 
     ratios = compute_ratios(variants)
     main = variants[routers[-1]]

@@ -505,14 +505,16 @@ def peft_tensors(modules: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]
 def write_adapter(out: str | os.PathLike, config: Mapping[str, Any],
                   modules: Mapping[tuple[int, str], tuple[np.ndarray, np.ndarray]], *,
                   metadata: Mapping[str, str] | None = None,
-                  extra_files: Mapping[str, str] | None = None, overwrite: bool = False) -> Path:
+                  extra_files: Mapping[str, str] | None = None, overwrite: bool = False,
+                  family: AdapterFamily = LLAMA_FAMILY) -> Path:
     """Write a PEFT adapter directory atomically (a temp dir renamed to `out`): the checked
-    `adapter_config.json`, `adapter_model.safetensors` from `modules` (`peft_tensors`) and any
-    `extra_files` (`{file name: text}`). The one PEFT writer (pool export and the trainer)."""
+    `adapter_config.json` (`check_config` under `family`: T5 is `t5.lora.T5_FAMILY`),
+    `adapter_model.safetensors` from `modules` (`peft_tensors`) and any `extra_files`
+    (`{file name: text}`). The one PEFT writer (pool export and the trainer)."""
     from hilora_jax._fs import atomic_dir
     from hilora_jax.io.safetensors import save_file
 
-    check_config(config, Path(out).name)  # what we write, we can read back
+    check_config(config, Path(out).name, family=family)  # what we write, we can read back
     tensors = peft_tensors(modules)
     if not tensors:
         raise ValueError(f"{out}: nothing to write (no adapted module)")

@@ -115,7 +115,7 @@ def load_pool(src: str | os.PathLike | Mapping | PoolManifest, *, model: Any = N
     if is_pool_dir(src):
         pool = load_pool_dir(src, mesh=mesh)
         if model is not None:
-            _check_pool_fits(pool, model_config_of(model), str(src))
+            check_pool_fits(pool.arrays, model_config_of(model), str(src))
         return pool
     man = src if isinstance(src, PoolManifest) else read_manifest(src)
     if model is None:
@@ -131,14 +131,17 @@ def load_pool(src: str | os.PathLike | Mapping | PoolManifest, *, model: Any = N
         samples={e.name: e.samples for e in man.adapters}, dtype=dtype, mesh=mesh)
 
 
-def _check_pool_fits(pool: LoraPool, cfg, where: str) -> None:
+def check_pool_fits(arrays: PoolArrays, cfg, where: str) -> None:
+    """`AdapterError` (naming `where`) unless every module of the pool's stacked `arrays` (real or
+    `jax.ShapeDtypeStruct`s) is a projection of `cfg`'s family table with its layer count and
+    `(d_in, d_out)` (`hilora aot --pool DIR` checks shapes only with it)."""
     table = {p.name: p for p in family_table(cfg)}
-    for m in pool.arrays.modules:
+    for m in arrays.modules:
         if m not in table:
             raise AdapterError(f"{where}: pool module {m!r} is not a projection of this "
                                f"{cfg.model_type} model (its projections: {', '.join(table)})")
-        L, _, _, d_in = pool.arrays.A[m].shape
-        d_out = pool.arrays.B[m].shape[-1]
+        L, _, _, d_in = arrays.A[m].shape
+        d_out = arrays.B[m].shape[-1]
         want_l, want = table[m].num_layers(cfg), table[m].shape(cfg)
         if L != want_l or (d_in, d_out) != want:
             raise AdapterError(f"{where}: pool module {m} has L={L}, (d_in, d_out)={(d_in, d_out)}; "

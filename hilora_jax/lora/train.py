@@ -17,9 +17,16 @@ Design
   and per-module rank / alpha (`rank_pattern` / `alpha_pattern`, keyed by module name such as
   `"down_proj"`, saved under the same PEFT fields). The scale is then per module.
 * Loss: mean cross-entropy over the answer tokens only (for multiple choice: the correct choice
-  after the prompt; for generation examples: the target followed by EOS). Sequences are left-padded
-  to one length bucket, so the answer is always in the last `K` positions and only those go through
-  the LM head (`inference.tail_logprobs`, the scoring path of `Engine.score`).
+  after the prompt; for generation examples: the target followed by EOS), `masked_nll`. What differs
+  between families is an *objective* (`batch(idx)` -> arrays, `loss(adapter, model, *arrays)`);
+  the optimizer, schedule, batching order and loop are shared. Llama family (`CausalObjective`):
+  sequences are left-padded to one length bucket, so the answer is always in the last `K`
+  positions and only those go through the LM head (`inference.tail_logprobs`, the scoring path
+  of `Engine.score`). T5 (`hilora_jax.t5.train.Seq2SeqObjective`): the prompt is the encoder
+  input, the answer the teacher-forced decoder target.
+* Targets are PEFT target names (`q_proj`; T5: `q`, `wo`, ...) resolved to the model's projection
+  rows (`model.projections.family_table`): a T5 name adapts that projection in every place it
+  occurs (encoder / decoder self-attention, `EncDecAttention`), as PEFT's `target_modules` does.
 * `save_peft` writes the adapter through the project's one PEFT writer
   (`io.peft.write_adapter`; `peft_modules` is the only place the trainer's arrays meet PEFT),
   atomically, loadable by `peft.PeftModel.from_pretrained`.
@@ -57,7 +64,8 @@ from hilora_jax.inference import pad_batch, tail_logprobs
 from hilora_jax.io.peft import PeftAdapter
 from hilora_jax.model.hook import LoraHook
 from hilora_jax.model.llama import CausalLM
-from hilora_jax.model.projections import MODULES
+from hilora_jax.model.projections import MODULES, Projection, family_table, projection
+from hilora_jax.t5.config import T5Config
 
 
 @struct.dataclass
@@ -87,21 +95,31 @@ class TrainableLora(LoraHook):
         return tuple(self.a)
 
 
+def _rows(model) -> dict[str, Projection]:
+    """The model's adaptable projection rows by adapter key (Llama: `q_proj`; T5:
+    `decoder.EncDecAttention.q`)."""
+    return {p.name: p for p in family_table(model.config)}
+
+
 def resolve_targets(model: CausalLM, targets: str | Sequence[str]) -> tuple[str, ...]:
-    """Target module names: `"all-linear"` = every adaptable projection of `model` (PEFT's
-    meaning: lm_head excluded), else the listed names, checked against the model."""
-    shapes = model.config.module_shapes()
+    """Adapter keys (projection rows) of `targets`: `"all-linear"` = every adaptable projection
+    of `model` (PEFT's meaning: lm_head excluded), else PEFT target names (`q_proj`; T5: `q`,
+    `wi_0`, ...), checked against the model; a name adapts every row it names (T5 `q`: encoder
+    and decoder self-attention and `EncDecAttention`). Llama rows are the names themselves; row
+    keys are accepted as well (so resolved targets resolve to themselves)."""
+    rows = family_table(model.config)
+    names = tuple(dict.fromkeys(p.target for p in rows))
     if isinstance(targets, str):
         if targets.lower() != "all-linear":
             raise ValueError(f"targets: a string must be 'all-linear', got {targets!r} (pass a list "
                              f"of module names otherwise)")
-        return tuple(m for m in MODULES if m in shapes)
+        return tuple(p.name for p in rows)
     targets = tuple(targets)
-    bad = [t for t in targets if t not in shapes]
+    bad = [t for t in targets if not any(t in (p.target, p.name) for p in rows)]
     if bad or not targets:
         raise ValueError(f"unknown target module(s) {bad or '(none given)'}; adaptable modules: "
-                         f"{sorted(shapes)}")
-    return targets
+                         f"{sorted(names)}")
+    return tuple(dict.fromkeys(p.name for t in targets for p in rows if t in (p.target, p.name)))
 
 
 def module_rank_alpha(name: str, r: int, alpha: float, rank_pattern=None, alpha_pattern=None,
@@ -121,27 +139,34 @@ def init_lora(model: CausalLM, *, r: int = 8, alpha: float = 16,
               alpha_pattern: dict[str, float] | None = None) -> TrainableLora:
     """PEFT-default initialised adapter (A kaiming-uniform, B zero) for `targets`, float32.
 
-    `targets`: module names or `"all-linear"`. `layers` (PEFT's `layers_to_transform`) restricts
-    the adapter to those layers; None = all. `use_rslora`: scale `alpha / sqrt(r)` (PEFT's
-    rsLoRA) instead of `alpha / r`. `rank_pattern` / `alpha_pattern`: `{module name: r / alpha}`
-    overriding `r` / `alpha` for those modules (PEFT's fields of the same names)."""
-    shapes = model.config.module_shapes()
+    `targets`: PEFT target names or `"all-linear"` (`resolve_targets`). `layers` (PEFT's
+    `layers_to_transform`; Llama family only) restricts the adapter to those layers; None = all.
+    `use_rslora`: scale `alpha / sqrt(r)` (PEFT's rsLoRA) instead of `alpha / r`. `rank_pattern` /
+    `alpha_pattern`: `{target name: r / alpha}` overriding `r` / `alpha` for those modules (PEFT's
+    fields of the same names; a T5 name covers every row it names)."""
+    if layers is not None and isinstance(model.config, T5Config):
+        raise ValueError("layers (PEFT layers_to_transform): Llama-family models only; a T5 "
+                         "adapter adapts every block of the targeted projections")
+    rows = _rows(model)
     targets = resolve_targets(model, targets)
+    names = list(dict.fromkeys(rows[t].target for t in targets))
     for what, pat in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
-        extra = sorted(set(pat or {}) - set(targets))
+        extra = sorted(set(pat or {}) - set(names))
         if extra:
-            raise ValueError(f"{what} names module(s) {extra} that are not targets {list(targets)}")
+            raise ValueError(f"{what} names module(s) {extra} that are not targets {names}")
     n_layers = model.config.num_layers
     key = jax.random.key(seed)
     a, b, scales = {}, {}, {}
     for i, name in enumerate(targets):
-        d_in, d_out = shapes[name]
-        rm, _, scales[name] = module_rank_alpha(name, r, alpha, rank_pattern, alpha_pattern,
+        p = rows[name]
+        d_in, d_out = p.shape(model.config)
+        rm, _, scales[name] = module_rank_alpha(p.target, r, alpha, rank_pattern, alpha_pattern,
                                                 use_rslora)
         bound = 1.0 / math.sqrt(d_in)  # kaiming_uniform_(a=sqrt(5)) on [r, d_in]
-        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (n_layers, rm, d_in), jnp.float32,
+        shape = (p.num_layers(model.config), rm)
+        a[name] = jax.random.uniform(jax.random.fold_in(key, i), (*shape, d_in), jnp.float32,
                                      -bound, bound)
-        b[name] = jnp.zeros((n_layers, rm, d_out), jnp.float32)
+        b[name] = jnp.zeros((*shape, d_out), jnp.float32)
     if layers is not None:
         layers = tuple(sorted({int(i) for i in layers}))
         if not layers or layers[0] < 0 or layers[-1] >= n_layers:
@@ -166,6 +191,7 @@ class TrainedLora:
     rank_pattern: dict[str, int] | None = None
     alpha_pattern: dict[str, float] | None = None
     all_linear: bool = False  # saved as target_modules="all-linear"
+    task_type: str = "CAUSAL_LM"  # PEFT's task type: "SEQ_2_SEQ_LM" for T5
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -196,6 +222,12 @@ def _pow2(n: int, lo: int = 4) -> int:
     return b
 
 
+def bucket16(longest: int, max_len: int) -> int:
+    """One padded length for every step (one compile): `longest` rounded up to 16 tokens, at most
+    `max_len` (but never below `longest`)."""
+    return max(min(-(-longest // 16) * 16, max_len), longest)
+
+
 def make_batch(pairs, idx, length: int, pad_id: int):
     """Left-padded `[B, length]` ids/mask and the answer mask, all numpy."""
     seqs = [pairs[i][0] + pairs[i][1] for i in idx]
@@ -207,11 +239,53 @@ def make_batch(pairs, idx, length: int, pad_id: int):
 
 
 # -- training ----------------------------------------------------------------------------------
-def _loss(adapter, graphdef, state, ids, mask, tmask, hidden, tail, start):
-    model = nnx.merge(graphdef, state)
-    lp = tail_logprobs(model, ids, mask, tail, adapter, start_layer=start, hidden_in=hidden)  # B K
-    tm = tmask[:, -tail:].astype(jnp.float32)
-    return -jnp.sum(lp * tm) / jnp.maximum(jnp.sum(tm), 1.0)
+def masked_nll(lp: Float[Array, "B K"], mask) -> Float[Array, ""]:
+    """Mean negative log-likelihood of the answer tokens: `lp` log-probs, `mask` marks them."""
+    m = mask.astype(jnp.float32)
+    return -jnp.sum(lp * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+class CausalObjective:
+    """The Llama family's objective: prompt + answer left-padded to one length bucket, so the answer
+    is in the last `tail` positions and only those reach the LM head (`inference.tail_logprobs`).
+    With `start > 0` (an adapter on the top layers only) `prepare` caches every example's hidden
+    states at layer `start` (base model, one batched pass) and steps run only the layers above."""
+
+    def __init__(self, examples, pairs, pad: int, max_len: int, start: int = 0):
+        for i, (p, a) in enumerate(pairs):
+            if len(p) + len(a) > max_len:
+                raise ValueError(f"task {examples[i].task!r} example {i}: {len(p) + len(a)} tokens "
+                                 f"> max_len={max_len}")
+        self.pairs, self.pad, self.start = pairs, pad, start
+        self.length = bucket16(max(len(p) + len(a) for p, a in pairs), max_len)
+        self.tail = min(_pow2(max(len(a) for _, a in pairs)), self.length - 1)
+        self.prefix = None
+
+    def prepare(self, model, graphdef, state, batch_size: int) -> None:
+        if self.start == 0:
+            return
+        start = self.start
+
+        @jax.jit
+        def run_prefix(state, ids, mask):
+            return nnx.merge(graphdef, state).hidden(ids, mask, layer=start)
+
+        n = len(self.pairs)
+        self.prefix = np.zeros((n, self.length, model.config.hidden_size), np.float32)
+        for s0 in range(0, n, batch_size):
+            idx = list(range(s0, min(s0 + batch_size, n)))
+            idx_full = idx + [idx[0]] * (batch_size - len(idx))  # one compiled shape
+            ids, mask, _ = make_batch(self.pairs, idx_full, self.length, self.pad)
+            self.prefix[idx] = np.asarray(run_prefix(state, ids, mask))[: len(idx)]
+
+    def batch(self, idx) -> tuple:
+        ids, mask, tmask = make_batch(self.pairs, idx, self.length, self.pad)
+        return ids, mask, tmask, None if self.prefix is None else self.prefix[idx]
+
+    def loss(self, adapter, model, ids, mask, tmask, hidden):
+        lp = tail_logprobs(model, ids, mask, self.tail, adapter, start_layer=self.start,
+                           hidden_in=hidden)  # B K
+        return masked_nll(lp, tmask[:, -self.tail:])
 
 
 def train_lora(
@@ -236,17 +310,19 @@ def train_lora(
 ) -> TrainedLora:
     """Train one LoRA on `examples` with AdamW (cosine decay after `warmup` linear steps).
 
-    `targets` (names or `"all-linear"`), `use_rslora`, `rank_pattern`, `alpha_pattern`: see
-    `init_lora`; they are written to the PEFT config by `save_peft`.
+    `model`: a `CausalLM` or a T5 (`t5.model.T5ForConditionalGeneration`; its objective is
+    `t5.train.Seq2SeqObjective`, targets PEFT T5 names such as `("q", "v")`). `targets` (names or
+    `"all-linear"`), `use_rslora`, `rank_pattern`, `alpha_pattern`: see `init_lora`; they are
+    written to the PEFT config by `save_peft`.
 
-    `layers` (PEFT `layers_to_transform`) restricts the adapter to those layers. The frozen model
-    below the lowest of them does not depend on the adapter, so its hidden states are computed once
-    per example (base model, one batched pass) and every step runs only the layers from there up:
-    exact (rows are left-padded to one length and attend only within themselves) and, for top
-    layers, many times cheaper than full-depth steps.
+    `layers` (PEFT `layers_to_transform`, Llama family) restricts the adapter to those layers. The
+    frozen model below the lowest of them does not depend on the adapter, so its hidden states are
+    computed once per example (base model, one batched pass) and every step runs only the layers
+    from there up: exact (rows are left-padded to one length and attend only within themselves)
+    and, for top layers, many times cheaper than full-depth steps.
 
     Batches are drawn by reshuffling the examples every epoch (seeded). Every batch is padded to
-    the same `[batch_size, bucket(longest pair)]` shape, so the step compiles once. Examples longer
+    the same shape (`[batch_size, bucket(longest)]`), so the step compiles once. Examples longer
     than `max_len` tokens raise `ValueError` naming the task and index.
     Returns a `TrainedLora` (float32 adapter, per-step losses, wall time).
     """
@@ -255,20 +331,19 @@ def train_lora(
     all_linear = isinstance(targets, str)
     targets = resolve_targets(model, targets)
     pairs = training_pairs(examples, tokenizer)
-    for i, (p, a) in enumerate(pairs):
-        if len(p) + len(a) > max_len:
-            raise ValueError(f"task {examples[i].task!r} example {i}: {len(p) + len(a)} tokens "
-                             f"> max_len={max_len}")
-    longest = max(len(p) + len(a) for p, a in pairs)
-    # one padded length for every step (one compile): the longest pair rounded up to 16 tokens
-    length = max(min(-(-longest // 16) * 16, max_len), longest)
-    tail = min(_pow2(max(len(a) for _, a in pairs)), length - 1)
     pad = pad_id_of(tokenizer)
-
     adapter = init_lora(model, r=r, alpha=alpha, targets=targets, seed=seed, layers=layers,
                         use_rslora=use_rslora, rank_pattern=rank_pattern,
                         alpha_pattern=alpha_pattern)
-    start = adapter.layers[0] if adapter.layers is not None else 0
+    if isinstance(model.config, T5Config):
+        from hilora_jax.t5.train import Seq2SeqObjective
+
+        objective = Seq2SeqObjective(model.config, examples, pairs, pad, max_len)
+        task_type = "SEQ_2_SEQ_LM"
+    else:
+        start = adapter.layers[0] if adapter.layers is not None else 0
+        objective = CausalObjective(examples, pairs, pad, max_len, start)
+        task_type = "CAUSAL_LM"
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, min(warmup, steps - 1)),
                                                max(steps, 2), end_value=lr * 0.1)
     opt = optax.adamw(sched, weight_decay=0.0)
@@ -276,25 +351,13 @@ def train_lora(
     graphdef, state = nnx.split(model)  # once; `state` is never differentiated
 
     @jax.jit
-    def step(adapter, opt_state, state, ids, mask, tmask, hidden):
-        loss, grads = jax.value_and_grad(_loss)(adapter, graphdef, state, ids, mask, tmask, hidden,
-                                                tail, start)
+    def step(adapter, opt_state, state, batch):
+        base = nnx.merge(graphdef, state)
+        loss, grads = jax.value_and_grad(objective.loss)(adapter, base, *batch)
         updates, opt_state = opt.update(grads, opt_state, adapter)
         return optax.apply_updates(adapter, updates), opt_state, loss
 
-    prefix = None
-    if start > 0:  # frozen prefix: hidden states at layer `start`, once per example
-        @jax.jit
-        def run_prefix(state, ids, mask):
-            return nnx.merge(graphdef, state).hidden(ids, mask, layer=start)
-
-        prefix = np.zeros((len(pairs), length, model.config.hidden_size), np.float32)
-        for s0 in range(0, len(pairs), batch_size):
-            idx = list(range(s0, min(s0 + batch_size, len(pairs))))
-            idx_full = idx + [idx[0]] * (batch_size - len(idx))  # one compiled shape
-            ids, mask, _ = make_batch(pairs, idx_full, length, pad)
-            prefix[idx] = np.asarray(run_prefix(state, ids, mask))[: len(idx)]
-
+    objective.prepare(model, graphdef, state, batch_size)
     rng = np.random.default_rng(seed)
     order: list[int] = []
     losses: list[float] = []
@@ -309,9 +372,7 @@ def train_lora(
         while len(order) < batch_size:
             order.extend(rng.permutation(len(pairs)).tolist())
         idx, order = order[:batch_size], order[batch_size:]
-        ids, mask, tmask = make_batch(pairs, idx, length, pad)
-        hidden = None if prefix is None else prefix[idx]
-        adapter, opt_state, loss = step(adapter, opt_state, state, ids, mask, tmask, hidden)
+        adapter, opt_state, loss = step(adapter, opt_state, state, objective.batch(idx))
         losses.append(float(loss))
         if bar is not None:
             bar.update(1)
@@ -323,7 +384,7 @@ def train_lora(
                        seconds=time.time() - t0, task=task, use_rslora=bool(use_rslora),
                        rank_pattern=dict(rank_pattern) if rank_pattern else None,
                        alpha_pattern=dict(alpha_pattern) if alpha_pattern else None,
-                       all_linear=all_linear)
+                       all_linear=all_linear, task_type=task_type)
 
 
 # -- PEFT export -------------------------------------------------------------------------------
@@ -355,19 +416,26 @@ def trainable_from_peft(adapter: PeftAdapter, num_layers: int) -> TrainableLora:
 
 def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name: str, *,
               overwrite: bool = False) -> Path:
-    """Write a standard PEFT LoRA adapter directory atomically; returns its path."""
-    from hilora_jax.io.peft import write_adapter
+    """Write a standard PEFT LoRA adapter directory atomically; returns its path (a T5 adapter:
+    `task_type` `SEQ_2_SEQ_LM`, checked under `t5.lora.T5_FAMILY`)."""
+    from hilora_jax.io.peft import LLAMA_FAMILY, write_adapter
 
+    family = LLAMA_FAMILY
+    if trained.task_type == "SEQ_2_SEQ_LM":
+        from hilora_jax.t5.lora import T5_FAMILY
+
+        family = T5_FAMILY
+    names = sorted({projection(t).target for t in trained.targets})
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": trained.task_type,
         "base_model_name_or_path": str(base_model_name),
         "r": int(trained.r),
         "lora_alpha": trained.alpha,
         "lora_dropout": 0.0,
         # PEFT ignores layers_to_transform for a string target_modules: list them then
         "target_modules": ("all-linear" if trained.all_linear and trained.adapter.layers is None
-                           else sorted(trained.targets)),
+                           else names),
         "bias": "none",
         "fan_in_fan_out": False,
         "use_rslora": bool(trained.use_rslora),
@@ -386,7 +454,7 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
             "loss_first": trained.losses[0] if trained.losses else None,
             "final_loss": trained.losses[-1] if trained.losses else None,
             "seconds": round(trained.seconds, 2)}
-    write_adapter(out_dir, config, peft_modules(trained), overwrite=overwrite,
+    write_adapter(out_dir, config, peft_modules(trained), overwrite=overwrite, family=family,
                   extra_files={"hilora_train.json": json.dumps(meta, indent=2) + "\n"})
     return Path(out_dir)
 
@@ -394,18 +462,21 @@ def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name:
 # -- command line ------------------------------------------------------------------------------
 def add_train_lora_args(p) -> None:
     """Add the `hilora train-lora` flags to an `argparse` parser."""
-    p.add_argument("--model", required=True, help="model source (HF dir, .gguf, smollm2, ...)")
+    p.add_argument("--model", required=True,
+                   help="model source (HF dir, .gguf, smollm2, ...; a local HF T5 dir trains a T5 LoRA)")
     p.add_argument("--tasks", required=True, action="append", help="JSONL task file(s)")
     p.add_argument("--task", default=None, help="train only on examples of this task")
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--targets", default="q_proj,v_proj")
+    p.add_argument("--targets", default=None,
+                   help="PEFT target names (default q_proj,v_proj; T5: q,v)")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--layers", default=None,
-                   help="layers to adapt (PEFT layers_to_transform), e.g. 26-29 or 0,5,9")
+                   help="layers to adapt (PEFT layers_to_transform), e.g. 26-29 or 0,5,9 "
+                   "(Llama family)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--overwrite", action="store_true")
@@ -429,9 +500,11 @@ def parse_layers(spec: str | None) -> list[int] | None:
 def train_lora_cli(args) -> int:
     """Entry point for `hilora train-lora` (args from `add_train_lora_args`).
 
+    A local HF directory whose config says `model_type: t5` trains a T5 LoRA (targets among the
+    config's T5 projections, `q,v` by default; saved as a `SEQ_2_SEQ_LM` PEFT adapter).
     The output, task files, `--task`, `--targets`, `--layers` and the sizes are checked before the
     model loads; a bad one is a `UsageError` (one line from the CLI)."""
-    from hilora_jax.cli import check_model_source, check_output, load_task_files
+    from hilora_jax.cli import _is_t5_dir, check_model_source, check_output, load_task_files
     from hilora_jax.errors import UsageError
     from hilora_jax.io.loading import load_model, load_tokenizer
 
@@ -441,11 +514,23 @@ def train_lora_cli(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    bad = [t for t in targets if t not in MODULES]
+    t5 = _is_t5_dir(args.model)
+    if t5:
+        from hilora_jax.t5.config import read_t5_config
+
+        names, what = tuple(dict.fromkeys(p.target for p in read_t5_config(args.model)
+                                          .projections())), " of this T5 model"
+    else:
+        names, what = MODULES, ""
+    spec = args.targets or ("q,v" if t5 else "q_proj,v_proj")
+    targets = [t.strip() for t in spec.split(",") if t.strip()]
+    bad = [t for t in targets if t not in names]
     if not targets or bad:
-        raise UsageError(f"--targets {args.targets!r}: unknown module(s) {bad}; choose from "
-                         f"{', '.join(MODULES)}")
+        raise UsageError(f"--targets {spec!r}: unknown module(s){what} {bad}; choose from "
+                         f"{', '.join(names)}")
+    if t5 and args.layers:
+        raise UsageError(f"--layers {args.layers!r}: Llama-family models only; a T5 LoRA adapts "
+                         "every block")
     try:
         layers = parse_layers(args.layers)
     except ValueError as e:
@@ -458,7 +543,12 @@ def train_lora_cli(args) -> int:
             raise UsageError(f"--task {args.task!r}: no examples of it in {', '.join(args.tasks)} "
                              f"(tasks there: {', '.join(tasks)})")
     check_model_source(args.model)
-    model = load_model(args.model)
+    if t5:
+        from hilora_jax.t5.load import load_t5
+
+        model = load_t5(args.model)
+    else:
+        model = load_model(args.model)
     n = model.config.num_layers
     if layers is not None and (not layers or min(layers) < 0 or max(layers) >= n):
         raise UsageError(f"--layers {args.layers!r}: the model has layers 0..{n - 1}")

@@ -7,7 +7,9 @@ Wired into the library: the projection rows are `hilora_jax.model.projections.T5
 `lora.load_pool` builds T5 pools from PEFT T5 adapters (`t5.lora.read_t5_pool_adapter`) in the
 Llama layout and every router of `routing.build_router` runs on T5; `T5Engine` shares
 `inference.SplitEngine`; `hilora eval` scores choices as decoder targets (`T5ChoiceScorer`);
-`hilora aot --preset flan-t5-large` compiles `t5.generate.prefill` / `decode_step` (`t5.aot`).
+`hilora aot --preset flan-t5-large` compiles `t5.generate.prefill` / `decode_step` (`t5.aot`, also
+with a saved pool dir); `lora.train.train_lora` / `hilora train-lora` train T5 LoRAs (the
+seq2seq objective is `t5.train`), saved as PEFT `SEQ_2_SEQ_LM` adapters.
 """
 
 from importlib import import_module

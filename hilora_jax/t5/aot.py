@@ -4,10 +4,12 @@ The programs are `hilora_jax.t5.generate.prefill_jit` (encode the prompt once, c
 of every decoder layer into a fresh `DecoderCache`) and `decode_step_jit` (one decoder token),
 the very functions `T5Engine.generate` composes, lowered with `jax.ShapeDtypeStruct`s carrying
 the shardings of the T5 rules table (`t5.projections.PARAM_AXES`) and of the pool (A input-side,
-B output-side axis). The LoRA hook is the router's real hook pytree over a T5 pool whose rows are
-the projections named by `targets` (PEFT target names: `q`, `v`, `wi_0`, ...) in every block of
-both stacks. The report has the schema of `hilora_jax.aot.analyze` (so `format_table` prints it);
-the prefill's attention share is not estimated (`None`).
+B output-side axis). The LoRA hook is the router's real hook pytree over a T5 pool: a saved pool
+dir's stacked arrays (`--pool DIR`: shapes from its `pool.json`, `aot.pool_dir_arrays`), or a
+synthetic one whose rows are the projections named by `targets` (PEFT target names: `q`, `v`,
+`wi_0`, ...) in every block of both stacks. Programs are compiled by `aot.compile_variant`
+(shared with the Llama family). The report has the schema of `hilora_jax.aot.analyze` (so
+`format_table` prints it); the prefill's attention share is not estimated (`None`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import time
-from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -57,13 +56,14 @@ def parse_mesh(mesh: str | None, n_devices: int, cfg: T5Config, batch: int) -> t
 
 
 def abstract_pool(spec: aot.PoolSpec, cfg: T5Config, dtype, mesh: Mesh):
-    """Synthetic T5 `PoolArrays` of `ShapeDtypeStruct`s (`spec.n` adapters of rank `spec.rank`
-    on every row whose PEFT target is in `spec.targets`) on their shardings, and its description."""
-    from hilora_jax.lora.pool import PoolArrays, pool_shardings
+    """T5 `PoolArrays` of `ShapeDtypeStruct`s on their shardings, and its description: a saved
+    pool dir's stacked arrays (`spec.path`: shapes from its `pool.json`, checked against `cfg`,
+    `aot.pool_dir_arrays`), or a synthetic pool (`spec.n` adapters of rank `spec.rank` on every
+    row whose PEFT target is in `spec.targets`)."""
+    from hilora_jax.lora.pool import PoolArrays
 
     if spec.path is not None:
-        raise aot.AotError("--pool DIR is not supported for T5 yet; use --pool-size/--rank/"
-                           "--targets")
+        return aot.place_pool(*aot.pool_dir_arrays(spec.path, cfg), mesh)
     names = {p.target for p in projections(cfg)}
     bad = [t for t in spec.targets if t not in names]
     if bad or not spec.targets:
@@ -83,11 +83,8 @@ def abstract_pool(spec: aot.PoolSpec, cfg: T5Config, dtype, mesh: Mesh):
         M[p.name] = sds((L, n, r), bool)
     arrays = PoolArrays(A=A, B=B, scale=S, mask=M, ranks=sds((n,), jnp.int32),
                         active=sds((n,), bool))
-    sh = pool_shardings(arrays, mesh)
-    arrays = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, s), arrays, sh)
-    desc = {"path": None, "n": n, "rank": r, "targets": list(spec.targets),
-            "bytes": int(sum(aot._nbytes(a) for a in jax.tree.leaves(arrays)))}
-    return arrays, desc
+    return aot.place_pool(arrays, {"path": None, "n": n, "rank": r,
+                                   "targets": list(spec.targets)}, mesh)
 
 
 def abstract_params(cfg: T5Config, dtype, mesh: Mesh):
@@ -154,37 +151,8 @@ def analyze(spec: aot.AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     variants: dict[str, dict] = {}
     for r in routers:
         hook, slots = aot.abstract_hook(r, pool_arrays, b, mesh, spec.max_candidates)
-        v: dict[str, Any] = {}
-        for prog in ("prefill", "decode_step"):
-            t0 = time.perf_counter()
-            if prog == "prefill":
-                lowered = prefill_jit.lower(graphdef, state, ids, mask, hook,
-                                            cache_size=cache_size, mesh=mesh)
-            else:
-                lowered = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh)
-            try:
-                compiled = lowered.compile()
-            except Exception as e:  # the compiler's own out-of-memory verdict is a result
-                msg = str(e)
-                if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
-                    raise
-                v["error"] = f"{prog}: " + msg.strip().splitlines()[0][:300]
-                log(f"  {r:<13} {prog:<11} does not fit: {v['error']}")
-                break
-            secs = time.perf_counter() - t0
-            hlo = compiled.as_text()
-            if hlo_dir is not None:
-                Path(hlo_dir).mkdir(parents=True, exist_ok=True)
-                (Path(hlo_dir) / f"{r}_{prog}.hlo.txt").write_text(hlo)
-            colls = aot.collectives(hlo)
-            cost = aot._cost(compiled)
-            coll_bytes = float(sum(c["bytes"] for c in colls))
-            entry = {**cost, **aot.roofline(cost["flops"], cost["bytes"], coll_bytes, chip),
-                     "memory": aot._memory(compiled), "collective_bytes": coll_bytes,
-                     "collectives": aot.summarize_collectives(colls),
-                     "weight_gathers": [c for c in colls if c["kind"] == "all-gather"
-                                        and tuple(c["shape"]) in wshapes],
-                     "compile_s": round(secs, 2)}
+
+        def finish(prog, entry, compiled, slots=slots):
             if prog == "decode_step":
                 lora_min = ((pool_dev - enc_pool) * slots / pool_arrays.num_adapters
                             if slots else 0)
@@ -194,16 +162,15 @@ def analyze(spec: aot.AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
             else:
                 entry["attention_flops"] = None
                 entry["attention_share"] = None
-            aot.add_hbm_estimate(entry, hlo, chip)
-            log(f"  {r:<13} {prog:<11} compiled in {secs:5.1f}s")
-            v[prog] = entry
-        if "error" in v:
-            v.update(fits=False, peak_bytes=None, margin_bytes=None)
-        else:
-            peak = max(v["prefill"]["memory"]["total"], v["decode_step"]["memory"]["total"])
-            v.update(peak_bytes=peak, fits=None if hbm is None else bool(peak <= hbm),
-                     margin_bytes=None if hbm is None else int(hbm - peak))
-        variants[r] = v
+
+        programs = {
+            "prefill": lambda hook=hook: prefill_jit.lower(graphdef, state, ids, mask, hook,
+                                                           cache_size=cache_size, mesh=mesh),
+            "decode_step": lambda hook=hook: decode_step_jit.lower(graphdef, state, tok, cache,
+                                                                   hook, mesh=mesh)}
+        variants[r] = aot.compile_variant(programs, router=r, chip=chip, hbm=hbm,
+                                          wshapes=wshapes, hlo_dir=hlo_dir, log=log,
+                                          finish=finish)
     main = variants[routers[-1]]
     ok = "error" not in main
     return {
