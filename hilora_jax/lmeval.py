@@ -95,10 +95,11 @@ from lm_eval.models.utils import (
     has_bos_prefix,
     normalize_gen_kwargs,
     postprocess_generated_text,
+    resolve_max_length,
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from hilora_jax.inference import Engine, bucket_length
+from hilora_jax.inference import Engine, bucket_length, pad_batch
 from hilora_jax.model import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -290,17 +291,29 @@ class HiLoRALM(TemplateLM):
         mesh_ = None if mesh_shape is None else shd.make_mesh(*mesh_shape,
                                                               devices=jax.local_devices())
 
+        from hilora_jax.cli import _is_t5_dir
         from hilora_jax.io.loading import load_model, load_tokenizer
 
-        self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
+        if _is_t5_dir(src):  # encoder-decoder: lm-eval's seq2seq semantics (module doc)
+            from hilora_jax.t5 import T5Engine, load_t5
+
+            self.backend = "seq2seq"
+            self.model = load_t5(src, dtype=DTYPES[str(dtype)], mesh=mesh_)
+            self.engine = T5Engine(self.model, mesh=mesh_)
+        else:
+            self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
+            self.engine = Engine(self.model, mesh=mesh_)
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else src)
-        self.engine = Engine(self.model, mesh=mesh_)
         self.config = self.model.config
-        limit = self.config.max_position_embeddings
-        self._max_length = int(max_length) if max_length else limit
-        if self._max_length > limit:
-            raise ValueError(f"hilora model_args max_length={self._max_length} exceeds the model's "
-                             f"max_position_embeddings={limit}")
+        if self.backend == "seq2seq":  # relative positions: no limit; lm-eval's default length
+            self._max_length = (int(max_length) if max_length
+                                else resolve_max_length(self.config, self.tokenizer))
+        else:
+            limit = self.config.max_position_embeddings
+            self._max_length = int(max_length) if max_length else limit
+            if self._max_length > limit:
+                raise ValueError(f"hilora model_args max_length={self._max_length} exceeds the "
+                                 f"model's max_position_embeddings={limit}")
         self.pool = None
         if pool is not None:
             from hilora_jax.lora.io import load_pool
@@ -520,13 +533,20 @@ class HiLoRALM(TemplateLM):
         [(logprob, is_greedy)]."""
         res: list = [None] * len(items)
         emb_cache: dict = {}
-        rows = []
+        seq2seq = self.backend == "seq2seq"
+        rows = []  # causal: context + continuation; seq2seq: the encoder input (the context)
         for i, (ctx, cont, *_) in enumerate(items):
             if not cont:
                 raise ValueError(f"hilora: request {i} has an empty continuation")
             if len(cont) > self.max_length:
                 raise ValueError(f"hilora: request {i}: continuation of {len(cont)} tokens is "
                                  f"longer than max_length={self.max_length}")
+            if seq2seq:  # as lm-eval's seq2seq backend: the last max_length context tokens
+                if not ctx:
+                    raise ValueError(f"hilora: request {i} has an empty context (the encoder "
+                                     "input of an encoder-decoder model)")
+                rows.append(list(ctx)[-self.max_length:])
+                continue
             full = list(ctx) + list(cont)
             if len(full) > self.max_length + 1:
                 log.warning("hilora: request %d has %d tokens > max_length+1=%d; left-truncating "
@@ -535,11 +555,20 @@ class HiLoRALM(TemplateLM):
             rows.append(full)
         bsz = self.batch_size
         for group in self._groups(items, lambda it: it[3]):
-            order = sorted(group, key=lambda i: (-len(rows[i]), i))
+            order = sorted(group, key=lambda i: (-len(rows[i]) - seq2seq * len(items[i][1]), i))
             for s in range(0, len(order), bsz):
                 idx = order[s:s + bsz]
                 n = len(idx)
                 pad_idx = idx + [idx[0]] * (bsz - n)  # fixed batch shape
+                if seq2seq:
+                    hook = self._route([items[i][2] for i in pad_idx],
+                                       [items[i][3] for i in pad_idx], emb_cache,
+                                       [items[i][4] for i in idx])
+                    lp, greedy = self._score_seq2seq([rows[i] for i in pad_idx],
+                                                     [items[i][1] for i in pad_idx], hook)
+                    for r, i in enumerate(idx):
+                        res[i] = (float(lp[r]), bool(greedy[r]))
+                    continue
                 t = bucket_length(max(len(rows[i]) - 1 for i in idx))
                 tail = min(t, bucket_length(max(len(items[i][1]) for i in idx)))
                 ids = np.zeros((bsz, t), np.int32)
@@ -562,6 +591,18 @@ class HiLoRALM(TemplateLM):
                 for r, i in enumerate(idx):
                     res[i] = (float(lp[r]), bool(greedy[r]))
         return res
+
+    def _score_seq2seq(self, ctxs, conts, hook) -> tuple[np.ndarray, np.ndarray]:
+        """One encoder-decoder batch: each context right-padded as the encoder input, its
+        continuation the decoder target (`T5Engine.score_targets`, one target per row) ->
+        (summed log-probs [B], is_greedy [B])."""
+        te = bucket_length(max(len(c) for c in ctxs))
+        tc = bucket_length(max(len(c) for c in conts))
+        ids, mask = pad_batch(ctxs, te, 0, side="right")
+        tgt, tmask = pad_batch(conts, tc, 0, side="right")
+        lp, greedy = self.engine.score_targets(ids, mask, tgt[:, None], tmask[:, None], lora=hook,
+                                               greedy=True)
+        return lp[:, 0], greedy[:, 0]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         items, owner = [], []
@@ -609,12 +650,18 @@ class HiLoRALM(TemplateLM):
                                 else (1.0 if kwargs.get("do_sample") else 0.0))
             greedy = not kwargs.get("do_sample") or temperature <= 0.0
             stops = self._stop_tokens(until)
-            max_ctx = self.max_length - max_gen
-            if max_ctx <= 0:
-                raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be less "
-                                 f"than max_length={self.max_length}")
-            enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx)
-                   for i in idx_all}
+            if self.backend == "seq2seq":
+                # the encoder takes the last max_length tokens, encoded with the tokenizer's
+                # defaults (lm-eval's `tok_batch_encode` for seq2seq)
+                enc = {i: self.tokenizer.encode(requests[i].args[0])[-self.max_length:]
+                       for i in idx_all}
+            else:
+                max_ctx = self.max_length - max_gen
+                if max_ctx <= 0:
+                    raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be "
+                                     f"less than max_length={self.max_length}")
+                enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx)
+                       for i in idx_all}
             order = sorted(idx_all, key=lambda i: (-len(enc[i]), i))
             bsz = self.batch_size
             for s in range(0, len(order), bsz):
@@ -622,9 +669,10 @@ class HiLoRALM(TemplateLM):
                 pad_idx = idx + [idx[0]] * (bsz - len(idx))
                 prompts = [enc[i] for i in pad_idx]
                 t = bucket_length(max(len(p) for p in prompts))
-                room = self.config.max_position_embeddings - bucket_length(max_gen)
-                if t > room >= max(len(p) for p in prompts):
-                    t = room
+                if self.backend == "causal":
+                    room = self.config.max_position_embeddings - bucket_length(max_gen)
+                    if t > room >= max(len(p) for p in prompts):
+                        t = room
                 hook = self._route([requests[i].args[0] for i in pad_idx],
                                    [getattr(requests[i], "task_name", None) for i in pad_idx],
                                    emb_cache, [self._key(requests[i]) for i in idx])
