@@ -35,6 +35,22 @@ own command line unchanged::
 * ``trace_path``: write the routing trace (below) to this JSONL file; ``multihost``: let JAX
   detect the cluster (as ``hilora eval --multihost``).
 
+Encoder-decoder models: a local HF T5 / FLAN-T5 directory (``config.json`` with ``model_type:
+t5``) is loaded with `hilora_jax.t5.load_t5` onto a `T5Engine`, with the semantics of lm-eval's
+``hf`` backend with ``backend="seq2seq"`` (``HFLM(pretrained=..., backend="seq2seq")``): the
+context (encoded with the tokenizer's special tokens, e.g. T5's EOS; its last ``max_length``
+tokens) is the encoder input, the continuation (encoded without) the decoder target, scored by
+`T5Engine.score_targets` (summed log-prob and is_greedy); ``loglikelihood_rolling`` scores each
+rolling window as the decoder target of a one-token encoder input (the prefix token, then the token
+before the window), as lm-eval's seq2seq backend does; ``generate_until`` decodes from the
+encoder input (last ``max_length`` tokens) with `T5Engine.generate` (greedy, or sampled), at most
+``max_gen_toks`` new tokens (lm-eval's seq2seq backend lets HF generate up to the batch's padded
+context length + ``max_gen_toks`` - 1 decoder tokens; texts agree whenever a stop sequence or EOS
+ends them within ``max_gen_toks``). ``max_length`` defaults to lm-eval's
+(`resolve_max_length`: the tokenizer's ``model_max_length``, else 2048). Every router routes from
+the context text (the encoder input); the token stage runs on encoder tokens and on each decoded
+token.
+
 Multi-process (lm-eval's rank / world-size contract, data parallel like its ``hf`` backend under
 accelerate): start one lm-eval process per host with ``HILORA_COORDINATOR=host:port
 HILORA_NUM_PROCESSES=N HILORA_PROCESS_ID=i`` (or ``multihost=true``, or call

@@ -187,3 +187,47 @@ def test_t5_oracle_pool_equals_hf_seq2seq_with_peft(assets, hilora_lm):
     assert len(recs) == len(mixed) + len(gen)
     for r in recs:
         assert (r["router"], r["candidates"]) == ("oracle", [ADAPTER_MAP[r["task"]]])
+
+
+def test_t5_hilora_router_routes_each_request_from_its_context(assets, hilora_lm):
+    """HiLoRA on the T5 pool: batched requests equal each request routed alone (sequence stage
+    from its context text) and scored by `T5Engine.score_choices`; routes differ per request and
+    change the numbers."""
+    import zlib
+
+    from hilora_jax.embed import PrecomputedEmbedder
+    from hilora_jax.inference import pad_batch
+    from hilora_jax.lmeval import HiLoRALM
+
+    root, model_dir, pool = assets
+    means = np.random.default_rng(0).standard_normal((len(pool), 6)) * 6.0
+
+    def embed(text):  # "task{i} ..." near means[i] (deterministic noise per text)
+        noise = np.random.default_rng(zlib.crc32(text.encode())).standard_normal(6)
+        return means[int(text.split()[0][4:])] + noise
+
+    manifest = {"adapters": {n: {"path": p, "samples": [f"task{i} s{j}" for j in range(10)]}
+                             for i, (n, p) in enumerate(pool.items())}}
+    lm = HiLoRALM.create_from_arg_obj(
+        {"model": str(model_dir), "pool": manifest, "router": "hilora",
+         "router_options": {"embedder": PrecomputedEmbedder(embed, dim=6)}, "router.k": 2,
+         "max_length": MAX_LEN}, {"batch_size": 4})
+    rng = np.random.default_rng(9)
+    reqs = [Instance("loglikelihood", {}, (f"task{i % 2} q{i} " + _words(rng, 2, 8),
+                                           " " + _words(rng, 1, 4)), i) for i in range(4)]
+    ours = lm.loglikelihood(reqs)
+    alone, routes = [], set()
+    for r in reqs:
+        ctx, cont = lm._encode_pair(*r.args)
+        routing = lm.router.route([r.args[0]])
+        info = routing.info
+        used = info["cand_valid"][0]
+        routes.add((tuple(info["cand_idx"][0][used]), tuple(info["n_rocs"][0][used])))
+        ids, mask = pad_batch([ctx], 16, 0, side="right")  # one shape: one compile
+        tgt, tmask = pad_batch([cont], 16, 0, side="right")
+        alone.append(float(lm.engine.score_targets(ids, mask, tgt[:, None], tmask[:, None],
+                                                   lora=routing.hook)[0, 0]))
+    np.testing.assert_allclose([x[0] for x in ours], alone, atol=1e-4, rtol=0)
+    assert len(routes) > 1  # requests really were routed differently
+    base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
+    assert np.max(np.abs(np.array(alone) - base)) > 1e-2
