@@ -254,7 +254,10 @@ class T5Engine(SplitEngine):
         t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
         new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
         ids, mask = pad_batch(prompts, t, pad, side="right")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id) or [-1]
+        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id)
+        # padded with -1 (never generated) to a multiple of 8: a different number of stop tokens
+        # (lm-eval's per-task `until`) reuses the compiled loop
+        stops += [-1] * (-len(stops) % 8 if stops else 8)
         greedy = temperature <= 0.0
         if key is None:
             if not greedy:
