@@ -576,37 +576,36 @@ class HiLoRALM(TemplateLM):
                 idx = order[s:s + bsz]
                 n = len(idx)
                 pad_idx = idx + [idx[0]] * (bsz - n)  # fixed batch shape
-                if seq2seq:
-                    hook = self._route([items[i][2] for i in pad_idx],
-                                       [items[i][3] for i in pad_idx], emb_cache,
-                                       [items[i][4] for i in idx])
-                    lp, greedy = self._score_seq2seq([rows[i] for i in pad_idx],
-                                                     [items[i][1] for i in pad_idx], hook)
-                    for r, i in enumerate(idx):
-                        res[i] = (float(lp[r]), bool(greedy[r]))
-                    continue
-                t = bucket_length(max(len(rows[i]) - 1 for i in idx))
-                tail = min(t, bucket_length(max(len(items[i][1]) for i in idx)))
-                ids = np.zeros((bsz, t), np.int32)
-                tgt = np.zeros((bsz, t), np.int32)
-                mask = np.zeros((bsz, t), bool)
-                tmask = np.zeros((bsz, t), bool)
-                for r, i in enumerate(pad_idx):
-                    full = rows[i]
-                    m = len(full) - 1
-                    ids[r, t - m:] = full[:-1]
-                    tgt[r, t - m:] = full[1:]
-                    mask[r, t - m:] = True
-                    tmask[r, t - len(items[i][1]):] = True
                 hook = self._route([items[i][2] for i in pad_idx],
                                    [items[i][3] for i in pad_idx], emb_cache,
                                    [items[i][4] for i in idx])
-                lp, _, greedy = self.engine.score(ids, mask, tmask, lora=hook, tail=tail,
-                                                  targets=tgt, greedy=True)
-                lp, greedy = np.asarray(lp), np.asarray(greedy)
+                score = self._score_seq2seq if seq2seq else self._score_causal
+                lp, greedy = score([rows[i] for i in pad_idx], [items[i][1] for i in pad_idx],
+                                   hook)
                 for r, i in enumerate(idx):
                     res[i] = (float(lp[r]), bool(greedy[r]))
         return res
+
+    def _score_causal(self, rows, conts, hook) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder-only batch: rows (context + continuation, left-padded; lm-eval's layout,
+        input = row[:-1], targets = row[1:]) scored on their continuation's tail by `Engine.score`
+        -> (summed log-probs [B], is_greedy [B])."""
+        bsz = len(rows)
+        t = bucket_length(max(len(full) - 1 for full in rows))
+        tail = min(t, bucket_length(max(len(c) for c in conts)))
+        ids = np.zeros((bsz, t), np.int32)
+        tgt = np.zeros((bsz, t), np.int32)
+        mask = np.zeros((bsz, t), bool)
+        tmask = np.zeros((bsz, t), bool)
+        for r, (full, cont) in enumerate(zip(rows, conts, strict=True)):
+            m = len(full) - 1
+            ids[r, t - m:] = full[:-1]
+            tgt[r, t - m:] = full[1:]
+            mask[r, t - m:] = True
+            tmask[r, t - len(cont):] = True
+        lp, _, greedy = self.engine.score(ids, mask, tmask, lora=hook, tail=tail, targets=tgt,
+                                          greedy=True)
+        return np.asarray(lp), np.asarray(greedy)
 
     def _score_seq2seq(self, ctxs, conts, hook) -> tuple[np.ndarray, np.ndarray]:
         """One encoder-decoder batch: each context right-padded as the encoder input, its
