@@ -7,9 +7,14 @@ one `jax.lax.while_loop` with a self-attention KV cache, stopping early when eve
 stop token (greedy, or temperature / top-p sampling from an explicit PRNG key). Encoder inputs may
 be padded on either side (T5 positions are relative; padded keys are masked).
 
+`T5Engine.forward(..., trace=True)` also returns the hook's per-module routing trace of every
+encoder and decoder row (`inference._Recorder`, as `Engine.forward`).
+
 Multiple-choice scoring runs the encoder once per example and scores every choice as the
 decoder target (`[start] + choice[:-1]` in, `choice` as labels): the summed log-probability,
-as transformers' loss with `labels` gives it (`-loss * number of target tokens`).
+as transformers' loss with `labels` gives it (`-loss * number of target tokens`); with
+`greedy=True` also whether every target token is the argmax (lm-eval's is_greedy: the lm-eval
+backend scores seq2seq log-likelihoods with `score_targets`).
 
 With a mesh, parameters carry the T5 rules table's shardings (`hilora_jax.t5.load`), inputs are
 sharded over `data`, and block outputs are constrained to the activation layout.
