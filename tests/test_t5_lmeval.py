@@ -233,3 +233,37 @@ def test_t5_hilora_router_routes_each_request_from_its_context(assets, hilora_lm
     assert len(routes) > 1  # requests really were routed differently
     base = [x[0] for x in hilora_lm.loglikelihood(reqs)]
     assert np.max(np.abs(np.array(alone) - base)) > 1e-2
+
+
+def test_t5_lm_eval_command_line_run(assets, tmp_path, monkeypatch):
+    """`python -m hilora_jax.lmeval run` (lm-eval's own command line, in process) on the T5 dir
+    with the oracle-routed pool on a local multiple-choice task: every sample's log-likelihoods
+    equal HFLM seq2seq with the task's PEFT adapter, and the routing trace beside the samples
+    names that adapter for every request (routed generation: the oracle test above)."""
+    import json
+    import sys
+
+    from hilora_jax.lmeval import main
+    from tests.test_lmeval import _write_tasks
+
+    root, model_dir, pool = assets
+    tasks_dir = _write_tasks(tmp_path, n=4)
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    main(["run", "--model", "hilora", "--model_args",
+          f"model={model_dir},pool={root / 'pool'},router=oracle,"
+          f"adapter_map=tiny_mc:qv,max_length={MAX_LEN}", "--tasks", "tiny_mc", "--include_path", str(tasks_dir), "--batch_size", "4",
+          "--output_path", str(out), "--log_samples"])
+    (mc,) = out.rglob("samples_tiny_mc_*.jsonl")
+    samples = [json.loads(line) for line in mc.read_text().splitlines()]
+    assert len(samples) == 4
+    reqs = [Instance("loglikelihood", {}, (a["arg_0"], a["arg_1"]), i)
+            for s in samples for i, a in enumerate(s["arguments"].values())]
+    want = [lp for lp, _ in _hf(model_dir, peft=pool["qv"]).loglikelihood(reqs)]
+    got = [float(r[0][0]) for s in samples for r in s["resps"]]
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    (trace,) = out.rglob("hilora_trace_tiny_mc_*.jsonl")
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sorted((r["doc_id"], r["idx"]) for r in recs) == [(d, c) for d in range(4)
+                                                             for c in range(3)]
+    assert all((r["router"], r["candidates"]) == ("oracle", ["qv"]) for r in recs)
