@@ -5,7 +5,9 @@ The tokenizer is a word tokenizer that appends EOS like T5's, so the seq2seq enc
 special tokens, continuation without) matters. Log-likelihoods (several lengths: encoder and decoder
 padding, an empty context, a context longer than max_length, a greedy continuation) agree to 1e-4
 with identical is_greedy; rolling log-likelihoods agree; greedy generations with stop strings are
-identical; a 2-adapter PEFT T5 pool routed with the oracle equals HFLM with each PEFT adapter.
+identical; a 2-adapter PEFT T5 pool routed with the oracle equals HFLM with each PEFT adapter
+(log-likelihoods and generations); HiLoRA-routed batches equal each request routed alone; lm-eval's
+command line (`python -m hilora_jax.lmeval`) runs a local task on the T5 dir.
 """
 
 from __future__ import annotations
