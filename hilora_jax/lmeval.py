@@ -35,6 +35,22 @@ own command line unchanged::
 * ``trace_path``: write the routing trace (below) to this JSONL file; ``multihost``: let JAX
   detect the cluster (as ``hilora eval --multihost``).
 
+Encoder-decoder models: a local HF T5 / FLAN-T5 directory (``config.json`` with ``model_type:
+t5``) is loaded with `hilora_jax.t5.load_t5` onto a `T5Engine`, with the semantics of lm-eval's
+``hf`` backend with ``backend="seq2seq"`` (``HFLM(pretrained=..., backend="seq2seq")``): the
+context (encoded with the tokenizer's special tokens, e.g. T5's EOS; its last ``max_length``
+tokens) is the encoder input, the continuation (encoded without) the decoder target, scored by
+`T5Engine.score_targets` (summed log-prob and is_greedy); ``loglikelihood_rolling`` scores each
+rolling window as the decoder target of a one-token encoder input (the prefix token, then the token
+before the window), as lm-eval's seq2seq backend does; ``generate_until`` decodes from the
+encoder input (last ``max_length`` tokens) with `T5Engine.generate` (greedy, or sampled), at most
+``max_gen_toks`` new tokens (lm-eval's seq2seq backend lets HF generate up to the batch's padded
+context length + ``max_gen_toks`` - 1 decoder tokens; texts agree whenever a stop sequence or EOS
+ends them within ``max_gen_toks``). ``max_length`` defaults to lm-eval's
+(`resolve_max_length`: the tokenizer's ``model_max_length``, else 2048). Every router routes from
+the context text (the encoder input); the token stage runs on encoder tokens and on each decoded
+token.
+
 Multi-process (lm-eval's rank / world-size contract, data parallel like its ``hf`` backend under
 accelerate): start one lm-eval process per host with ``HILORA_COORDINATOR=host:port
 HILORA_NUM_PROCESSES=N HILORA_PROCESS_ID=i`` (or ``multihost=true``, or call
@@ -95,10 +111,11 @@ from lm_eval.models.utils import (
     has_bos_prefix,
     normalize_gen_kwargs,
     postprocess_generated_text,
+    resolve_max_length,
 )
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from hilora_jax.inference import Engine, bucket_length
+from hilora_jax.inference import Engine, bucket_length, pad_batch
 from hilora_jax.model import sharding as shd
 
 log = logging.getLogger(__name__)
@@ -290,17 +307,29 @@ class HiLoRALM(TemplateLM):
         mesh_ = None if mesh_shape is None else shd.make_mesh(*mesh_shape,
                                                               devices=jax.local_devices())
 
+        from hilora_jax.cli import _is_t5_dir
         from hilora_jax.io.loading import load_model, load_tokenizer
 
-        self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
+        if _is_t5_dir(src):  # encoder-decoder: lm-eval's seq2seq semantics (module doc)
+            from hilora_jax.t5 import T5Engine, load_t5
+
+            self.backend = "seq2seq"
+            self.model = load_t5(src, dtype=DTYPES[str(dtype)], mesh=mesh_)
+            self.engine = T5Engine(self.model, mesh=mesh_)
+        else:
+            self.model = load_model(src, dtype=DTYPES[str(dtype)], mesh=mesh_, progress=False)
+            self.engine = Engine(self.model, mesh=mesh_)
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else src)
-        self.engine = Engine(self.model, mesh=mesh_)
         self.config = self.model.config
-        limit = self.config.max_position_embeddings
-        self._max_length = int(max_length) if max_length else limit
-        if self._max_length > limit:
-            raise ValueError(f"hilora model_args max_length={self._max_length} exceeds the model's "
-                             f"max_position_embeddings={limit}")
+        if self.backend == "seq2seq":  # relative positions: no limit; lm-eval's default length
+            self._max_length = (int(max_length) if max_length
+                                else resolve_max_length(self.config, self.tokenizer))
+        else:
+            limit = self.config.max_position_embeddings
+            self._max_length = int(max_length) if max_length else limit
+            if self._max_length > limit:
+                raise ValueError(f"hilora model_args max_length={self._max_length} exceeds the "
+                                 f"model's max_position_embeddings={limit}")
         self.pool = None
         if pool is not None:
             from hilora_jax.lora.io import load_pool
@@ -520,13 +549,20 @@ class HiLoRALM(TemplateLM):
         [(logprob, is_greedy)]."""
         res: list = [None] * len(items)
         emb_cache: dict = {}
-        rows = []
+        seq2seq = self.backend == "seq2seq"
+        rows = []  # causal: context + continuation; seq2seq: the encoder input (the context)
         for i, (ctx, cont, *_) in enumerate(items):
             if not cont:
                 raise ValueError(f"hilora: request {i} has an empty continuation")
             if len(cont) > self.max_length:
                 raise ValueError(f"hilora: request {i}: continuation of {len(cont)} tokens is "
                                  f"longer than max_length={self.max_length}")
+            if seq2seq:  # as lm-eval's seq2seq backend: the last max_length context tokens
+                if not ctx:
+                    raise ValueError(f"hilora: request {i} has an empty context (the encoder "
+                                     "input of an encoder-decoder model)")
+                rows.append(list(ctx)[-self.max_length:])
+                continue
             full = list(ctx) + list(cont)
             if len(full) > self.max_length + 1:
                 log.warning("hilora: request %d has %d tokens > max_length+1=%d; left-truncating "
@@ -535,33 +571,53 @@ class HiLoRALM(TemplateLM):
             rows.append(full)
         bsz = self.batch_size
         for group in self._groups(items, lambda it: it[3]):
-            order = sorted(group, key=lambda i: (-len(rows[i]), i))
+            order = sorted(group, key=lambda i: (-len(rows[i]) - seq2seq * len(items[i][1]), i))
             for s in range(0, len(order), bsz):
                 idx = order[s:s + bsz]
                 n = len(idx)
                 pad_idx = idx + [idx[0]] * (bsz - n)  # fixed batch shape
-                t = bucket_length(max(len(rows[i]) - 1 for i in idx))
-                tail = min(t, bucket_length(max(len(items[i][1]) for i in idx)))
-                ids = np.zeros((bsz, t), np.int32)
-                tgt = np.zeros((bsz, t), np.int32)
-                mask = np.zeros((bsz, t), bool)
-                tmask = np.zeros((bsz, t), bool)
-                for r, i in enumerate(pad_idx):
-                    full = rows[i]
-                    m = len(full) - 1
-                    ids[r, t - m:] = full[:-1]
-                    tgt[r, t - m:] = full[1:]
-                    mask[r, t - m:] = True
-                    tmask[r, t - len(items[i][1]):] = True
                 hook = self._route([items[i][2] for i in pad_idx],
                                    [items[i][3] for i in pad_idx], emb_cache,
                                    [items[i][4] for i in idx])
-                lp, _, greedy = self.engine.score(ids, mask, tmask, lora=hook, tail=tail,
-                                                  targets=tgt, greedy=True)
-                lp, greedy = np.asarray(lp), np.asarray(greedy)
+                score = self._score_seq2seq if seq2seq else self._score_causal
+                lp, greedy = score([rows[i] for i in pad_idx], [items[i][1] for i in pad_idx],
+                                   hook)
                 for r, i in enumerate(idx):
                     res[i] = (float(lp[r]), bool(greedy[r]))
         return res
+
+    def _score_causal(self, rows, conts, hook) -> tuple[np.ndarray, np.ndarray]:
+        """One decoder-only batch: rows (context + continuation, left-padded; lm-eval's layout,
+        input = row[:-1], targets = row[1:]) scored on their continuation's tail by `Engine.score`
+        -> (summed log-probs [B], is_greedy [B])."""
+        bsz = len(rows)
+        t = bucket_length(max(len(full) - 1 for full in rows))
+        tail = min(t, bucket_length(max(len(c) for c in conts)))
+        ids = np.zeros((bsz, t), np.int32)
+        tgt = np.zeros((bsz, t), np.int32)
+        mask = np.zeros((bsz, t), bool)
+        tmask = np.zeros((bsz, t), bool)
+        for r, (full, cont) in enumerate(zip(rows, conts, strict=True)):
+            m = len(full) - 1
+            ids[r, t - m:] = full[:-1]
+            tgt[r, t - m:] = full[1:]
+            mask[r, t - m:] = True
+            tmask[r, t - len(cont):] = True
+        lp, _, greedy = self.engine.score(ids, mask, tmask, lora=hook, tail=tail, targets=tgt,
+                                          greedy=True)
+        return np.asarray(lp), np.asarray(greedy)
+
+    def _score_seq2seq(self, ctxs, conts, hook) -> tuple[np.ndarray, np.ndarray]:
+        """One encoder-decoder batch: each context right-padded as the encoder input, its
+        continuation the decoder target (`T5Engine.score_targets`, one target per row) ->
+        (summed log-probs [B], is_greedy [B])."""
+        te = bucket_length(max(len(c) for c in ctxs))
+        tc = bucket_length(max(len(c) for c in conts))
+        ids, mask = pad_batch(ctxs, te, 0, side="right")
+        tgt, tmask = pad_batch(conts, tc, 0, side="right")
+        lp, greedy = self.engine.score_targets(ids, mask, tgt[:, None], tmask[:, None], lora=hook,
+                                               greedy=True)
+        return lp[:, 0], greedy[:, 0]
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         items, owner = [], []
@@ -609,12 +665,18 @@ class HiLoRALM(TemplateLM):
                                 else (1.0 if kwargs.get("do_sample") else 0.0))
             greedy = not kwargs.get("do_sample") or temperature <= 0.0
             stops = self._stop_tokens(until)
-            max_ctx = self.max_length - max_gen
-            if max_ctx <= 0:
-                raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be less "
-                                 f"than max_length={self.max_length}")
-            enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx)
-                   for i in idx_all}
+            if self.backend == "seq2seq":
+                # the encoder takes the last max_length tokens, encoded with the tokenizer's
+                # defaults (lm-eval's `tok_batch_encode` for seq2seq)
+                enc = {i: self.tokenizer.encode(requests[i].args[0])[-self.max_length:]
+                       for i in idx_all}
+            else:
+                max_ctx = self.max_length - max_gen
+                if max_ctx <= 0:
+                    raise ValueError(f"hilora generate_until: max_gen_toks={max_gen} must be "
+                                     f"less than max_length={self.max_length}")
+                enc = {i: self.tok_encode(requests[i].args[0], left_truncate_len=max_ctx)
+                       for i in idx_all}
             order = sorted(idx_all, key=lambda i: (-len(enc[i]), i))
             bsz = self.batch_size
             for s in range(0, len(order), bsz):
@@ -622,9 +684,10 @@ class HiLoRALM(TemplateLM):
                 pad_idx = idx + [idx[0]] * (bsz - len(idx))
                 prompts = [enc[i] for i in pad_idx]
                 t = bucket_length(max(len(p) for p in prompts))
-                room = self.config.max_position_embeddings - bucket_length(max_gen)
-                if t > room >= max(len(p) for p in prompts):
-                    t = room
+                if self.backend == "causal":
+                    room = self.config.max_position_embeddings - bucket_length(max_gen)
+                    if t > room >= max(len(p) for p in prompts):
+                        t = room
                 hook = self._route([requests[i].args[0] for i in pad_idx],
                                    [getattr(requests[i], "task_name", None) for i in pad_idx],
                                    emb_cache, [self._key(requests[i]) for i in idx])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import numpy as np
+import reference_hilora as ref
 
 from hilora_jax.embed import PrecomputedEmbedder
 from hilora_jax.lora.pool import LoraPool, PoolArrays
@@ -68,3 +69,26 @@ def random_pool(cfg: ModelConfig, ranks=(4, 8, 6, 8, 2), *, modules=("q_proj", "
     pool = LoraPool(_to_device(arrays, np.float32, None), [f"lora{i}" for i in range(N)],
                     clusters={f"lora{i}": f"c{i % 2}" for i in range(N)}, samples=samples)
     return pool, PrecomputedEmbedder(embed, dim=emb_dim), means
+
+
+def reference_delta(pool: LoraPool, x: np.ndarray, name: str, layer: int, dec: list[dict],
+                    kappa_mode: str) -> np.ndarray:
+    """HiLoRA's token stage in float64 loops: `kappa * sum_i s_i sum_{j in top-n_i(module)}
+    (a_ij . x) b_ij` for `x [B, T, D]` at `layer` of module `name`, given each row's sequence
+    decision `dec[b]` (`reference_hilora.sequence_decision`)."""
+    A = np.asarray(pool.arrays.A[name][layer], np.float64)
+    B = np.asarray(pool.arrays.B[name][layer], np.float64)
+    S = np.asarray(pool.arrays.scale[name][layer], np.float64)
+    M = np.asarray(pool.arrays.mask[name][layer])
+    ranks = np.asarray(pool.arrays.ranks)
+    out = np.zeros(x.shape[:2] + (B.shape[-1],))
+    for b in range(x.shape[0]):
+        d = dec[b]
+        kap = ref.kappa(d["n"], kappa_mode)
+        for t in range(x.shape[1]):
+            for i, n in zip(d["cand"], d["n"], strict=True):
+                n_mod = ref.per_module_count(n, int(ranks[i]), int(M[i].sum()))
+                u = A[i] @ x[b, t]
+                for j in ref.topn_keep(u, n_mod, M[i]):
+                    out[b, t] += kap * S[i, j] * u[j] * B[i, j]
+    return out

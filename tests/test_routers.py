@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import reference_hilora as ref
 from hf_utils import make_hf_model, padded_batch
-from routing_utils import random_pool
+from routing_utils import random_pool, reference_delta
 
 from hilora_jax.inference import Engine
 from hilora_jax.io.loading import load_model
@@ -23,26 +23,6 @@ def tiny(tmp_path_factory):
     make_hf_model(d, "llama", vocab_size=64, intermediate_size=64)
     model = load_model(d, progress=False)
     return d, model, Engine(model)
-
-
-def _reference_delta(pool, x, name, layer, dec, kappa_mode):
-    """float64 loops: kappa * sum_i s_i sum_{j in top-n_i(module)} (a_ij . x) b_ij."""
-    A = np.asarray(pool.arrays.A[name][layer], np.float64)
-    B = np.asarray(pool.arrays.B[name][layer], np.float64)
-    S = np.asarray(pool.arrays.scale[name][layer], np.float64)
-    M = np.asarray(pool.arrays.mask[name][layer])
-    ranks = np.asarray(pool.arrays.ranks)
-    out = np.zeros(x.shape[:2] + (B.shape[-1],))
-    for b in range(x.shape[0]):
-        d = dec[b]
-        kap = ref.kappa(d["n"], kappa_mode)
-        for t in range(x.shape[1]):
-            for i, n in zip(d["cand"], d["n"], strict=True):
-                n_mod = ref.per_module_count(n, int(ranks[i]), int(M[i].sum()))
-                u = A[i] @ x[b, t]
-                for j in ref.topn_keep(u, n_mod, M[i]):
-                    out[b, t] += kap * S[i, j] * u[j] * B[i, j]
-    return out
 
 
 @pytest.mark.parametrize("strategy", ["dense", "gathered"])
@@ -76,7 +56,7 @@ def test_hilora_matches_float64_reference(tiny, strategy, kappa_mode, mode_k):
         x = rng.standard_normal((len(texts), 4, d_in)).astype(np.float32)
         for layer in range(model.config.num_layers):
             got = np.asarray(jax.jit(lambda h, x, layer=layer, name=name: h(layer, name, x))(routing.hook, x))
-            want = _reference_delta(pool, x.astype(np.float64), name, layer, dec, kappa_mode)
+            want = reference_delta(pool, x.astype(np.float64), name, layer, dec, kappa_mode)
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -16,6 +16,7 @@ import pytest
 import reference_hilora as ref
 import torch
 import transformers as tf
+from routing_utils import reference_delta
 from t5_utils import hf_logits, make_hf_t5, padded
 
 from hilora_jax.embed import PrecomputedEmbedder
@@ -182,28 +183,16 @@ def test_arrow_equals_peft_create_arrow_model(tmp_path, top_k, temp):
     assert err <= TOL, err
 
 
-def _reference_delta(pool, x, name, layer, dec, kappa_mode):
-    """float64 loops (as tests/test_routers.py): kappa * sum_i s_i sum_{j in top-n_i(module)}
-    (a_ij . x) b_ij."""
-    A = np.asarray(pool.arrays.A[name][layer], np.float64)
-    B = np.asarray(pool.arrays.B[name][layer], np.float64)
-    S = np.asarray(pool.arrays.scale[name][layer], np.float64)
-    M = np.asarray(pool.arrays.mask[name][layer])
-    ranks = np.asarray(pool.arrays.ranks)
-    out = np.zeros(x.shape[:2] + (B.shape[-1],))
-    for b in range(x.shape[0]):
-        d = dec[b]
-        kap = ref.kappa(d["n"], kappa_mode)
-        for t in range(x.shape[1]):
-            for i, n in zip(d["cand"], d["n"], strict=True):
-                n_mod = ref.per_module_count(n, int(ranks[i]), int(M[i].sum()))
-                u = A[i] @ x[b, t]
-                for j in ref.topn_keep(u, n_mod, M[i]):
-                    out[b, t] += kap * S[i, j] * u[j] * B[i, j]
-    return out
-
-
 TEXTS = ["task0 q1", "task2 q0", "task1 q3", "far away text"]
+
+
+def _reference_decisions(pool, emb, texts, k=2, gamma=0.5) -> list[dict]:
+    """HiLoRA's sequence stage in float64 (`reference_hilora`): candidates and ROC counts."""
+    fits = ref.fit([emb(list(pool.samples[n])) for n in pool.names])
+    z = emb(texts)
+    return [ref.sequence_decision(ref.log_likelihood(fits, z[b:b + 1])[0] / z.shape[1],
+                                  np.asarray(pool.arrays.ranks), np.ones(len(pool), bool),
+                                  k=k, gamma=gamma) for b in range(len(texts))]
 
 
 @pytest.mark.parametrize("strategy", ["dense", "gathered"])
@@ -214,14 +203,8 @@ def test_hilora_token_stage_equals_numpy_reference(t5pool, strategy):
     router = build_router("hilora", pool, options=dict(embedder=emb, strategy=strategy,
                                                        kappa="sqrt", k=2, gamma=0.5))
     routing = router.route(TEXTS)
-    fits = ref.fit([emb(list(pool.samples[n])) for n in pool.names])
-    z = emb(TEXTS)
-    dec = []
-    for b in range(len(TEXTS)):
-        s = ref.log_likelihood(fits, z[b:b + 1])[0] / z.shape[1]
-        d = ref.sequence_decision(s, np.asarray(pool.arrays.ranks), np.ones(len(pool), bool),
-                                  k=2, gamma=0.5)
-        dec.append(d)
+    dec = _reference_decisions(pool, emb, TEXTS)
+    for b, d in enumerate(dec):
         c = len(d["cand"])
         np.testing.assert_array_equal(routing.info["cand_idx"][b][:c], d["cand"])
         np.testing.assert_array_equal(routing.info["n_rocs"][b][:c], d["n"])
@@ -233,8 +216,51 @@ def test_hilora_token_stage_equals_numpy_reference(t5pool, strategy):
         for layer in range(pool.arrays.A[name].shape[0]):
             got = np.asarray(jax.jit(lambda h, x, layer=layer, name=name: h(layer, name, x))(
                 routing.hook, x))
-            want = _reference_delta(pool, x.astype(np.float64), name, layer, dec, "sqrt")
+            want = reference_delta(pool, x.astype(np.float64), name, layer, dec, "sqrt")
             np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_t5_forward_trace_counts_equal_reference(t5pool):
+    """`T5Engine.forward(..., trace=True)` with HiLoRA: one entry per encoder and decoder row
+    (`"<block>.<row>"`, as `Engine.forward`) plus both masks; on every real token the ROCs fired
+    per candidate equal the reference's gate count (top-n_i(module) of the row's valid ROCs) and
+    `n_module` the reference's per-module counts."""
+    _, _, model, pool, emb = t5pool
+    eng, cfg = T5Engine(model), model.config
+    ids, mask, dids, dmask = _batch(6)
+    hook = build_router("hilora", pool, options=dict(embedder=emb, k=2, gamma=0.5)
+                        ).route(TEXTS).hook
+    logits, trace = eng.forward(ids, mask, dids, dmask, lora=hook, trace=True)
+    assert np.asarray(logits).shape == dids.shape + (cfg.vocab_size,)
+    depth = {"encoder": cfg.num_layers, "decoder": cfg.num_decoder_layers}
+    rows = {f"{b}.{m}" for m in pool.arrays.modules for b in range(depth[m.split(".")[0]])}
+    assert set(trace) == rows | {"attention_mask", "decoder_attention_mask"}
+    np.testing.assert_array_equal(trace["attention_mask"], mask.astype(bool))
+    np.testing.assert_array_equal(trace["decoder_attention_mask"], dmask.astype(bool))
+    dec = _reference_decisions(pool, emb, TEXTS)
+    ranks = np.asarray(pool.arrays.ranks)
+    n_checked = 0
+    for key in sorted(rows):
+        block, name = key.split(".", 1)
+        mod_mask = np.asarray(pool.arrays.mask[name][int(block)])  # A R
+        fired = np.asarray(trace[key]["fired"])  # B T C
+        n_module = np.asarray(trace[key]["n_module"])  # B C
+        # encoder rows and cross-attention k/v read the encoder states, the rest the decoder's
+        real = mask if (name.startswith("encoder.") or name in ("decoder.EncDecAttention.k",
+                                                                "decoder.EncDecAttention.v")) else dmask
+        assert fired.shape[:2] == real.shape, key
+        for b, d in enumerate(dec):
+            # the router trims trailing candidate slots that get no ROCs in the whole batch
+            assert all(n == 0 for n in d["n"][n_module.shape[1]:]), (key, b)
+            for c, (i, n) in enumerate(zip(d["cand"][:n_module.shape[1]],
+                                           d["n"][:n_module.shape[1]], strict=True)):
+                n_mod = ref.per_module_count(n, int(ranks[i]), int(mod_mask[i].sum()))
+                gates = ref.topn_keep(np.zeros(mod_mask.shape[1]), n_mod, mod_mask[i])
+                assert n_module[b, c] == n_mod, (key, b, c)
+                np.testing.assert_array_equal(fired[b, real[b].astype(bool), c], len(gates),
+                                              err_msg=f"{key} row {b} candidate {c}")
+                n_checked += len(gates) > 0
+    assert n_checked > 50  # most (row, candidate, module) cells fire ROCs
 
 
 def test_hilora_on_t5_forward_and_generation(t5pool):

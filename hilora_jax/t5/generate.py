@@ -7,9 +7,14 @@ one `jax.lax.while_loop` with a self-attention KV cache, stopping early when eve
 stop token (greedy, or temperature / top-p sampling from an explicit PRNG key). Encoder inputs may
 be padded on either side (T5 positions are relative; padded keys are masked).
 
+`T5Engine.forward(..., trace=True)` also returns the hook's per-module routing trace of every
+encoder and decoder row (`inference._Recorder`, as `Engine.forward`).
+
 Multiple-choice scoring runs the encoder once per example and scores every choice as the
 decoder target (`[start] + choice[:-1]` in, `choice` as labels): the summed log-probability,
-as transformers' loss with `labels` gives it (`-loss * number of target tokens`).
+as transformers' loss with `labels` gives it (`-loss * number of target tokens`); with
+`greedy=True` also whether every target token is the argmax (lm-eval's is_greedy: the lm-eval
+backend scores seq2seq log-likelihoods with `score_targets`).
 
 With a mesh, parameters carry the T5 rules table's shardings (`hilora_jax.t5.load`), inputs are
 sharded over `data`, and block outputs are constrained to the activation layout.
@@ -28,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from hilora_jax.inference import (
     GenerationOutput,
     SplitEngine,
+    _Recorder,
     _sample,
     bucket_length,
     pad_batch,
@@ -89,21 +95,24 @@ class T5Engine(SplitEngine):
 
     def __init__(self, model: T5ForConditionalGeneration, mesh: Mesh | None = None):
         super().__init__(model, mesh)
-        self._forward = jax.jit(self._forward_impl)
+        self._forward = jax.jit(self._forward_impl, static_argnames=("trace",))
         self._encode = jax.jit(self._encode_impl)
-        self._score = jax.jit(self._score_impl)
+        self._score = jax.jit(self._score_impl, static_argnames=("greedy",))
         self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
 
     # -- pure functions ----------------------------------------------------------------------
     def _encode_impl(self, state, ids, mask, lora):
         return self._model(state).encode(ids, mask, lora=lora, constrain=self._constrain)
 
-    def _forward_impl(self, state, ids, mask, dec_ids, dec_mask, lora):
-        return self._model(state)(ids, mask, dec_ids, dec_mask, lora=lora,
-                                  constrain=self._constrain)
+    def _forward_impl(self, state, ids, mask, dec_ids, dec_mask, lora, trace=False):
+        rec = _Recorder(lora) if trace and lora is not None else None
+        logits = self._model(state)(ids, mask, dec_ids, dec_mask, lora=rec or lora,
+                                    constrain=self._constrain)
+        return logits, (rec.aux if rec is not None else {})
 
-    def _score_impl(self, state, ids, mask, targets, target_mask, lora):
-        """ids/mask `[B, T]`; targets/target_mask `[B, C, L]` -> summed log-probs `[B, C]`.
+    def _score_impl(self, state, ids, mask, targets, target_mask, lora, greedy=False):
+        """ids/mask `[B, T]`; targets/target_mask `[B, C, L]` -> summed log-probs `[B, C]`
+        (with `greedy`, also whether every target token is the argmax `[B, C]`).
 
         The encoder and the cross-attention K/V run once per example; each choice is decoded as
         a batch of the same `B` rows, so a per-row routed hook (oracle, HiLoRA decisions `[B, ...]`)
@@ -113,7 +122,7 @@ class T5Engine(SplitEngine):
         enc = model.encode(ids, mask, lora=lora, constrain=self._constrain)  # once per example
         cache = model.init_cache(enc, mask, n, lora=lora)
         start = jnp.full((b, 1), self.config.decoder_start_token_id, targets.dtype)
-        out = []
+        out, top = [], []
         for j in range(c):
             tgt, tmask = targets[:, j], target_mask[:, j]
             dec_in = jnp.concatenate([start, tgt[:, :-1]], axis=1)
@@ -123,6 +132,10 @@ class T5Engine(SplitEngine):
             lp = jax.nn.log_softmax(logits, axis=-1)
             tok_lp = jnp.take_along_axis(lp, tgt[..., None], axis=-1)[..., 0]
             out.append(jnp.sum(jnp.where(tmask, tok_lp, 0.0), axis=-1))
+            if greedy:
+                top.append(jnp.all(jnp.where(tmask, jnp.argmax(logits, -1) == tgt, True), -1))
+        if greedy:
+            return jnp.stack(out, axis=1), jnp.stack(top, axis=1)
         return jnp.stack(out, axis=1)
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
@@ -166,14 +179,26 @@ class T5Engine(SplitEngine):
         return self._encode(self.state, *self.place(ids, mask), lora)
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-                *, lora=None):
-        """Teacher-forced logits `[B, Td, V]` float32 (HF's forward with `decoder_input_ids`)."""
+                *, lora=None, trace: bool = False):
+        """Teacher-forced logits `[B, Td, V]` float32 (HF's forward with `decoder_input_ids`).
+
+        With `trace=True`, returns `(logits, trace)`: the hook's per-module routing trace as
+        `Engine.forward` gives it, `{"<block>.<row>": {...}}` for every adapted encoder and decoder
+        row (e.g. `"1.encoder.SelfAttention.q"`, `"0.decoder.EncDecAttention.k"`; HiLoRA: ROCs
+        fired per token and candidate `fired [B, T, C]` and `n_module [B, C]`, T being the encoder
+        length for encoder rows and cross-attention k/v, the decoder length otherwise), plus
+        `"attention_mask"` `[B, Te]` and `"decoder_attention_mask"` `[B, Td]` (padding positions
+        are included in the trace; mask them with these)."""
         ids = np.asarray(input_ids, np.int32)
         mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask, bool)
         dids = np.asarray(decoder_input_ids, np.int32)
         dmask = (np.ones(dids.shape, bool) if decoder_attention_mask is None
                  else np.asarray(decoder_attention_mask, bool))
-        return self._forward(self.state, *self.place(ids, mask, dids, dmask), lora)
+        logits, aux = self._forward(self.state, *self.place(ids, mask, dids, dmask), lora,
+                                    trace=trace)
+        if not trace:
+            return logits
+        return logits, {**aux, "attention_mask": mask, "decoder_attention_mask": dmask}
 
     def score_choices(self, prompts: Sequence[Sequence[int]],
                       choices: Sequence[Sequence[Sequence[int]]], *, lora=None,
@@ -199,13 +224,19 @@ class T5Engine(SplitEngine):
                 tm[i, j, :len(x)] = True
         return self.score_targets(ids, mask, tgt, tm, lora=lora)
 
-    def score_targets(self, input_ids, attention_mask, targets, target_mask, *, lora=None):
+    def score_targets(self, input_ids, attention_mask, targets, target_mask, *, lora=None,
+                      greedy: bool = False):
         """Summed log-prob `[B, C]` of padded decoder targets `[B, C, L]` (`target_mask` marks
-        their tokens) given encoder inputs `[B, T]`: the array form of `score_choices`."""
+        their tokens) given encoder inputs `[B, T]`: the array form of `score_choices` (and of the
+        lm-eval backend's seq2seq log-likelihoods). `greedy=True` returns `(logprobs, is_greedy)`,
+        `is_greedy [B, C]`: every target token is the argmax of its position."""
         ids, mask = self.place(np.asarray(input_ids, np.int32), np.asarray(attention_mask, bool))
         tgt, tm = jnp.asarray(np.asarray(targets, np.int32)), jnp.asarray(np.asarray(target_mask,
                                                                                      bool))
-        return np.asarray(self._score(self.state, ids, mask, tgt, tm, lora))
+        out = self._score(self.state, ids, mask, tgt, tm, lora, greedy=greedy)
+        if greedy:
+            return np.asarray(out[0]), np.asarray(out[1])
+        return np.asarray(out)
 
     def mc_scorer(self) -> T5ChoiceScorer:
         """The scorer `eval.runner.evaluate` uses for this engine (`T5ChoiceScorer`)."""
@@ -228,7 +259,10 @@ class T5Engine(SplitEngine):
         t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
         new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
         ids, mask = pad_batch(prompts, t, pad, side="right")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id) or [-1]
+        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id)
+        # padded with -1 (never generated) to a multiple of 8: a different number of stop tokens
+        # (lm-eval's per-task `until`) reuses the compiled loop
+        stops += [-1] * (-len(stops) % 8 if stops else 8)
         greedy = temperature <= 0.0
         if key is None:
             if not greedy:
