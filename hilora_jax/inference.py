@@ -14,7 +14,8 @@ routing decisions never recompile.
 
 Generation left-pads prompts into fixed length buckets (so new prompt lengths reuse compiled
 code), prefills a KV cache, and decodes inside one `jax.lax.while_loop` (greedy, or temperature /
-top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token.
+top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token (the stop
+ids padded to a multiple of 8, `stop_id_array`, so a new number of stop tokens does not recompile).
 
 The two stages are module-level pure functions, `prefill` and `decode_step` (graph definition and
 mesh static): `Engine.generate` composes exactly them, `Engine.prefill` / `Engine.decode_step` run
@@ -97,6 +98,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, side: 
             ids[i, : len(s)] = s
             mask[i, : len(s)] = True
     return ids, mask
+
+
+def stop_id_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """The stop ids of a generate call as an int32 array padded with -1 (never generated) to a
+    multiple of 8 (eight -1 when there are none): a different number of stop tokens (lm-eval's
+    per-task `until`) reuses the compiled decode loop. Used by `Engine.generate` and
+    `T5Engine.generate`."""
+    stops = [int(s) for s in stop_tokens]
+    stops += [-1] * (-len(stops) % 8 if stops else 8)
+    return jnp.asarray(stops, jnp.int32)
 
 
 @dataclasses.dataclass
@@ -377,8 +388,8 @@ class Engine(SplitEngine):
         new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
         self._check_length(t + new_bucket)
         ids, mask = pad_batch(prompts, t, pad_id, side="left")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id) or [-1]
-        stop_ids = jnp.asarray(stops, jnp.int32)
+        stop_ids = stop_id_array(stop_tokens if stop_tokens is not None
+                                 else self.config.eos_token_id)
         greedy = temperature <= 0.0
         if key is None:
             if not greedy:

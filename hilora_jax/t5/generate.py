@@ -37,6 +37,7 @@ from hilora_jax.inference import (
     _sample,
     bucket_length,
     pad_batch,
+    stop_id_array,
 )
 from hilora_jax.model import sharding as shd
 from hilora_jax.t5.model import DecoderCache, T5ForConditionalGeneration
@@ -259,10 +260,8 @@ class T5Engine(SplitEngine):
         t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
         new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
         ids, mask = pad_batch(prompts, t, pad, side="right")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id)
-        # padded with -1 (never generated) to a multiple of 8: a different number of stop tokens
-        # (lm-eval's per-task `until`) reuses the compiled loop
-        stops += [-1] * (-len(stops) % 8 if stops else 8)
+        stop_ids = stop_id_array(stop_tokens if stop_tokens is not None
+                                 else self.config.eos_token_id)
         greedy = temperature <= 0.0
         if key is None:
             if not greedy:
@@ -271,7 +270,7 @@ class T5Engine(SplitEngine):
         ids, mask = self.place(ids, mask)
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p),
-            jnp.asarray(stops, jnp.int32), jnp.int32(max_new_tokens), lora,
+            stop_ids, jnp.int32(max_new_tokens), lora,
             max_new=new_bucket, greedy=greedy)
         out = np.array(out)[:, :max_new_tokens]
         lengths = np.minimum(np.asarray(lengths), max_new_tokens)
