@@ -1,6 +1,6 @@
 """Loose ends of the T5 work (issue 16): generation with any number of stop tokens equals
 transformers and reuses the compiled decode loop (Llama `Engine` and `T5Engine`, one shared
-`inference.stop_id_array`)."""
+`inference.stop_id_array`); `t5.config.is_t5_dir`."""
 
 import numpy as np
 import torch
@@ -9,6 +9,7 @@ from t5_utils import VOCAB, make_hf_t5, padded
 
 from hilora_jax.inference import Engine
 from hilora_jax.io.loading import load_model
+from hilora_jax.t5.config import is_t5_dir
 from hilora_jax.t5.generate import T5Engine
 from hilora_jax.t5.load import load_t5
 
@@ -78,3 +79,17 @@ def test_t5_generate_stop_counts_match_transformers_without_recompiling(tmp_path
         np.testing.assert_array_equal(out.tokens, ref(stops))
         assert (out.lengths < MAX_NEW).any()
     assert eng._generate._cache_size() == n_compiled
+
+
+def test_is_t5_dir(tmp_path):
+    """`t5.config.is_t5_dir` (the CLI's, the trainer's and lm-eval's T5 switch): only a directory
+    whose config.json says `model_type: t5`."""
+    cases = {"t5": '{"model_type": "t5"}', "llama": '{"model_type": "llama"}',
+             "bad_json": "{model_type: t5", "list": '["t5"]'}
+    for name, text in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(text)
+    assert is_t5_dir(tmp_path / "t5") and is_t5_dir(str(tmp_path / "t5"))
+    for name in ("llama", "bad_json", "list", "missing"):
+        assert not is_t5_dir(tmp_path / name), name
+    assert not is_t5_dir("google/flan-t5-small")  # a hub id is not a local T5 directory

@@ -504,9 +504,10 @@ def train_lora_cli(args) -> int:
     config's T5 projections, `q,v` by default; saved as a `SEQ_2_SEQ_LM` PEFT adapter).
     The output, task files, `--task`, `--targets`, `--layers` and the sizes are checked before the
     model loads; a bad one is a `UsageError` (one line from the CLI)."""
-    from hilora_jax.cli import _is_t5_dir, check_model_source, check_output, load_task_files
+    from hilora_jax.cli import check_model_source, check_output, load_task_files
     from hilora_jax.errors import UsageError
     from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.t5.config import is_t5_dir
 
     check_output(args.out, args.overwrite)
     for name in ("r", "steps", "batch_size", "max_len"):
@@ -514,7 +515,7 @@ def train_lora_cli(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
-    t5 = _is_t5_dir(args.model)
+    t5 = is_t5_dir(args.model)
     if t5:
         from hilora_jax.t5.config import read_t5_config
 
