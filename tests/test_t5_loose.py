@@ -1,14 +1,23 @@
 """Loose ends of the T5 work (issue 16): generation with any number of stop tokens equals
 transformers and reuses the compiled decode loop (Llama `Engine` and `T5Engine`, one shared
-`inference.stop_id_array`); `t5.config.is_t5_dir`."""
+`inference.stop_id_array`); `t5.config.is_t5_dir`; `viz` plots a T5 routing trace (rows per
+encoder and decoder block, counts equal to the trace's over each sequence's own mask)."""
+
+import zlib
 
 import numpy as np
+import pytest
 import torch
+import transformers as tf
 from hf_utils import make_hf_model
 from t5_utils import VOCAB, make_hf_t5, padded
 
+from hilora_jax import viz
+from hilora_jax.embed import PrecomputedEmbedder
 from hilora_jax.inference import Engine
 from hilora_jax.io.loading import load_model
+from hilora_jax.lora import load_pool
+from hilora_jax.routing import build_router
 from hilora_jax.t5.config import is_t5_dir
 from hilora_jax.t5.generate import T5Engine
 from hilora_jax.t5.load import load_t5
@@ -93,3 +102,90 @@ def test_is_t5_dir(tmp_path):
     for name in ("llama", "bad_json", "list", "missing"):
         assert not is_t5_dir(tmp_path / name), name
     assert not is_t5_dir("google/flan-t5-small")  # a hub id is not a local T5 directory
+
+
+# -- viz on a T5 routing trace --------------------------------------------------------------------
+EMB_DIM = 4
+ADAPTERS = {"a0": dict(r=4, lora_alpha=8, target_modules=["q", "v"]),
+            "a1": dict(r=2, lora_alpha=4, target_modules=["k", "o", "wo"],
+                       layers_to_transform=[0, 2])}
+TEXTS = ["task0 q1", "task1 q0", "task1 q3"]
+
+
+def _embed(text):
+    """`task{i} ...` near a per-task mean (deterministic)."""
+    rng = np.random.default_rng(zlib.crc32(text.encode()))
+    return np.eye(EMB_DIM)[int(text.split()[0][4:])] * 8.0 + rng.standard_normal(EMB_DIM)
+
+
+@pytest.fixture(scope="module")
+def t5_trace(tmp_path_factory):
+    from peft import LoraConfig, get_peft_model
+
+    d = tmp_path_factory.mktemp("t5viz")
+    make_hf_t5(d / "base", "v1.1")
+    dirs = {}
+    for i, (name, kw) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(i + 1)
+        base = tf.T5ForConditionalGeneration.from_pretrained(str(d / "base")).eval()
+        pm = get_peft_model(base, LoraConfig(task_type="SEQ_2_SEQ_LM", init_lora_weights=False,
+                                             **kw))
+        pm.save_pretrained(str(d / name))
+        dirs[name] = str(d / name)
+    model = load_t5(d / "base")
+    manifest = {"adapters": {n: {"path": p, "samples": [f"task{i} s{j}" for j in range(8)]}
+                             for i, (n, p) in enumerate(dirs.items())}}
+    pool = load_pool(manifest, model=model, progress=False)
+    routing = build_router("hilora", pool, options=dict(
+        embedder=PrecomputedEmbedder(_embed, dim=EMB_DIM), k=2, gamma=0.5)).route(TEXTS)
+    rng = np.random.default_rng(0)
+    ids, mask = padded(rng, (9, 4, 6), 9)  # encoder 9 tokens, decoder 5: padding in both
+    dids, dmask = padded(rng, (5, 2, 4), 5)
+    _, trace = T5Engine(model).forward(ids, mask, dids, dmask, lora=routing.hook, trace=True)
+    return model.config, routing, trace
+
+
+def test_viz_plots_a_t5_trace(t5_trace, tmp_path):
+    """`viz.trace_usage` / `plot_routing` on a `T5Engine.forward` HiLoRA trace: one row per
+    encoder block then per decoder block, modules shared by both stacks; every cell equals the
+    trace's ROCs fired per real token of its own sequence (encoder mask for encoder rows and
+    cross-attention k/v, decoder mask otherwise), scattered onto the pool's LoRAs; the PNG is
+    written."""
+    cfg, routing, trace = t5_trace
+    layers, mods, per_mod, per_lora, unit = viz.trace_usage(routing, trace)
+    assert layers == ([("encoder", b) for b in range(cfg.num_layers)]
+                      + [("decoder", b) for b in range(cfg.num_decoder_layers)])
+    assert mods == ["SelfAttention.q", "SelfAttention.k", "SelfAttention.v", "SelfAttention.o",
+                    "EncDecAttention.q", "EncDecAttention.k", "EncDecAttention.v",
+                    "EncDecAttention.o", "DenseReluDense.wo"]
+    assert unit == "ROCs fired per token"
+    idx, valid = routing.info["cand_idx"], routing.info["cand_valid"]
+    want_mod = np.full(per_mod.shape, np.nan)
+    want_lora = np.zeros(per_lora.shape)
+    for key, aux in trace.items():
+        if key.endswith("attention_mask"):
+            continue
+        block, stack, module = key.split(".", 2)
+        enc = stack == "encoder" or module in ("EncDecAttention.k", "EncDecAttention.v")
+        m = trace["attention_mask" if enc else "decoder_attention_mask"].astype(np.float64)
+        fired = np.asarray(aux["fired"], np.float64)  # B T C
+        assert fired.shape[:2] == m.shape, key
+        li = layers.index((stack, int(block)))
+        per_cand = (fired * m[:, :, None]).sum(1) / m.sum()  # B C
+        want_mod[li, mods.index(module)] = (per_cand * valid[:, :per_cand.shape[1]]).sum()
+        for b in range(per_cand.shape[0]):
+            for c in range(per_cand.shape[1]):
+                want_lora[li, idx[b, c]] += per_cand[b, c] * valid[b, c]
+    np.testing.assert_allclose(per_mod, want_mod, rtol=1e-12, equal_nan=True)
+    np.testing.assert_allclose(per_lora, want_lora, rtol=1e-12)
+    assert np.isnan(per_mod[0, mods.index("EncDecAttention.q")])  # no cross-attention in encoder
+    assert np.nansum(per_mod) > 0 and per_lora[:, 0].sum() > 0 and per_lora[:, 1].sum() > 0
+    out = tmp_path / "t5_routing.png"
+    fig = viz.plot_routing(routing, trace, prompts=TEXTS, save=out)
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    heat = [a for a in fig.axes if a.images]
+    assert len(heat) == 2
+    labels = [t.get_text() for t in heat[0].get_yticklabels()]
+    assert labels == [f"encoder {b}" for b in range(cfg.num_layers)] + [
+        f"decoder {b}" for b in range(cfg.num_decoder_layers)]
+    np.testing.assert_allclose(heat[0].images[0].get_array(), per_mod, equal_nan=True)
