@@ -1,7 +1,8 @@
 """Loose ends of the T5 work (issue 16): generation with any number of stop tokens equals
 transformers and reuses the compiled decode loop (Llama `Engine` and `T5Engine`, one shared
 `inference.stop_id_array`); `t5.config.is_t5_dir`; `viz` plots a T5 routing trace (rows per
-encoder and decoder block, counts equal to the trace's over each sequence's own mask)."""
+encoder and decoder block, counts equal to the trace's over each sequence's own mask);
+`lora.train.trainable_from_peft` on T5 (per-stack depths) and Llama adapters == PEFT."""
 
 import zlib
 
@@ -11,6 +12,7 @@ import torch
 import transformers as tf
 from hf_utils import make_hf_model
 from t5_utils import VOCAB, make_hf_t5, padded
+from t5_utils import hf_logits as hf_t5_logits
 
 from hilora_jax import viz
 from hilora_jax.embed import PrecomputedEmbedder
@@ -119,10 +121,12 @@ def _embed(text):
 
 
 @pytest.fixture(scope="module")
-def t5_trace(tmp_path_factory):
+def t5_adapters(tmp_path_factory):
+    """A tiny T5 v1.1 (2 encoder, 3 decoder blocks), two PEFT adapters over both stacks (`a1` on
+    blocks 0 and 2 only), the loaded model and pool."""
     from peft import LoraConfig, get_peft_model
 
-    d = tmp_path_factory.mktemp("t5viz")
+    d = tmp_path_factory.mktemp("t5loose")
     make_hf_t5(d / "base", "v1.1")
     dirs = {}
     for i, (name, kw) in enumerate(ADAPTERS.items()):
@@ -135,7 +139,12 @@ def t5_trace(tmp_path_factory):
     model = load_t5(d / "base")
     manifest = {"adapters": {n: {"path": p, "samples": [f"task{i} s{j}" for j in range(8)]}
                              for i, (n, p) in enumerate(dirs.items())}}
-    pool = load_pool(manifest, model=model, progress=False)
+    return d, dirs, model, load_pool(manifest, model=model, progress=False)
+
+
+@pytest.fixture(scope="module")
+def t5_trace(t5_adapters):
+    _, _, model, pool = t5_adapters
     routing = build_router("hilora", pool, options=dict(
         embedder=PrecomputedEmbedder(_embed, dim=EMB_DIM), k=2, gamma=0.5)).route(TEXTS)
     rng = np.random.default_rng(0)
@@ -189,3 +198,65 @@ def test_viz_plots_a_t5_trace(t5_trace, tmp_path):
     assert labels == [f"encoder {b}" for b in range(cfg.num_layers)] + [
         f"decoder {b}" for b in range(cfg.num_decoder_layers)]
     np.testing.assert_allclose(heat[0].images[0].get_array(), per_mod, equal_nan=True)
+
+
+# -- trainable_from_peft -------------------------------------------------------------------------
+def test_trainable_from_peft_t5_adapter_equals_peft(t5_adapters):
+    """A read T5 PEFT adapter (the pool reader's `PeftAdapter`) as the trainer's hook: every row as deep as its own stack (encoder 2,
+    decoder 3 blocks), and `T5Engine.forward` with it == `PeftModel` logits (fp32); one layer count
+    for a T5 adapter is refused."""
+    from peft import PeftModel
+
+    from hilora_jax.lora.train import trainable_from_peft
+    from hilora_jax.t5.lora import read_t5_pool_adapter
+
+    d, dirs, model, _ = t5_adapters
+    cfg = model.config
+    rng = np.random.default_rng(4)
+    ids, mask = padded(rng, (8, 3, 6), 8)
+    dids, dmask = padded(rng, (5, 2, 4), 5)
+    base = tf.T5ForConditionalGeneration.from_pretrained(str(d / "base")).eval()
+    plain = hf_t5_logits(base, ids, mask, dids, dmask)
+    for name, path in dirs.items():
+        adapter = read_t5_pool_adapter(path, cfg)
+        hook = trainable_from_peft(adapter, cfg)
+        for mod, a in hook.a.items():
+            depth = cfg.num_layers if mod.startswith("encoder.") else cfg.num_decoder_layers
+            assert a.shape[0] == hook.b[mod].shape[0] == depth, mod
+        assert hook.layers is None
+        assert any(m.startswith("decoder.") for m in hook.a)
+        base = tf.T5ForConditionalGeneration.from_pretrained(str(d / "base")).eval()
+        want = hf_t5_logits(PeftModel.from_pretrained(base, path).eval(), ids, mask, dids, dmask)
+        got = np.asarray(T5Engine(model).forward(ids, mask, dids, dmask, lora=hook))
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4, err_msg=name)
+        assert np.abs(want - plain).max() > 1e-2, name  # the adapter changes the logits
+        with pytest.raises(ValueError, match="T5 adapter needs the T5 config"):
+            trainable_from_peft(adapter, cfg.num_layers)
+
+
+def test_trainable_from_peft_llama_layer_subset(tmp_path):
+    """A Llama adapter on layer 1 of 2 (`layers_to_transform`): the same hook from the layer count
+    and from the config, restricted to layer 1, and its logits == `PeftModel`'s."""
+    from peft_utils import make_peft_adapter, peft_model
+
+    from hilora_jax.io.peft import read_adapter
+    from hilora_jax.lora.train import trainable_from_peft
+
+    make_hf_model(tmp_path / "base", "llama")
+    path = make_peft_adapter(tmp_path / "base", tmp_path / "ad", r=4, lora_alpha=8,
+                             target_modules=["q_proj", "down_proj"], layers_to_transform=[1])
+    model = load_model(tmp_path / "base", progress=False)
+    adapter = read_adapter(path, model.config)
+    by_int = trainable_from_peft(adapter, model.config.num_layers)
+    hook = trainable_from_peft(adapter, model.config)
+    assert hook.layers == by_int.layers == (1,)
+    for mod in ("q_proj", "down_proj"):
+        np.testing.assert_array_equal(hook.a[mod], by_int.a[mod])
+        assert hook.a[mod].shape[0] == model.config.num_layers and not hook.a[mod][0].any()
+    ids = np.random.default_rng(0).integers(3, 60, size=(2, 7))
+    mask = np.ones_like(ids)
+    with torch.no_grad():
+        want = peft_model(tmp_path / "base", path)(input_ids=torch.as_tensor(ids),
+                                                   attention_mask=torch.as_tensor(mask)).logits
+    got = np.asarray(Engine(model).forward(ids, mask, lora=hook))
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=1e-4)
