@@ -181,11 +181,13 @@ def trace_usage(routing, trace: Mapping[str, Any], mask=None, *, row: int | None
             w = w * sel[:, None]
         w = w / max(w.sum(), 1.0)
         per_slot = np.einsum("btc,bt->bc", f, w)  # B C/A: batch-weighted mean per token
-        if "cand_idx" in info and f.shape[2] == np.asarray(info["cand_idx"]).shape[1]:
-            idx = np.asarray(info["cand_idx"])
+        if "cand_idx" in info:  # hilora: candidate slots, the first C of them (the router trims
+            c = f.shape[2]      # trailing slots no row gives ROCs)
+            idx = np.asarray(info["cand_idx"])[:, :c]
+            valid = np.asarray(info["cand_valid"])[:, :c]
             onto = np.zeros((b_, n))
             for b in range(b_):
-                np.add.at(onto[b], idx[b], per_slot[b] * np.asarray(info["cand_valid"])[b])
+                np.add.at(onto[b], idx[b], per_slot[b] * valid[b])
         else:
             onto = per_slot
         li, mi = layers.index(layer), mods.index(mod)
