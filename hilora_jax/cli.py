@@ -60,15 +60,6 @@ def check_model_source(src: str) -> None:
     resolve_source(src)
 
 
-def _is_t5_dir(src) -> bool:
-    """A local HF directory whose config.json says `model_type: t5`."""
-    cfg = Path(src) / "config.json"
-    try:
-        return json.loads(cfg.read_text()).get("model_type") == "t5"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def load_task_files(paths) -> list:
     """Read and validate every task file (one line per problem, naming file and line)."""
     from hilora_jax.eval.tasks import load_tasks
@@ -380,6 +371,7 @@ def cmd_eval(args) -> int:
     from hilora_jax.io.loading import load_model, load_tokenizer
     from hilora_jax.lora import load_pool
     from hilora_jax.model import sharding as shd
+    from hilora_jax.t5.config import is_t5_dir
 
     mesh = None
     if mesh_shape:
@@ -389,7 +381,7 @@ def cmd_eval(args) -> int:
             raise UsageError(f"--mesh {args.mesh}: {d}x{m} = {d * m} devices, but this process has "
                              f"{n} local device(s)")
         mesh = shd.make_mesh(d, m, devices=jax.local_devices())
-    if _is_t5_dir(args.model):  # encoder-decoder: the choice is the decoder target
+    if is_t5_dir(args.model):  # encoder-decoder: the choice is the decoder target
         if args.weights:
             raise UsageError("--weights int8: Llama-family models only (not T5)")
         from hilora_jax.t5 import T5Engine, load_t5

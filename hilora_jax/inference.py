@@ -14,7 +14,8 @@ routing decisions never recompile.
 
 Generation left-pads prompts into fixed length buckets (so new prompt lengths reuse compiled
 code), prefills a KV cache, and decodes inside one `jax.lax.while_loop` (greedy, or temperature /
-top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token.
+top-p sampling with an explicit PRNG key), stopping early when every row hit a stop token (the stop
+ids padded to a multiple of 8, `stop_id_array`, so a new number of stop tokens does not recompile).
 
 The two stages are module-level pure functions, `prefill` and `decode_step` (graph definition and
 mesh static): `Engine.generate` composes exactly them, `Engine.prefill` / `Engine.decode_step` run
@@ -97,6 +98,16 @@ def pad_batch(seqs: Sequence[Sequence[int]], length: int, pad_id: int, *, side: 
             ids[i, : len(s)] = s
             mask[i, : len(s)] = True
     return ids, mask
+
+
+def stop_id_array(stop_tokens: Sequence[int]) -> jax.Array:
+    """The stop ids of a generate call as an int32 array padded with -1 (never generated) to a
+    multiple of 8 (eight -1 when there are none): a different number of stop tokens (lm-eval's
+    per-task `until`) reuses the compiled decode loop. Used by every `generate`
+    (`SplitEngine._generation_inputs`)."""
+    stops = [int(s) for s in stop_tokens]
+    stops += [-1] * (-len(stops) % 8 if stops else 8)
+    return jnp.asarray(stops, jnp.int32)
 
 
 @dataclasses.dataclass
@@ -188,9 +199,10 @@ decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("me
 class SplitEngine:
     """The scaffolding every engine shares (`Engine` here, `hilora_jax.t5.generate.T5Engine`):
     the model split once into `graphdef` / `state` (`_model(state)` merges them inside jitted
-    functions), the activation constraint of `mesh`, batch placement (`place`) and the input
+    functions), the activation constraint of `mesh`, batch placement (`place`), the input
     length check against the config's `max_position_embeddings` (none when the family has
-    relative positions and no such field, as T5)."""
+    relative positions and no such field, as T5) and the front of `generate`
+    (`_generation_inputs`; `finish_generation` is the back)."""
 
     def __init__(self, model, mesh: Mesh | None = None):
         self.config = model.config
@@ -214,6 +226,38 @@ class SplitEngine:
             raise ValueError(
                 f"input of {n} tokens (with generation bucket) exceeds the model's "
                 f"max_position_embeddings={limit}")
+
+    def _generation_inputs(self, prompts, *, max_new_tokens: int, temperature: float, key,
+                           stop_tokens, pad_id: int, prompt_bucket: int | None, side: str):
+        """The front of every `generate`: prompts padded (`side`) into a length bucket and placed,
+        the decode bucket, the stop ids (`stop_id_array`, default the config's eos), greedy or
+        not and the PRNG key (sampling needs one). Returns `(ids, mask, prompt bucket, decode
+        bucket, stop ids, key, greedy)`."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty batch of non-empty prompts")
+        t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
+        new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
+        self._check_length(t + new_bucket)
+        ids, mask = pad_batch(prompts, t, pad_id, side=side)
+        stop_ids = stop_id_array(stop_tokens if stop_tokens is not None
+                                 else self.config.eos_token_id)
+        greedy = temperature <= 0.0
+        if key is None:
+            if not greedy:
+                raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
+            key = jax.random.key(0)
+        ids, mask = self.place(ids, mask)
+        return ids, mask, t, new_bucket, stop_ids, key, greedy
+
+
+def finish_generation(out, lengths, max_new_tokens: int, pad_id: int) -> GenerationOutput:
+    """The decode loop's `[B, bucket]` tokens and lengths cut to `max_new_tokens`, `pad_id` after
+    each row's stop token (the back of every `generate`)."""
+    out = np.array(out)[:, :max_new_tokens]
+    lengths = np.minimum(np.asarray(lengths), max_new_tokens)
+    for i, n in enumerate(lengths):
+        out[i, n:] = pad_id
+    return GenerationOutput(tokens=out, lengths=lengths)
 
 
 class Engine(SplitEngine):
@@ -371,26 +415,11 @@ class Engine(SplitEngine):
         prompt_bucket: int | None = None,
     ) -> GenerationOutput:
         """Generate for a batch of token-id prompts (left-padded into a length bucket)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs a non-empty batch of non-empty prompts")
-        t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
-        new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
-        self._check_length(t + new_bucket)
-        ids, mask = pad_batch(prompts, t, pad_id, side="left")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id) or [-1]
-        stop_ids = jnp.asarray(stops, jnp.int32)
-        greedy = temperature <= 0.0
-        if key is None:
-            if not greedy:
-                raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
-            key = jax.random.key(0)
-        ids, mask = self.place(ids, mask)
+        ids, mask, t, new_bucket, stop_ids, key, greedy = self._generation_inputs(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, key=key,
+            stop_tokens=stop_tokens, pad_id=pad_id, prompt_bucket=prompt_bucket, side="left")
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p), stop_ids,
             jnp.int32(max_new_tokens), lora, cache_size=t + new_bucket, max_new=new_bucket,
             greedy=greedy)
-        out = np.array(out)[:, :max_new_tokens]
-        lengths = np.minimum(np.asarray(lengths), max_new_tokens)
-        for i, n in enumerate(lengths):
-            out[i, n:] = pad_id
-        return GenerationOutput(tokens=out, lengths=lengths)
+        return finish_generation(out, lengths, max_new_tokens, pad_id)

@@ -307,10 +307,10 @@ class HiLoRALM(TemplateLM):
         mesh_ = None if mesh_shape is None else shd.make_mesh(*mesh_shape,
                                                               devices=jax.local_devices())
 
-        from hilora_jax.cli import _is_t5_dir
         from hilora_jax.io.loading import load_model, load_tokenizer
+        from hilora_jax.t5.config import is_t5_dir
 
-        if _is_t5_dir(src):  # encoder-decoder: lm-eval's seq2seq semantics (module doc)
+        if is_t5_dir(src):  # encoder-decoder: lm-eval's seq2seq semantics (module doc)
             from hilora_jax.t5 import T5Engine, load_t5
 
             self.backend = "seq2seq"

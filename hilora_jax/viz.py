@@ -8,7 +8,8 @@ never leaves a truncated image behind. In Jupyter a returned figure renders inli
 
 * `plot_routing(routing, trace=None, mask=None)`: which LoRAs each prompt used and how much
   (ROCs allotted for `hilora`, adapter weights for mixture routers), and with a routing trace from
-  `Engine.forward(..., trace=True)` the token-level usage per layer x module and per layer x LoRA.
+  `Engine.forward(..., trace=True)` the token-level usage per layer x module and per layer x LoRA
+  (a `T5Engine.forward` trace: one row per encoder block, then per decoder block).
 * `plot_results(results)`: accuracy by method and protocol (grouped bars) from `evaluate` results.
 * `plot_routing_heatmap(matrix, row_labels, col_labels)`: a task x LoRA routing heatmap; build the
   matrix with `routing_fractions(routing, tasks)`.
@@ -95,34 +96,67 @@ def sequence_usage(routing) -> tuple[np.ndarray, str]:
     return np.zeros((0, n)), ""
 
 
-def _parse_trace(trace: Mapping[str, Any]):
-    """`{"<layer>.<module>": aux}` -> sorted layers, modules (model order), `{(l, m): aux}`."""
-    from hilora_jax.model.projections import MODULES
+_MASKS = ("attention_mask", "decoder_attention_mask")  # the forward's masks travel with a trace
+_STACKS = ("encoder", "decoder")
 
+
+def _parse_trace(trace: Mapping[str, Any]):
+    """`{"<layer>.<module>": aux}` -> sorted rows, modules (model order), `{(row, module): aux}`.
+
+    Llama rows are layer indices. T5 keys (`T5Engine.forward`) are `"<block>.<stack>.<row>"`
+    (e.g. `"1.encoder.SelfAttention.q"`): their rows are `(stack, block)` pairs, encoder blocks
+    first, and their modules the row name without the stack (`"SelfAttention.q"`,
+    `"EncDecAttention.k"`, `"DenseReluDense.wo"`), so both stacks share the module columns."""
+    from hilora_jax.model.projections import MODULES, T5
+
+    order = list(MODULES) + list(dict.fromkeys(p.name.split(".", 1)[1] for p in T5))
     cells = {}
     for key, aux in trace.items():
-        if key == "attention_mask":  # the forward's mask travels with the trace
+        if key in _MASKS:
             continue
         layer, module = key.split(".", 1)
-        cells[(int(layer), module)] = aux
-    layers = sorted({k[0] for k in cells})
-    mods = sorted({k[1] for k in cells}, key=lambda m: (MODULES.index(m) if m in MODULES else 99, m))
+        stack, _, rest = module.partition(".")
+        row = (stack, int(layer)) if stack in _STACKS and rest else int(layer)
+        cells[(row, rest if isinstance(row, tuple) else module)] = aux
+    layers = sorted({k[0] for k in cells},
+                    key=lambda r: (_STACKS.index(r[0]), r[1]) if isinstance(r, tuple) else (-1, r))
+    mods = sorted({k[1] for k in cells}, key=lambda m: (order.index(m) if m in order else 999, m))
     return layers, mods, cells
 
 
+def _row_label(row) -> str:
+    return f"{row[0]} {row[1]}" if isinstance(row, tuple) else f"layer {row}"
+
+
+def _reads_encoder(row, module: str) -> bool:
+    """Whether a T5 trace cell runs over the encoder sequence (encoder rows and cross-attention
+    k/v, which read the encoder output) rather than the decoder's."""
+    from hilora_jax.model.projections import projection
+
+    stack = row[0] if isinstance(row, tuple) else None
+    return stack == "encoder" or projection(f"{stack}.{module}").reads == "enc_out"
+
+
 def trace_usage(routing, trace: Mapping[str, Any], mask=None, *, row: int | None = None):
-    """Token-level usage from a routing trace (`Engine.forward(..., trace=True)`).
+    """Token-level usage from a routing trace (`Engine.forward(..., trace=True)` or
+    `T5Engine.forward(..., trace=True)`).
 
     Returns `(layers, modules, per_module [L, M], per_lora [L, A], unit)`: the mean number of
     ROCs fired per token (`hilora`, `roc-fixed`; `unit="ROCs fired per token"`) or of LoRAs mixed
     per token (`arrow`; `unit="LoRAs mixed per token"`) at each (layer, module), and per layer the
-    same split by LoRA (summed over modules). Averages run over real tokens (`mask [B, T]`, all
-    tokens when omitted) of every prompt, or of prompt `row` only. Cells a module/layer never
-    adapts are NaN.
+    same split by LoRA (summed over modules). Averages run over real tokens (`mask [B, T]`, the
+    trace's `attention_mask` or all tokens when omitted) of every prompt, or of prompt `row`
+    only. Cells a module/layer never adapts are NaN.
+
+    T5 traces: `layers` are `(stack, block)` pairs (`"encoder"` blocks, then `"decoder"`), the
+    modules are shared by both stacks (`"SelfAttention.q"`, `"EncDecAttention.v"`, ...). Cells
+    over the encoder sequence (encoder rows, cross-attention k/v) average over `mask` (default the
+    trace's `attention_mask`), the other decoder cells over the trace's `decoder_attention_mask`.
     """
     layers, mods, cells = _parse_trace(trace)
     if mask is None:
         mask = trace.get("attention_mask")
+    dec_mask = trace.get("decoder_attention_mask")
     n = len(routing.names)
     info = routing.info
     per_mod = np.full((len(layers), len(mods)), np.nan)
@@ -137,18 +171,23 @@ def trace_usage(routing, trace: Mapping[str, Any], mask=None, *, row: int | None
         else:
             continue
         b_, t_ = f.shape[:2]
-        w = np.ones((b_, t_)) if mask is None else np.asarray(mask, np.float64).reshape(b_, t_)
+        m = mask
+        if isinstance(layer, tuple) and not _reads_encoder(layer, mod):
+            m = dec_mask
+        w = np.ones((b_, t_)) if m is None else np.asarray(m, np.float64).reshape(b_, t_)
         if row is not None:
             sel = np.zeros(b_)
             sel[row] = 1
             w = w * sel[:, None]
         w = w / max(w.sum(), 1.0)
         per_slot = np.einsum("btc,bt->bc", f, w)  # B C/A: batch-weighted mean per token
-        if "cand_idx" in info and f.shape[2] == np.asarray(info["cand_idx"]).shape[1]:
-            idx = np.asarray(info["cand_idx"])
+        if "cand_idx" in info:  # hilora: candidate slots, the first C of them (the router trims
+            c = f.shape[2]      # trailing slots no row gives ROCs)
+            idx = np.asarray(info["cand_idx"])[:, :c]
+            valid = np.asarray(info["cand_valid"])[:, :c]
             onto = np.zeros((b_, n))
             for b in range(b_):
-                np.add.at(onto[b], idx[b], per_slot[b] * np.asarray(info["cand_valid"])[b])
+                np.add.at(onto[b], idx[b], per_slot[b] * valid[b])
         else:
             onto = per_slot
         li, mi = layers.index(layer), mods.index(mod)
@@ -166,7 +205,9 @@ def plot_routing(routing, trace: Mapping[str, Any] | None = None, *, mask=None,
     allotted (`hilora`) or adapter weights (mixture routers). For token-level routers (`arrow`,
     `roc-fixed`) the bars show each LoRA's mean token-level usage from `trace` instead.
     Panels 2-3 (with `trace`): heatmaps of mean token-level usage per layer x module and per
-    layer x LoRA (`trace_usage`; `mask [B, T]` excludes padding, `row` selects one prompt).
+    layer x LoRA (`trace_usage`; `mask [B, T]` excludes padding, `row` selects one prompt). A T5
+    trace has one heatmap row per encoder block, then per decoder block (each cell averaged over
+    the real tokens of its own sequence).
     """
     names = list(routing.names)
     usage, unit = sequence_usage(routing)
@@ -210,17 +251,17 @@ def plot_routing(routing, trace: Mapping[str, Any] | None = None, *, mask=None,
         if row is not None:
             layers, mods, per_mod, per_lora, tunit = trace_usage(routing, trace, mask, row=row)
         who = "all prompts" if row is None else f"prompt {row}"
-        _heatmap(axes[1], per_mod, [f"layer {li}" for li in layers], mods, cbar_label=tunit,
+        _heatmap(axes[1], per_mod, [_row_label(li) for li in layers], mods, cbar_label=tunit,
                  annotate=True, fmt="{:.1f}")
         axes[1].set_title(f"token-level usage per layer x module ({who})")
-        _heatmap(axes[2], per_lora, [f"layer {li}" for li in layers], names, cbar_label=tunit,
+        _heatmap(axes[2], per_lora, [_row_label(li) for li in layers], names, cbar_label=tunit,
                  annotate=True, fmt="{:.1f}")
         axes[2].set_title(f"token-level usage per layer x LoRA ({who})")
     return _finish(fig, save)
 
 
 def _batch_of(trace: Mapping[str, Any]) -> int:
-    aux = next(v for k, v in trace.items() if k != "attention_mask")
+    aux = next(v for k, v in trace.items() if k not in _MASKS)
     return int(np.shape(aux.get("fired", aux.get("coeff")))[0])
 
 

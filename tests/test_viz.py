@@ -90,6 +90,20 @@ def test_plot_routing_with_trace_heatmaps():
     assert "layer 1" in texts and "v_proj" in texts and "chat" in texts
 
 
+def test_trace_usage_trimmed_candidate_slots():
+    """HiLoRA's router passes only the first C candidate slots that hold ROCs to the token stage
+    (`fired [B, T, C]`, C < the info's slots): usage still lands on each slot's LoRA."""
+    info = {"router": "hilora", "cand_idx": np.array([[0, 1, 3], [2, 3, 0]]),
+            "cand_valid": np.array([[True, True, False], [True, True, False]]),
+            "n_rocs": np.array([[3, 1, 0], [4, 0, 0]])}
+    r = Routing(None, info, NAMES)
+    fired = np.zeros((2, 5, 2), np.int8)
+    fired[0, :, 0], fired[0, :, 1], fired[1, :, 0] = 3, 1, 4
+    _, _, per_mod, per_lora, _ = viz.trace_usage(r, {"0.q_proj": {"fired": fired}})
+    np.testing.assert_allclose(per_lora[0], [3 / 2, 1 / 2, 4 / 2, 0])  # math, code, news
+    np.testing.assert_allclose(per_mod, [[4.0]])
+
+
 def test_plot_routing_token_level_router_uses_trace(tmp_path):
     coeff = np.zeros((3, 4, 4), np.float32)
     coeff[:, :, 1] = 0.7

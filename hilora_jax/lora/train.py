@@ -401,17 +401,38 @@ def peft_modules(trained: TrainedLora) -> dict[tuple[int, str], tuple[np.ndarray
     return out
 
 
-def trainable_from_peft(adapter: PeftAdapter, num_layers: int) -> TrainableLora:
-    """A read PEFT adapter (`io.peft.read_adapter`) as the trainer's hook (same layout)."""
+def trainable_from_peft(adapter: PeftAdapter, config) -> TrainableLora:
+    """A read PEFT adapter (`io.peft.read_adapter`) as the trainer's hook (same layout).
+
+    `config`: the base model's config, so every row gets its own depth (T5: encoder rows
+    `num_layers` blocks, decoder rows `num_decoder_layers`); an int (the layer count) still works
+    for a Llama-family adapter, where every row has it. Blocks the adapter does not adapt stay
+    zero; a Llama adapter on a subset of layers (`layers_to_transform`) keeps that subset
+    (`TrainableLora.layers`), a T5 hook adapts every block, as `init_lora`'s."""
+    from hilora_jax.model.projections import T5
+
+    rows = {k[1] for k in adapter.modules}
+    t5 = bool(rows & {p.name for p in T5})
+    if isinstance(config, int):
+        if t5:
+            raise ValueError(f"adapter {adapter.name!r}: a T5 adapter needs the T5 config, not one "
+                             "layer count (encoder and decoder depths differ)")
+        depth = dict.fromkeys(rows, int(config))
+    else:
+        depth = {m: projection(m).num_layers(config) for m in rows}
     a, b, scale = {}, {}, {}
     for (layer, mod), (A, B, s) in adapter.modules.items():
+        if not 0 <= layer < depth[mod]:
+            raise ValueError(f"adapter {adapter.name!r}: {mod} in layer {layer}, but the model "
+                             f"has {depth[mod]}")
         if mod not in a:
-            a[mod] = np.zeros((num_layers,) + A.shape, np.float32)
-            b[mod] = np.zeros((num_layers,) + B.shape, np.float32)
+            a[mod] = np.zeros((depth[mod],) + A.shape, np.float32)
+            b[mod] = np.zeros((depth[mod],) + B.shape, np.float32)
         a[mod][layer], b[mod][layer], scale[mod] = A, B, s
     layers = tuple(sorted({layer for layer, _ in adapter.modules}))
+    n = max(depth.values(), default=0)
     return TrainableLora(a=a, b=b, scale=tuple(sorted(scale.items())),
-                         layers=None if len(layers) == num_layers else layers)
+                         layers=None if t5 or len(layers) == n else layers)
 
 
 def save_peft(trained: TrainedLora, out_dir: str | os.PathLike, base_model_name: str, *,
@@ -504,9 +525,10 @@ def train_lora_cli(args) -> int:
     config's T5 projections, `q,v` by default; saved as a `SEQ_2_SEQ_LM` PEFT adapter).
     The output, task files, `--task`, `--targets`, `--layers` and the sizes are checked before the
     model loads; a bad one is a `UsageError` (one line from the CLI)."""
-    from hilora_jax.cli import _is_t5_dir, check_model_source, check_output, load_task_files
+    from hilora_jax.cli import check_model_source, check_output, load_task_files
     from hilora_jax.errors import UsageError
     from hilora_jax.io.loading import load_model, load_tokenizer
+    from hilora_jax.t5.config import is_t5_dir
 
     check_output(args.out, args.overwrite)
     for name in ("r", "steps", "batch_size", "max_len"):
@@ -514,7 +536,7 @@ def train_lora_cli(args) -> int:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be > 0, got {args.lr}")
-    t5 = _is_t5_dir(args.model)
+    t5 = is_t5_dir(args.model)
     if t5:
         from hilora_jax.t5.config import read_t5_config
 

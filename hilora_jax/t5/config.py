@@ -24,6 +24,7 @@ The two T5 variants differ in three places, all read from the config:
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -230,3 +231,14 @@ def read_t5_config(model_dir: str | Path) -> T5Config:
     if not path.is_file():
         raise UnsupportedConfigError(f"{model_dir}: no config.json")
     return T5Config.from_hf_config(path)
+
+
+def is_t5_dir(src: str | Path) -> bool:
+    """Whether `src` is a local HF directory whose `config.json` says `model_type: t5` (anything
+    else, a hub id, a missing or unreadable config included, is not). How the CLI, the trainer
+    and the lm-eval backend pick the T5 path."""
+    cfg = Path(src) / "config.json"
+    try:
+        return json.loads(cfg.read_text()).get("model_type") == "t5"
+    except (OSError, ValueError, AttributeError):
+        return False

@@ -35,7 +35,7 @@ from hilora_jax.inference import (
     SplitEngine,
     _Recorder,
     _sample,
-    bucket_length,
+    finish_generation,
     pad_batch,
 )
 from hilora_jax.model import sharding as shd
@@ -250,34 +250,17 @@ class T5Engine(SplitEngine):
 
         Returns `GenerationOutput`: tokens `[B, max_new_tokens]` (without the decoder start
         token; `pad_id` after a stop token) and per-row lengths (including the stop token)."""
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise ValueError("generate needs a non-empty batch of non-empty prompts")
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         pad = self.config.pad_token_id if pad_id is None else pad_id
         pad = 0 if pad is None else pad
-        t = prompt_bucket or bucket_length(max(len(p) for p in prompts))
-        new_bucket = bucket_length(max_new_tokens, minimum=16, multiple=64)
-        ids, mask = pad_batch(prompts, t, pad, side="right")
-        stops = list(stop_tokens if stop_tokens is not None else self.config.eos_token_id)
-        # padded with -1 (never generated) to a multiple of 8: a different number of stop tokens
-        # (lm-eval's per-task `until`) reuses the compiled loop
-        stops += [-1] * (-len(stops) % 8 if stops else 8)
-        greedy = temperature <= 0.0
-        if key is None:
-            if not greedy:
-                raise ValueError("sampling (temperature > 0) needs an explicit PRNG `key`")
-            key = jax.random.key(0)
-        ids, mask = self.place(ids, mask)
+        ids, mask, _, new_bucket, stop_ids, key, greedy = self._generation_inputs(
+            prompts, max_new_tokens=max_new_tokens, temperature=temperature, key=key,
+            stop_tokens=stop_tokens, pad_id=pad, prompt_bucket=prompt_bucket, side="right")
         out, lengths = self._generate(
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p),
-            jnp.asarray(stops, jnp.int32), jnp.int32(max_new_tokens), lora,
-            max_new=new_bucket, greedy=greedy)
-        out = np.array(out)[:, :max_new_tokens]
-        lengths = np.minimum(np.asarray(lengths), max_new_tokens)
-        for i, n in enumerate(lengths):
-            out[i, n:] = pad
-        return GenerationOutput(tokens=out, lengths=lengths)
+            stop_ids, jnp.int32(max_new_tokens), lora, max_new=new_bucket, greedy=greedy)
+        return finish_generation(out, lengths, max_new_tokens, pad)
 
 
 class T5ChoiceScorer:
