@@ -289,7 +289,7 @@ class HiLoRAHook(LoraHook):
         n_mod = self._n_module(mask_l)
         valid_c = mask_l[idx] & self.cand_valid[..., None]  # B C R
         if strategy == "gathered":
-            A_c, B_c = self.arrays.rows(name, layer, idx)  # B C R D, B C R E
+            A_c, B_c = self.arrays.rows(name, layer, idx, tokens=x.shape[1])  # B C R D/E
             u = jnp.einsum("BTD,BCRD->BTCR", x, A_c.astype(x.dtype))
             g = topn_gates(u, n_mod, valid_c, method=self.topn_method)  # B T C R
             coef = u * g * (w_l[idx] * valid_c).astype(u.dtype)[:, None]  # B T C R
