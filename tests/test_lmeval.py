@@ -15,10 +15,11 @@ import pytest
 pytest.importorskip("lm_eval", reason="needs the `lmeval` extra (lm-eval>=0.4.13)")
 
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
 
 from tests.eval_utils import word_tokenizer  # noqa: E402
 from tests.hf_utils import VOCAB, make_hf_model  # noqa: E402
+from tests.lmeval_utils import assert_ll_equal, hf_lm, words  # noqa: E402
+from tests.lmeval_utils import hilora_lm as make_hilora_lm  # noqa: E402
 from tests.peft_utils import POOL_SPECS, make_pool_dirs  # noqa: E402
 
 MAX_LEN = 48
@@ -27,7 +28,7 @@ ADAPTER_MAP = {"task_a": "qv_r4", "task_b": "all_r8_rslora"}
 
 
 def _words(rng, lo, hi):
-    return " ".join(f"w{k}" for k in rng.integers(4, VOCAB, size=int(rng.integers(lo, hi))))
+    return words(rng, lo, hi, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -42,18 +43,11 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hilora_lm(assets):
-    from lm_eval.api.registry import get_model
-
-    import hilora_jax.lmeval  # noqa: F401  (registers "hilora")
-
-    _, model_dir, _ = assets
-    return get_model("hilora").create_from_arg_string(
-        f"model={model_dir},max_length={MAX_LEN}", {"batch_size": 4})
+    return make_hilora_lm(assets[1], MAX_LEN)
 
 
 def _hf(model_dir, **kw):
-    return HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=4,
-                max_length=MAX_LEN, **kw)
+    return hf_lm(model_dir, MAX_LEN, **kw)
 
 
 def _ll_requests(seed=0, task="task_a", n=10):
@@ -65,20 +59,12 @@ def _ll_requests(seed=0, task="task_a", n=10):
     return [Instance("loglikelihood", {}, r, i, metadata=(task, i, 1)) for i, r in enumerate(reqs)]
 
 
-def _assert_ll_equal(ours, ref):
-    assert len(ours) == len(ref)
-    a = np.array([x[0] for x in ours])
-    b = np.array([x[0] for x in ref])
-    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
-    assert [x[1] for x in ours] == [x[1] for x in ref]
-
-
 def test_loglikelihood_and_rolling_equal_hf(assets, hilora_lm):
     _, model_dir, _ = assets
     hf = _hf(model_dir)
     reqs = _ll_requests()
     ours, ref = hilora_lm.loglikelihood(reqs), hf.loglikelihood(reqs)
-    _assert_ll_equal(ours, ref)
+    assert_ll_equal(ours, ref)
     rng = np.random.default_rng(1)
     docs = [_words(rng, 3, 10), _words(rng, 60, 61), _words(rng, 130, 131)]  # 1, 2 and 3 windows
     rr = [Instance("loglikelihood_rolling", {}, (d,), i) for i, d in enumerate(docs)]
@@ -88,7 +74,7 @@ def test_loglikelihood_and_rolling_equal_hf(assets, hilora_lm):
     from hilora_jax.lmeval import HiLoRALM
 
     sharded = HiLoRALM(model=str(model_dir), mesh="4x2", max_length=MAX_LEN, batch_size=4)
-    _assert_ll_equal(sharded.loglikelihood(reqs), ours)
+    assert_ll_equal(sharded.loglikelihood(reqs), ours)
 
 
 def _gen_requests(seed=2, n=7):
@@ -148,14 +134,14 @@ def test_oracle_pool_equals_hf_with_peft(assets, hilora_lm):
     ours_gen = lm.generate_until(ga)
     for task, reqs in (("task_a", ra), ("task_b", rb)):
         hf = _hf(model_dir, peft=pool[ADAPTER_MAP[task]])
-        _assert_ll_equal([ours[mixed.index(r)] for r in reqs], hf.loglikelihood(reqs))
+        assert_ll_equal([ours[mixed.index(r)] for r in reqs], hf.loglikelihood(reqs))
         if task == "task_a":
             assert ours_gen == hf.generate_until(ga)
     # the adapters change the numbers (a pass is not the base model passing twice)
     assert np.max(np.abs(np.array([x[0] for x in ours]) - np.array([x[0] for x in base]))) > 1e-2
     # unseen-within: each task's own adapter is deactivated, so the oracle falls back to the base
     lm.protocol = "unseen-within"
-    _assert_ll_equal(lm.loglikelihood(mixed), base)
+    assert_ll_equal(lm.loglikelihood(mixed), base)
 
 
 def test_bad_model_args(assets):

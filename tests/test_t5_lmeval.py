@@ -20,10 +20,11 @@ pytest.importorskip("lm_eval", reason="needs the `lmeval` extra (lm-eval>=0.4.13
 import torch  # noqa: E402
 import transformers as tf  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
 from tokenizers import processors  # noqa: E402
 
 from tests.eval_utils import word_tokenizer  # noqa: E402
+from tests.lmeval_utils import assert_ll_equal, hf_lm, words  # noqa: E402
+from tests.lmeval_utils import hilora_lm as make_hilora_lm  # noqa: E402
 from tests.t5_utils import ENC_LAYERS, VOCAB, make_hf_t5  # noqa: E402
 
 MAX_LEN = 16  # every encoder input and target fits one length bucket: few compiles
@@ -35,7 +36,7 @@ ADAPTER_MAP = {"task_a": "qv", "task_b": "all"}
 
 
 def _words(rng, lo, hi):
-    return " ".join(f"w{k}" for k in rng.integers(4, VOCAB, size=int(rng.integers(lo, hi))))
+    return words(rng, lo, hi, VOCAB)
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +67,11 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hilora_lm(assets):
-    from lm_eval.api.registry import get_model
-
-    import hilora_jax.lmeval  # noqa: F401  (registers "hilora")
-
-    _, model_dir, _ = assets
-    return get_model("hilora").create_from_arg_string(
-        f"model={model_dir},max_length={MAX_LEN}", {"batch_size": 4})
+    return make_hilora_lm(assets[1], MAX_LEN)
 
 
 def _hf(model_dir, **kw):
-    return HFLM(pretrained=str(model_dir), backend="seq2seq", device="cpu", dtype="float32",
-                batch_size=4, max_length=MAX_LEN, **kw)
+    return hf_lm(model_dir, MAX_LEN, backend="seq2seq", **kw)
 
 
 def _greedy_word(model_dir, context: str) -> str:
@@ -99,12 +93,6 @@ def _ll_requests(seed=0, task="task_a", n=9):
     return [Instance("loglikelihood", {}, r, i, metadata=(task, i, 1)) for i, r in enumerate(reqs)]
 
 
-def _assert_ll_equal(ours, ref):
-    assert len(ours) == len(ref)
-    np.testing.assert_allclose([x[0] for x in ours], [x[0] for x in ref], atol=1e-4, rtol=0)
-    assert [x[1] for x in ours] == [x[1] for x in ref]
-
-
 def test_t5_loglikelihood_and_rolling_equal_hf_seq2seq(assets, hilora_lm):
     _, model_dir, _ = assets
     assert hilora_lm.backend == "seq2seq" and hilora_lm.max_length == MAX_LEN
@@ -117,7 +105,7 @@ def test_t5_loglikelihood_and_rolling_equal_hf_seq2seq(assets, hilora_lm):
     reqs.append(Instance("loglikelihood", {}, (ctx0, " " + _greedy_word(model_dir, ctx0)),
                          len(reqs), metadata=("task_a", len(reqs), 1)))
     ours, ref = hilora_lm.loglikelihood(reqs), hf.loglikelihood(reqs)
-    _assert_ll_equal(ours, ref)
+    assert_ll_equal(ours, ref)
     assert ours[-1][1] and not all(x[1] for x in ours)  # is_greedy is exercised both ways
     rng = np.random.default_rng(1)
     docs = [_words(rng, 3, 10), _words(rng, 20, 21), _words(rng, 40, 41)]  # 1, 2 and 3 windows
@@ -177,7 +165,7 @@ def test_t5_oracle_pool_equals_hf_seq2seq_with_peft(assets, hilora_lm):
     base = hilora_lm.loglikelihood(mixed)
     for task, reqs in (("task_a", ra), ("task_b", rb)):
         hf = _hf(model_dir, peft=pool[ADAPTER_MAP[task]])
-        _assert_ll_equal([ours[mixed.index(r)] for r in reqs], hf.loglikelihood(reqs))
+        assert_ll_equal([ours[mixed.index(r)] for r in reqs], hf.loglikelihood(reqs))
     # the adapters change the numbers (a pass is not the base model passing twice)
     assert np.max(np.abs(np.array([x[0] for x in ours]) - np.array([x[0] for x in base]))) > 1e-2
     gen = _gen_requests(model_dir, seed=6, n=4, peft=pool["all"], task="task_b")
