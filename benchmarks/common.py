@@ -241,3 +241,28 @@ def generate_timer(engine, ids, mask, new_tokens: int):
         return run
 
     return gen
+
+
+def prefill_decode_rows(timings: dict, names, batch: int, prompt: int, new_tokens: int,
+                        refs=(("base", "base"),)) -> dict:
+    """Per name, prefill and decode speed from `generate_timer`'s interleaved timings
+    (`"{name}|gen1"`: prefill + first token, `"{name}|genN"`: + `new_tokens - 1` decode steps):
+    decode time is the median over rounds of genN - gen1 of the same round. Each `(ref, tag)` in
+    `refs` present in the rows adds `prefill_vs_{tag}` / `decode_vs_{tag}` speed ratios."""
+    rows = {}
+    for name in names:
+        g1, gn = timings[f"{name}|gen1"], timings[f"{name}|genN"]
+        tp = g1["median_s"]
+        steps = [b - a for a, b in zip(g1["times_s"], gn["times_s"], strict=True)]
+        dec = float(statistics.median(steps))
+        rows[name] = {"prefill_s": tp, "decode_s": dec, "genN_s": gn["median_s"],
+                      "prefill_tok_s": batch * prompt / tp,
+                      "decode_tok_s": batch * (new_tokens - 1) / dec,
+                      "decode_step_ms": 1e3 * dec / (new_tokens - 1),
+                      "compile_and_first_s": gn["warmup_s"][0] if gn.get("warmup_s") else None}
+    for ref, tag in refs:
+        if ref in rows:
+            for r in rows.values():
+                r[f"prefill_vs_{tag}"] = r["prefill_tok_s"] / rows[ref]["prefill_tok_s"]
+                r[f"decode_vs_{tag}"] = r["decode_tok_s"] / rows[ref]["decode_tok_s"]
+    return rows

@@ -295,24 +295,11 @@ def bench_size(args, engine, host, means, samples, n, single_hook, prompts_ids, 
         checks["hilora_pregather_vs_gathered_token_agreement"] = float(
             np.mean(toks["hilora-pregather"] == toks["hilora-gathered"]))
 
-    rows = {}
-    for name in hooks:
-        tp = timings[f"{name}|gen1"]["median_s"]
-        dec = float(np.median(np.subtract(timings[f"{name}|genN"]["times_s"],
-                                          timings[f"{name}|gen1"]["times_s"])))
-        rows[name] = {"prefill_s": tp, "decode_s": dec,
-                      "genN_s": timings[f"{name}|genN"]["median_s"],
-                      "prefill_tok_s": Bsz * P / tp, "decode_tok_s": Bsz * (NEW - 1) / dec,
-                      "decode_step_ms": 1e3 * dec / (NEW - 1)}
+    rows = common.prefill_decode_rows(timings, hooks, Bsz, P, NEW,
+                                      refs=(("base", "base"), ("single-LoRA", "single")))
     if "hilora-pregather-incl-prepare|genN" in timings:
         rows["hilora-pregather"]["genN_incl_prepare_s"] = timings[
             "hilora-pregather-incl-prepare|genN"]["median_s"]
-    for r in rows.values():
-        for ref in ("base", "single-LoRA"):
-            if ref in rows:
-                tag = "base" if ref == "base" else "single"
-                r[f"prefill_vs_{tag}"] = r["prefill_tok_s"] / rows[ref]["prefill_tok_s"]
-                r[f"decode_vs_{tag}"] = r["decode_tok_s"] / rows[ref]["decode_tok_s"]
 
     # sequence stage (embedding excluded)
     seq = {}

@@ -326,19 +326,7 @@ def bench_size(args, model, engine, n, prompts_ids):
         if "base" in toks:
             checks["hilora_vs_base_token_agreement"] = float(
                 np.mean(toks["hilora-dense"] == toks["base"]))
-    rows = {}
-    for name in hooks:
-        tp = timings[f"{name}|gen1"]["median_s"]
-        dec_s = float(np.median(np.subtract(timings[f"{name}|genN"]["times_s"],
-                                            timings[f"{name}|gen1"]["times_s"])))
-        rows[name] = {"prefill_s": tp, "decode_s": dec_s,
-                      "prefill_tok_s": Bsz * P / tp, "decode_tok_s": Bsz * (NEW - 1) / dec_s,
-                      "decode_step_ms": 1e3 * dec_s / (NEW - 1),
-                      "compile_and_first_s": timings[f"{name}|genN"]["warmup_s"][0]}
-    if "base" in rows:
-        for r in rows.values():
-            r["prefill_vs_base"] = r["prefill_tok_s"] / rows["base"]["prefill_tok_s"]
-            r["decode_vs_base"] = r["decode_tok_s"] / rows["base"]["decode_tok_s"]
+    rows = common.prefill_decode_rows(timings, hooks, Bsz, P, NEW)
     result.update(rows=rows, checks=checks, load_before=load_before, load_after=load_after,
                   timing_wall_s=wall)
     del pool, hooks
