@@ -180,6 +180,58 @@ def test_int8_weights_compile_for_tpu_and_read_int8(tpu_report, tpu_report_int8)
     assert "int8 weights" in aot.format_table(q8)
 
 
+@pytest.fixture(scope="module")
+def llama_pool_dir(tmp_path_factory, tiny_cfg_file):
+    """A real pool dir (`lora.io.save_pool`) of two PEFT adapters on a random model of the tiny
+    config: q/v at rank 4 and all-linear rsLoRA at rank 8."""
+    import torch
+    import transformers as tf
+    from peft_utils import POOL_SPECS, make_pool_dirs
+
+    from hilora_jax.lora.io import load_pool, save_pool
+
+    root = tmp_path_factory.mktemp("llamapool")
+    torch.manual_seed(0)
+    hf_cfg = tf.LlamaConfig(**{k: v for k, v in TINY_HF.items() if k != "model_type"})
+    tf.LlamaForCausalLM(hf_cfg).save_pretrained(str(root / "model"))
+    dirs = make_pool_dirs(root / "model", root / "adapters",
+                          {k: POOL_SPECS[k] for k in ("qv_r4", "all_r8_rslora")}, seed=3)
+    (root / "manifest.json").write_text(json.dumps({"adapters": dirs}))
+    _, cfg = aot.model_config(str(tiny_cfg_file))
+    pool = load_pool(root / "manifest.json", model=cfg, progress=False)
+    return save_pool(pool, root / "pool"), cfg
+
+
+def test_llama_pool_dir_compiles_for_tpu(llama_pool_dir, tiny_cfg_file):
+    """`aot --pool DIR` on a Llama pool: the abstract arrays are the saved pool's (shapes and
+    dtypes from its pool.json alone), and base + hilora compile and fit on a v5e-8 with no
+    all-gather of a weight or of the pool."""
+    import jax
+
+    from hilora_jax.lora.io import load_pool_dir
+
+    pdir, cfg = llama_pool_dir
+    real = load_pool_dir(pdir).arrays
+    arrays, desc = aot.pool_dir_arrays(str(pdir), cfg)
+    assert (desc["n"], desc["rank"]) == (2, 8)
+    assert set(desc["targets"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                    "up_proj", "down_proj"}
+    assert (jax.tree.map(lambda a: (a.shape, a.dtype), arrays)
+            == jax.tree.map(lambda a: (a.shape, a.dtype), real))
+    name, _ = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
+                       pool=aot.PoolSpec(path=str(pdir)), routers=("hilora",), batch=8,
+                       prompt=16, new=16)
+    rep = aot.analyze(spec)
+    assert rep["pool"]["path"] == str(pdir) and (rep["pool"]["n"], rep["pool"]["rank"]) == (2, 8)
+    assert rep["pool"]["bytes"] == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(real))
+    assert rep["fits"] is True and set(rep["variants"]) == {"base", "hilora"}
+    for prog in ("prefill", "decode_step"):
+        assert rep["variants"]["hilora"][prog]["weight_gathers"] == [], prog
+    assert (rep["variants"]["hilora"]["decode_step"]["memory"]["argument"]
+            > rep["variants"]["base"]["decode_step"]["memory"]["argument"])
+
+
 def test_cli_weights_flag_reaches_the_spec(tiny_cfg_file):
     import argparse
 
