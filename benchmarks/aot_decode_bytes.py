@@ -28,7 +28,7 @@ from hilora_jax.aot import (
     hbm_traffic,
     topology_devices,
 )
-from hilora_jax.inference import KVCache, decode_step_jit, kv_cache_sharding
+from hilora_jax.inference import KVCache, decode_step_jit_for, kv_cache_sharding
 from hilora_jax.model import llama
 from hilora_jax.model import sharding as shd
 
@@ -48,7 +48,8 @@ cache = jax.tree.map(lambda a, s: _sds(a.shape, a.dtype, s), cache,
 for r in sys.argv[1].split(","):
     hook, slots = abstract_hook(r, pool_arrays, b, mesh, 8)
     t0 = time.perf_counter()
-    hlo = decode_step_jit.lower(graphdef, state, tok, cache, hook, mesh=mesh).compile().as_text()
+    hlo = decode_step_jit_for("tpu").lower(graphdef, state, tok, cache, hook,
+                                           mesh=mesh).compile().as_text()
     os.makedirs("/tmp/aot", exist_ok=True)
     open(f"/tmp/aot/dec_{sys.argv[2]}_{r}.hlo.txt", "w").write(hlo)
     tot, parts = hbm_traffic(hlo)

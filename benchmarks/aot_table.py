@@ -33,7 +33,7 @@ MODEL, N, RANK, TARGETS, PROMPT, NEW = "llama-2-7b", 50, 8, ("q_proj", "v_proj")
 
 
 def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
-            hlo_dir: str | None = None, weights: str | None = None) -> dict:
+            hlo_dir: str | None = None, weights: str | None = None, keep=None) -> dict:
     from hilora_jax import aot
     from hilora_jax.model import layers
 
@@ -46,7 +46,7 @@ def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
         layers.ATTN_SCORE_BUDGET = 1 << 62
     try:
         t0 = time.perf_counter()
-        rep = aot.analyze(spec, log=lambda s: print(s, flush=True), hlo_dir=hlo_dir)
+        rep = aot.analyze(spec, log=lambda s: print(s, flush=True), hlo_dir=hlo_dir, keep=keep)
         rep["wall_s"] = round(time.perf_counter() - t0, 1)
     finally:
         layers.ATTN_SCORE_BUDGET = old
@@ -177,6 +177,9 @@ def main(argv=None) -> int:
     ap.add_argument("--refresh", action="store_true", help="only recompute the HLO-based "
                     "estimates from --hlo-dir and re-render")
     ap.add_argument("--redo", action="store_true", help="recompile entries already in the JSON")
+    ap.add_argument("--keep-prefill", nargs="*", default=None, metavar="ROUTER",
+                    help="with --redo: reuse these routers' prefill entries from the JSON (a "
+                    "change that touched only the decode step; the entry records it)")
     args = ap.parse_args(argv)
     import json
 
@@ -229,8 +232,15 @@ def main(argv=None) -> int:
             raise SystemExit(f"{key}: expected slice:batch or slice:batch:int8")
         print(f"== {section} {key}", flush=True)
         hlo_dir = None if args.hlo_dir is None else str(Path(args.hlo_dir) / f"{section}_{key}")
+        old = results[section].get(key, {}).get("variants", {})
+        keep = {r: {"prefill": old[r]["prefill"]} for r in (args.keep_prefill or ())
+                if "prefill" in old.get(r, {})}
         rep = run_one(topo, int(batch), ("base",) if unchunked else routers, unchunked=unchunked,
-                      hlo_dir=hlo_dir, weights=w[0] if w else None)
+                      hlo_dir=hlo_dir, weights=w[0] if w else None, keep=keep)
+        rep["commit"] = machine_info()["git_commit"]
+        if keep:
+            rep["prefill_kept"] = {"routers": sorted(keep),
+                                   "from_commit": results[section][key].get("commit")}
         results[section][key] = rep
         results["machine"] = machine_info()
         write_json(path_json, results)

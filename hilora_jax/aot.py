@@ -1,9 +1,9 @@
 """`hilora aot`: ahead-of-time compile what `Engine` runs, for a TPU slice or the local backend.
 
 The programs are the real ones: `inference.prefill_jit` (prompt -> KV cache) and
-`inference.decode_step_jit` (one token), the very functions `Engine.generate` composes, lowered with
-*abstract* arguments (`jax.ShapeDtypeStruct` carrying the `NamedSharding`s of the rules table in
-`hilora_jax.model.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
+`inference.decode_step_jit_for` (one token, with the target's compile options), the very functions
+`Engine` runs, lowered with *abstract* arguments (`jax.ShapeDtypeStruct` carrying the
+`NamedSharding`s of the rules table in `hilora_jax.model.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
 The LoRA hook is the router's real hook pytree (`HiLoRAHook`, `ArrowHook`, sparse `GatedHook`).
 
 Targets: a TPU topology (`v4-8`, `v5e-1`, `v5e-8`, `v5p-8`, `v6e-1`, `v6e-8`), described on any
@@ -45,7 +45,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from hilora_jax.errors import HiloraUserError
-from hilora_jax.inference import bucket_length, decode_step_jit, kv_cache_sharding, prefill_jit
+from hilora_jax.inference import bucket_length, decode_step_jit_for, kv_cache_sharding, prefill_jit
 from hilora_jax.model import sharding as shd
 from hilora_jax.model.config import ModelConfig, RopeConfig
 from hilora_jax.model.llama import KVCache
@@ -615,17 +615,23 @@ def check_spec(spec: AotSpec) -> None:
 
 def compile_variant(programs: Mapping[str, Callable[[], Any]], *, router: str,
                     chip: Chip | None, hbm: int | None, wshapes, hlo_dir: str | None = None,
-                    log=None, finish=None) -> dict:
+                    log=None, finish=None, kept: Mapping[str, dict] | None = None) -> dict:
     """One router's variant of the report: lower and compile each of `programs` (`{name: () ->
     jax.stages.Lowered}`, in order) into an entry (cost, roofline, memory, collectives, weight
     gathers, compile time incl. lowering; `finish(name, entry, compiled)` adds the family's own
     fields before the HBM estimate, `add_hbm_estimate`), the HLO written to `hlo_dir` as
     `{router}_{name}.hlo.txt`. The compiler's out-of-memory verdict is a result: the variant's
     `error` (later programs are skipped). Then its peak bytes, `fits` and margin against `hbm`.
-    Shared by the Llama family (`analyze`) and T5 (`t5.aot.analyze`)."""
+    `kept`: entries of programs compiled earlier for the same spec, taken as they are (a
+    benchmark recompiling only the programs a change touched). Shared by the Llama family
+    (`analyze`) and T5 (`t5.aot.analyze`)."""
     log = log or (lambda *_: None)
     v: dict[str, Any] = {}
     for prog, lower in programs.items():
+        if kept and prog in kept:
+            v[prog] = kept[prog]
+            log(f"  {router:<13} {prog:<11} kept from an earlier compile")
+            continue
         t0 = time.perf_counter()
         lowered = lower()
         try:
@@ -665,13 +671,18 @@ def compile_variant(programs: Mapping[str, Callable[[], Any]], *, router: str,
     return v
 
 
-def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
+def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
+            keep: Mapping[str, Mapping[str, dict]] | None = None) -> dict:
     """Compile prefill and one decode step for every router in `spec.routers` (base first) and
-    return the report (see the module docstring; `format_table` prints it). A T5 config is
-    compiled by `hilora_jax.t5.aot.analyze` (same report)."""
+    return the report (see the module docstring; `format_table` prints it). `keep`: `{router:
+    {program: entry}}` from an earlier report of the same spec, reused instead of compiled
+    (`compile_variant`'s `kept`). A T5 config is compiled by `hilora_jax.t5.aot.analyze` (same
+    report)."""
     if isinstance(spec.cfg, T5Config):
         from hilora_jax.t5.aot import analyze as analyze_t5
 
+        if keep:
+            raise AotError("keep= is not supported for T5 configs")
         return analyze_t5(spec, log=log, hlo_dir=hlo_dir)
     check_spec(spec)
     log = log or (lambda *_: None)
@@ -729,10 +740,11 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         programs = {
             "prefill": lambda hook=hook: prefill_jit.lower(graphdef, state, ids, mask, hook,
                                                            cache_size=cache_size, mesh=mesh),
-            "decode_step": lambda hook=hook: decode_step_jit.lower(graphdef, state, tok, cache,
-                                                                   hook, mesh=mesh)}
+            "decode_step": lambda hook=hook: decode_step_jit_for(_target_backend(mesh)).lower(
+                graphdef, state, tok, cache, hook, mesh=mesh)}
         variants[r] = compile_variant(programs, router=r, chip=chip, hbm=hbm, wshapes=wshapes,
-                                      hlo_dir=hlo_dir, log=log, finish=finish)
+                                      hlo_dir=hlo_dir, log=log, finish=finish,
+                                      kept=(keep or {}).get(r))
 
     ratios = compute_ratios(variants)
     main = variants[routers[-1]]

@@ -36,14 +36,20 @@ def tiny_cfg_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tpu_report(tiny_cfg_file):
-    """base + hilora (gathered) on a v5e-8 slice: prefill and decode step, compiled by libtpu."""
+def tpu_hlo_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("tpu_hlo")
+
+
+@pytest.fixture(scope="module")
+def tpu_report(tiny_cfg_file, tpu_hlo_dir):
+    """base + hilora (gathered) on a v5e-8 slice: prefill and decode step, compiled by libtpu
+    (HLO texts in `tpu_hlo_dir`)."""
     name, cfg = aot.model_config(str(tiny_cfg_file))
     spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
                        pool=aot.PoolSpec(n=6, rank=4, targets=("q_proj", "v_proj")),
                        routers=("hilora",), batch=8, prompt=48, new=16)
     t0 = time.perf_counter()
-    rep = aot.analyze(spec)
+    rep = aot.analyze(spec, hlo_dir=str(tpu_hlo_dir))
     return rep, time.perf_counter() - t0
 
 
@@ -124,6 +130,35 @@ def test_hilora_compiles_as_the_router_runs_it(tiny_cfg_file):
         assert v["fits"] is True and v["decode_step"]["weight_gathers"] == [], r
         assert v["decode_step"]["hbm_bytes_est"] >= rep["variants"]["base"]["decode_step"][
             "hbm_bytes_est"], r
+
+
+def test_tpu_decode_step_has_no_cross_program_prefetch(tpu_report, tpu_hlo_dir, tiny_cfg_file,
+                                                      monkeypatch):
+    """XLA:TPU's cross-program prefetch copies the largest eligible parameter whole into on-chip
+    memory on every run, although the decode step only gathers rows of it (here the embedding
+    table; in a 7B batch-1 routed step a stacked LoRA pool array, ~100 MiB per step). The TPU
+    decode step is compiled with it off (`inference.DECODE_STEP_OPTIONS`): no prefetch in its
+    HLO, and the same step compiled without the options reads the whole table shard more."""
+    from hilora_jax import inference
+
+    rep, _ = tpu_report
+    for r in ("base", "hilora"):
+        hlo = (tpu_hlo_dir / f"{r}_decode_step.hlo.txt").read_text()
+        assert "cross_program_prefetch" not in hlo, r
+    assert inference.decode_step_jit_for("tpu") is not inference.decode_step_jit_for("cpu")
+    assert inference.decode_step_jit_for("cpu") is inference.decode_step_jit
+    # without the options (the step as CPU/GPU compile it, lowered for the TPU slice)
+    monkeypatch.setattr(aot, "decode_step_jit_for", lambda _p: inference.decode_step_jit)
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
+                       pool=aot.PoolSpec(n=6, rank=4, targets=("q_proj", "v_proj")),
+                       routers=(), batch=8, prompt=48, new=16)
+    old_dir = tpu_hlo_dir / "default_options"
+    old = aot.analyze(spec, hlo_dir=str(old_dir))
+    assert "cross_program_prefetch" in (old_dir / "base_decode_step.hlo.txt").read_text()
+    extra = (old["variants"]["base"]["decode_step"]["hbm_bytes_est"]
+             - rep["variants"]["base"]["decode_step"]["hbm_bytes_est"])
+    assert extra >= rep["per_device"]["embedding_not_read"] > 0
 
 
 def test_report_schema(tpu_report):

@@ -25,10 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from hilora_jax import aot
-from hilora_jax.inference import bucket_length
+from hilora_jax.inference import bucket_length, step_jit
 from hilora_jax.model import sharding as shd
 from hilora_jax.t5.config import T5Config
-from hilora_jax.t5.generate import decode_step_jit, decoder_cache_sharding, prefill, prefill_jit
+from hilora_jax.t5.generate import decode_step, decoder_cache_sharding, prefill, prefill_jit
 from hilora_jax.t5.model import T5ForConditionalGeneration
 from hilora_jax.t5.projections import projections
 
@@ -166,8 +166,8 @@ def analyze(spec: aot.AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
         programs = {
             "prefill": lambda hook=hook: prefill_jit.lower(graphdef, state, ids, mask, hook,
                                                            cache_size=cache_size, mesh=mesh),
-            "decode_step": lambda hook=hook: decode_step_jit.lower(graphdef, state, tok, cache,
-                                                                   hook, mesh=mesh)}
+            "decode_step": lambda hook=hook: step_jit(decode_step, aot._target_backend(mesh)).lower(
+                graphdef, state, tok, cache, hook, mesh=mesh)}
         variants[r] = aot.compile_variant(programs, router=r, chip=chip, hbm=hbm,
                                           wshapes=wshapes, hlo_dir=hlo_dir, log=log,
                                           finish=finish)

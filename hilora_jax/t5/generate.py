@@ -37,6 +37,7 @@ from hilora_jax.inference import (
     _sample,
     finish_generation,
     pad_batch,
+    step_jit,
 )
 from hilora_jax.model import sharding as shd
 from hilora_jax.t5.model import DecoderCache, T5ForConditionalGeneration
@@ -85,8 +86,7 @@ def decode_step(graphdef, state, tok, cache: DecoderCache, lora, *, mesh: Mesh |
 
 # Compiled step functions (graphdef and mesh static; the decode step donates its cache).
 prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size", "mesh"))
-decode_step_jit = jax.jit(decode_step, static_argnums=(0,), static_argnames=("mesh",),
-                          donate_argnums=(3,))
+decode_step_jit = step_jit(decode_step, "cpu")  # `step_jit(decode_step, "tpu")` for a TPU
 
 
 class T5Engine(SplitEngine):
