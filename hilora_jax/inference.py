@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -194,21 +195,52 @@ def decode_step(graphdef, state, tok, cache, lora, *, mesh: Mesh | None = None):
 # them with abstract arguments.
 prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size", "mesh"))
 
-# Compile options of a decode step, per backend. XLA:TPU's memory-space assignment prefetches the
-# largest eligible entry parameter into on-chip memory at the start of every run ("cross-program
-# prefetch"). In a routed decode step that parameter is a stacked LoRA pool array `[L, A, R, D]`
-# that only gathers read (a few adapters' rows per step), so the whole array was read every step
-# (Llama-2-7B + 50 r=8 q/v LoRAs, v5e-8, batch 1: ~100 MiB more per step than the rows it uses).
-# The base step has no eligible parameter, so turning the prefetch off costs it nothing.
-DECODE_STEP_OPTIONS = {"tpu": {"xla_max_cross_program_prefetches": 0}}
+# Compile options of a decode step, per backend. A decode step is memory-bound: every on-chip
+# copy that its uses do not repay costs time. Two of XLA:TPU's memory-space assignment decisions
+# made copies that did not (`hilora aot`, Llama-2-7B + 50 r=8 q/v LoRAs, 2048 + 128 cache slots;
+# HBM bytes per step and device, estimated from the compiled HLO, `benchmarks/results/aot.md`):
+# - "cross-program prefetch" copies the largest eligible parameter whole into on-chip memory on
+#   every run; here that is a table the step only gathers rows of (the embedding, or a stacked
+#   LoRA pool array `[L, A, R, D]`);
+# - the KV cache of a layer was staged on chip for the attention reads and the whole layer's K/V
+#   evicted back to HBM after the one-token update (61 such round trips per step in a batch-1
+#   routed step). `xla_tpu_msa_inefficient_use_to_copy_ratio` = 1 refuses copies whose uses read
+#   fewer bytes than the copy moves.
+# With both: v5e-8 batch 1 hilora decode 1878 -> 1748 MiB (base 1714 -> 1712), int8 weights
+# 1098 -> 962 MiB (base 928 -> 926); v6e-8 batch 8 3978 -> 2907 MiB (base 2716 -> 2682); v5e-8
+# batch 8 2907 -> 2890 (base 2681 -> 2664). The prompt stage (compute-bound) keeps XLA's defaults.
+DECODE_STEP_OPTIONS = {"tpu": {"xla_max_cross_program_prefetches": 0,
+                               "xla_tpu_msa_inefficient_use_to_copy_ratio": 1.0}}
+_REJECTED_OPTIONS: set[str] = set()  # platforms whose compiler refused an option (other versions)
 
 
 @functools.cache
+def _jit_step(fn, options: tuple):
+    return jax.jit(fn, static_argnums=(0,), static_argnames=("mesh",), donate_argnames=("cache",),
+                   compiler_options=dict(options) or None)
+
+
 def step_jit(fn, platform: str):
     """A decode step `fn(graphdef, state, tok, cache, lora, *, mesh)` jitted for `platform`
-    (graphdef and mesh static, the cache donated, `DECODE_STEP_OPTIONS[platform]`)."""
-    return jax.jit(fn, static_argnums=(0,), static_argnames=("mesh",), donate_argnames=("cache",),
-                   compiler_options=DECODE_STEP_OPTIONS.get(platform))
+    (graphdef and mesh static, the cache donated, `DECODE_STEP_OPTIONS[platform]`); one jitted
+    function per set of options."""
+    opts = {} if platform in _REJECTED_OPTIONS else DECODE_STEP_OPTIONS.get(platform, {})
+    return _jit_step(fn, tuple(sorted(opts.items())))
+
+
+def run_step(fn, platform: str, *args, **kw):
+    """`step_jit(fn, platform)(*args, **kw)`. A compiler that does not know one of the options
+    (another libtpu version) compiles the step with its defaults instead, with one warning."""
+    try:
+        return step_jit(fn, platform)(*args, **kw)
+    except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" not in str(e) or platform in _REJECTED_OPTIONS:
+            raise
+        warnings.warn(f"hilora: the {platform} compiler refused the decode-step options "
+                      f"{DECODE_STEP_OPTIONS.get(platform)} ({str(e).strip()[:200]}); compiling "
+                      "the decode step with its defaults", RuntimeWarning, stacklevel=3)
+        _REJECTED_OPTIONS.add(platform)
+        return step_jit(fn, platform)(*args, **kw)
 
 
 def platform_of(mesh: Mesh | None) -> str:
@@ -377,8 +409,8 @@ class Engine(SplitEngine):
         """One decode step (the compiled `decode_step_jit`; `cache` is donated):
         `(logits [B, V], new cache)`."""
         (tok,) = self.place(np.asarray(tok, np.int32))
-        return decode_step_jit_for(platform_of(self.mesh))(self.graphdef, self.state, tok, cache,
-                                                           lora, mesh=self.mesh)
+        return run_step(decode_step, platform_of(self.mesh), self.graphdef, self.state, tok,
+                        cache, lora, mesh=self.mesh)
 
     def forward(self, input_ids, attention_mask=None, *, lora=None, logits_at: str = "all",
                 hidden_layer: int | None = None, trace: bool = False):

@@ -403,6 +403,26 @@ def test_engine_step_functions_reproduce_generate(hf_tiny):
     np.testing.assert_array_equal(np.stack(toks, 1), gen.tokens)
 
 
+def test_decode_step_options_a_compiler_refuses_fall_back(hf_tiny, monkeypatch):
+    """`Engine.decode_step` compiles with the backend's `DECODE_STEP_OPTIONS`; a compiler that
+    does not know one of them (another libtpu version) compiles the step with its defaults
+    instead, with one warning, and gives the same logits."""
+    from hilora_jax import inference
+    from hilora_jax.inference import bucket_length, pad_batch
+
+    _, eng = hf_tiny
+    ids, mask = pad_batch([[5, 9, 11], [7, 3]], 16, 0)
+    size = 16 + bucket_length(4, 16, 64)
+    ref, _ = eng.decode_step(np.array([4, 6]), eng.prefill(ids, mask, cache_size=size)[1])
+    monkeypatch.setitem(inference.DECODE_STEP_OPTIONS, "cpu", {"xla_no_such_option_here": 1})
+    monkeypatch.setattr(inference, "_REJECTED_OPTIONS", set())
+    with pytest.warns(RuntimeWarning, match="refused the decode-step options"):
+        got, _ = eng.decode_step(np.array([4, 6]), eng.prefill(ids, mask, cache_size=size)[1])
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert inference._REJECTED_OPTIONS == {"cpu"}
+    assert inference.decode_step_jit_for("cpu") is inference.decode_step_jit
+
+
 def test_chunked_attention_matches_transformers(hf_tiny, monkeypatch):
     hf, eng = hf_tiny
     ids, mask = padded_batch(np.random.default_rng(2), (40, 33, 17), 40)
