@@ -10,6 +10,7 @@ estimates from XLA's cost analysis and the chips' published peaks (see `hilora_j
     python benchmarks/aot_table.py --only v5e-8:8        # one configuration
     python benchmarks/aot_table.py --only v5e-1:1:int8   # the same with int8 base weights
     python benchmarks/aot_table.py --before v5e-8:32     # + the prefill with unchunked attention
+    python benchmarks/aot_table.py --redo --keep-prefill base hilora   # decode steps only
 
 Results accumulate in benchmarks/results/aot.json (one entry per configuration, written after each,
 so an interrupted run keeps what it finished) and benchmarks/results/aot.md (table + goals).
