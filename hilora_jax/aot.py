@@ -3,7 +3,8 @@
 The programs are the real ones: `inference.prefill_jit` (prompt -> KV cache) and
 `inference.decode_step_jit_for` (one token, with the target's compile options), the very functions
 `Engine` runs, lowered with *abstract* arguments (`jax.ShapeDtypeStruct` carrying the
-`NamedSharding`s of the rules table in `hilora_jax.model.sharding`): parameters, LoRA pool, routing decisions and KV cache are never allocated.
+`NamedSharding`s of the rules table in `hilora_jax.model.sharding`): parameters, LoRA pool, routing
+decisions and KV cache are never allocated.
 The LoRA hook is the router's real hook pytree (`HiLoRAHook`, `ArrowHook`, sparse `GatedHook`).
 
 Targets: a TPU topology (`v4-8`, `v5e-1`, `v5e-8`, `v5p-8`, `v6e-1`, `v6e-8`), described on any

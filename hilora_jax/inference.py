@@ -406,8 +406,8 @@ class Engine(SplitEngine):
                            mesh=self.mesh)
 
     def decode_step(self, tok, cache: KVCache, *, lora=None):
-        """One decode step (the compiled `decode_step_jit`; `cache` is donated):
-        `(logits [B, V], new cache)`."""
+        """One decode step (`decode_step_jit_for` this engine's backend, with its
+        `DECODE_STEP_OPTIONS`; `cache` is donated): `(logits [B, V], new cache)`."""
         (tok,) = self.place(np.asarray(tok, np.int32))
         return run_step(decode_step, platform_of(self.mesh), self.graphdef, self.state, tok,
                         cache, lora, mesh=self.mesh)
