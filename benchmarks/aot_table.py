@@ -9,6 +9,7 @@ estimates from XLA's cost analysis and the chips' published peaks (see `hilora_j
     python benchmarks/aot_table.py                       # every configuration (resumes)
     python benchmarks/aot_table.py --only v5e-8:8        # one configuration
     python benchmarks/aot_table.py --only v5e-1:1:int8   # the same with int8 base weights
+    python benchmarks/aot_table.py --only v5e-8:8:int8:pack8 --keep base   # + hilora's int8 pack
     python benchmarks/aot_table.py --before v5e-8:32     # + the prefill with unchunked attention
     python benchmarks/aot_table.py --redo --keep-prefill base hilora   # decode steps only
 
@@ -26,7 +27,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS_DIR, command_line, machine_info, markdown_table, write_json, write_text  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS_DIR,
+    _git_commit,
+    command_line,
+    machine_info,
+    markdown_table,
+    write_json,
+    write_text,
+)
 
 CONFIGS = [f"{t}:{b}{w}" for w in ("", ":int8") for t in ("v5e-8", "v6e-8", "v5e-1")
            for b in (8, 32, 1)]
@@ -34,12 +43,13 @@ MODEL, N, RANK, TARGETS, PROMPT, NEW = "llama-2-7b", 50, 8, ("q_proj", "v_proj")
 
 
 def run_one(topology: str, batch: int, routers, *, unchunked: bool = False,
-            hlo_dir: str | None = None, weights: str | None = None, keep=None) -> dict:
+            hlo_dir: str | None = None, weights: str | None = None, keep=None,
+            pack_weights: str | None = None) -> dict:
     from hilora_jax import aot
     from hilora_jax.model import layers
 
     spec = aot.AotSpec(cfg=aot.PRESETS[MODEL], name=MODEL, topology=topology, dtype="bfloat16",
-                       weights=weights,
+                       weights=weights, pack_weights=pack_weights,
                        pool=aot.PoolSpec(n=N, rank=RANK, targets=TARGETS), routers=routers,
                        batch=batch, prompt=PROMPT, new=NEW)
     old = layers.ATTN_SCORE_BUDGET
@@ -63,13 +73,14 @@ def _ms(x):
 
 
 def _w(rep) -> str:
-    return "int8" if rep.get("weights") == "int8" else "bf16"
+    w = "int8" if rep.get("weights") == "int8" else "bf16"
+    return w + (" + int8 pack" if rep.get("pack_weights") == "int8" else "")
 
 
 def render(results: dict) -> str:
     rows = []
     for rep in sorted(results["configs"].values(), key=lambda r: (
-            r["topology"], r["batch"], _w(r) == "int8")):
+            r["topology"], r["batch"], _w(r))):
         v = rep["variants"]
         base, hil = v.get("base", {}), v.get("hilora", {})
         if not hil and base and "error" not in base:  # base only (e.g. an attention check)
@@ -108,7 +119,8 @@ def render(results: dict) -> str:
          "weight/pool all-gathers"], rows)
     lines = [
         f"# `hilora aot`: {MODEL} + {N} r={RANK} {'/'.join(TARGETS)} LoRAs, bf16 (int8: weight-only "
-        f"int8 base kernels, bf16 activations and LoRAs), prompt {PROMPT} + "
+        f"int8 base kernels, bf16 activations and LoRAs; + int8 pack: also the hilora router's "
+        f"packed ROCs in int8, `pack_weights=int8`), prompt {PROMPT} + "
         f"{NEW} new tokens",
         "",
         "Compiled for each TPU slice through libtpu on a CPU host (`benchmarks/aot_table.py`); "
@@ -143,7 +155,8 @@ def render(results: dict) -> str:
                                      "query-chunked (now)"], brow))
     g = results["configs"]
     goals = []
-    for key in ("v5e-8:1", "v5e-8:8", "v5e-8:32", "v5e-8:1:int8", "v5e-8:8:int8", "v5e-8:32:int8"):
+    for key in ("v5e-8:1", "v5e-8:8", "v5e-8:32", "v5e-8:1:int8", "v5e-8:8:int8", "v5e-8:32:int8",
+                "v5e-8:1:int8:pack8", "v5e-8:8:int8:pack8", "v5e-8:32:int8:pack8"):
         rep = g.get(key)
         if not rep or "hilora" not in rep["ratios"]:
             continue
@@ -181,6 +194,9 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-prefill", nargs="*", default=None, metavar="ROUTER",
                     help="with --redo: reuse these routers' prefill entries from the JSON (a "
                     "change that touched only the decode step; the entry records it)")
+    ap.add_argument("--keep", nargs="*", default=None, metavar="ROUTER",
+                    help="for a :pack8 entry: reuse these routers' programs (both) from the same "
+                    "entry without :pack8 (base never reads the pack)")
     args = ap.parse_args(argv)
     import json
 
@@ -229,17 +245,26 @@ def main(argv=None) -> int:
             print(f"{section} {key}: already done")
             continue
         topo, batch, *w = key.split(":")
-        if w not in ([], ["int8"]):
-            raise SystemExit(f"{key}: expected slice:batch or slice:batch:int8")
+        if w not in ([], ["int8"], ["pack8"], ["int8", "pack8"]):
+            raise SystemExit(f"{key}: expected slice:batch[:int8][:pack8]")
+        pack = "int8" if "pack8" in w else None
+        w = [x for x in w if x != "pack8"]
         print(f"== {section} {key}", flush=True)
         hlo_dir = None if args.hlo_dir is None else str(Path(args.hlo_dir) / f"{section}_{key}")
         old = results[section].get(key, {}).get("variants", {})
         keep = {r: {"prefill": old[r]["prefill"]} for r in (args.keep_prefill or ())
                 if "prefill" in old.get(r, {})}
+        src = key.replace(":pack8", "")
+        if pack and args.keep and src in results[section]:
+            keep = {r: {p: results[section][src]["variants"][r][p] for p in ("prefill", "decode_step")}
+                    for r in args.keep if r in results[section][src]["variants"]}
         rep = run_one(topo, int(batch), ("base",) if unchunked else routers, unchunked=unchunked,
-                      hlo_dir=hlo_dir, weights=w[0] if w else None, keep=keep)
-        rep["commit"] = machine_info()["git_commit"]
-        if keep:
+                      hlo_dir=hlo_dir, weights=w[0] if w else None, keep=keep, pack_weights=pack)
+        rep["commit"] = _git_commit()
+        if keep and pack:
+            rep["programs_kept"] = {"routers": sorted(keep), "from": src,
+                                    "from_commit": results[section][src].get("commit")}
+        elif keep:
             rep["prefill_kept"] = {"routers": sorted(keep),
                                    "from_commit": results[section][key].get("commit")}
         results[section][key] = rep

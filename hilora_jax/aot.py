@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from hilora_jax.errors import HiloraUserError
 from hilora_jax.inference import bucket_length, decode_step_jit_for, kv_cache_sharding, prefill_jit
@@ -297,23 +298,34 @@ def _target_backend(mesh: Mesh) -> str:
     return mesh.devices.flat[0].platform
 
 
-def abstract_pack(arrays, mesh: Mesh):
+def _rows_sharding(mesh: Mesh, spec) -> NamedSharding:
+    """The sharding of a per-row vector `[P]` beside rows `[P, D]` laid out by `spec`."""
+    return NamedSharding(mesh, P(tuple(spec)[0] if len(spec) else None))
+
+
+def abstract_pack(arrays, mesh: Mesh, weights: str | None = None):
     """The `RocPack` that `routing.hooks.pack_rocs` builds on the host, as `ShapeDtypeStruct`s:
     every ROC of the (synthetic or shapes-only) pool counted valid, i.e. each adapter at its
     padded rank in one rank group (an upper bound for a real pool with mixed ranks). Packed A
     `[P_key, D]` and B `[P, E]` carry the rules table's axes ("rocs", the projection's in/out
-    axis); per-ROC weights and validity are replicated."""
+    axis); per-ROC weights and validity are replicated. `weights="int8"`: int8 A/B with float32
+    per-ROC scales (`RocPack`), each scale sharded as its rows' ROC axis."""
     from hilora_jax.routing.hooks import RocPack, input_layout
 
     rep = shd.replicated(mesh)
+    q8 = weights == "int8"
     A, B, W, V, groups = {}, {}, {}, {}, []
+    a_sc, b_sc = ({}, {}) if q8 else (None, None)
     p_of = {}
     for m in arrays.modules:
         L, n, r, _ = arrays.A[m].shape
         e = arrays.B[m].shape[-1]
         p_of[m] = n * r
         spec = shd.logical_to_spec(("rocs", projection(m).out_axis), (n * r, e), mesh)
-        B[m] = [_sds((n * r, e), arrays.B[m].dtype, NamedSharding(mesh, spec))] * L
+        B[m] = [_sds((n * r, e), jnp.int8 if q8 else arrays.B[m].dtype,
+                     NamedSharding(mesh, spec))] * L
+        if q8:
+            b_sc[m] = [_sds((n * r,), jnp.float32, _rows_sharding(mesh, spec))] * L
         W[m] = [_sds((n * r,), jnp.float32, rep)] * L
         V[m] = [_sds((n * r,), bool, rep)] * L
         groups.append((m, ((r, tuple(range(n))),)))
@@ -322,13 +334,18 @@ def abstract_pack(arrays, mesh: Mesh):
         p = sum(pm for _, _, pm in members)
         L, _, _, d = arrays.A[m].shape
         spec = shd.logical_to_spec(("rocs", projection(m).in_axis), (p, d), mesh)
-        A[m] = [_sds((p, d), arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
-    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs)
+        A[m] = [_sds((p, d), jnp.int8 if q8 else arrays.A[m].dtype, NamedSharding(mesh, spec))] * L
+        if q8:
+            a_sc[m] = [_sds((p,), jnp.float32, _rows_sharding(mesh, spec))] * L
+    return RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs,
+                   A_scale=a_sc, B_scale=b_sc)
 
 
-def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8):
+def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: int = 8,
+                  pack_weights: str | None = None):
     """The router's hook pytree with abstract decisions (`None` for `base`), and the adapters per
-    row it reads (for the decode step's minimum bytes)."""
+    row it reads (for the decode step's minimum bytes). `pack_weights`: the `hilora` (auto)
+    hook's pack format (`HiLoRARouter(pack_weights=)`)."""
     from hilora_jax.lora.pool import GatedHook
     from hilora_jax.routing.hooks import ArrowHook, HiLoRAHook
 
@@ -355,7 +372,7 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
                           _sds((batch, c), jnp.int32, rows), _sds((batch,), jnp.float32, rep),
                           strategy=strategy, backend=_target_backend(mesh))
         if strategy == "auto":  # as HiLoRAHook.prepared() on the host: pack + folded decisions
-            hook = hook.replace(pack=abstract_pack(arrays, mesh))
+            hook = hook.replace(pack=abstract_pack(arrays, mesh, pack_weights))
             args = jax.eval_shape(lambda h: h._packed_inputs(), hook)
             hook = hook.replace(packed_args={
                 m: tuple([_sds(a.shape, a.dtype, rep if i == 1 else
@@ -580,6 +597,7 @@ class AotSpec:
     mesh: str | None = None
     dtype: str = "bfloat16"
     weights: str | None = None
+    pack_weights: str | None = None  # the hilora router's RocPack format: None or "int8"
     pool: PoolSpec = dataclasses.field(default_factory=PoolSpec)
     routers: Sequence[str] = ("base", "hilora")
     batch: int = 8
@@ -598,6 +616,9 @@ def check_spec(spec: AotSpec) -> None:
                        "--dtype weights)")
     if spec.dtype not in ("bfloat16", "float32"):
         raise AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
+    if spec.pack_weights not in (None, "none", "int8"):
+        raise AotError(f"--pack-weights {spec.pack_weights!r}: unknown; choose int8 (or omit it "
+                       "for the pool's dtype)")
     for r in spec.routers:
         if r not in ROUTERS:
             raise AotError(f"unknown router {r!r}; choose from {', '.join(ROUTERS)} or all")
@@ -695,6 +716,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
     routers = ["base", *[r for r in spec.routers if r != "base"]]
 
     weights = "int8" if spec.weights == "int8" else None
+    pack_weights = "int8" if spec.pack_weights == "int8" else None
     graphdef, state = abstract_params(cfg, dtype, mesh, weights)
     pool_arrays, pool_desc = abstract_pool(spec.pool, cfg, dtype, mesh)
     t = bucket_length(spec.prompt)
@@ -723,11 +745,17 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
 
     variants: dict[str, dict] = {}
     for r in routers:
-        hook, slots = abstract_hook(r, pool_arrays, b, mesh, spec.max_candidates)
+        hook, slots = abstract_hook(r, pool_arrays, b, mesh, spec.max_candidates, pack_weights)
+        # an int8 pack: the slots' ROCs are read as int8 (+ a float32 scale per ROC)
+        lora_dev = pool_dev
+        if getattr(hook, "pack", None) is not None and hook.pack.weights == "int8":
+            lora_dev = sum(_device_bytes(a) for d in (hook.pack.A, hook.pack.B, hook.pack.A_scale,
+                                                      hook.pack.B_scale) for v in d.values()
+                           for a in v)
 
-        def finish(prog, entry, compiled, hook=hook, slots=slots):
+        def finish(prog, entry, compiled, hook=hook, slots=slots, lora_dev=lora_dev):
             if prog == "decode_step":
-                lora_min = pool_dev * slots / pool_arrays.num_adapters if slots else 0
+                lora_min = lora_dev * slots / pool_arrays.num_adapters if slots else 0
                 entry["min_bytes"] = float(weights_dev - max(emb_unread, 0) + kv_dev + lora_min)
                 entry["bytes_over_min"] = entry["bytes"] / entry["min_bytes"]
             else:
@@ -752,7 +780,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
     if "error" in main:
         return {"model": spec.name, "topology": spec.topology, "devices": n_dev,
                 "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype,
-                "weights": weights or str(dtype), "batch": b,
+                "weights": weights or str(dtype), "pack_weights": pack_weights, "batch": b,
                 "prompt": spec.prompt, "new": spec.new, "cache_size": cache_size,
                 "pool": pool_desc, "router": routers[-1], "hbm_bytes": hbm,
                 "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
@@ -765,7 +793,8 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
         "model": spec.name, "topology": spec.topology,
         "chip": dataclasses.asdict(chip) if chip else {"name": str(devices[0].device_kind)},
         "devices": n_dev, "mesh": {"data": data, "model": model_ax}, "dtype": spec.dtype,
-        "weights": weights or str(dtype), "batch": b, "prompt": spec.prompt, "new": spec.new,
+        "weights": weights or str(dtype), "pack_weights": pack_weights, "batch": b,
+        "prompt": spec.prompt, "new": spec.new,
         "prompt_bucket": t, "cache_size": cache_size, "pool": pool_desc,
         "router": routers[-1], "hbm_bytes": hbm,
         "per_device": {"weights": weights_dev, "kv_cache": kv_dev, "pool": pool_dev,
@@ -839,6 +868,7 @@ def _ms(x) -> str:
 def format_table(rep: dict) -> str:
     lines = [
         f"{rep['model']} {rep['dtype']}{' int8 weights' if rep.get('weights') == 'int8' else ''}"
+        f"{' int8 LoRA pack' if rep.get('pack_weights') == 'int8' else ''}"
         f" on {rep['topology']} ({rep['devices']} devices, mesh "
         f"{rep['mesh']['data']}x{rep['mesh']['model']}), batch {rep['batch']}, prompt "
         f"{rep['prompt']} (bucket {rep['prompt_bucket']}), cache {rep['cache_size']} slots; pool "
@@ -885,6 +915,9 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels with "
                    "per-channel scales (activations, embeddings and the pool in --dtype)")
+    p.add_argument("--pack-weights", default=None,
+                   help="int8: the hilora router's packed ROCs in int8 with a scale per ROC "
+                        "(router option pack_weights=int8); default: the pool's dtype")
     p.add_argument("--pool", default=None, help="a saved pool dir (shapes only are read)")
     p.add_argument("--pool-size", type=int, default=50)
     p.add_argument("--rank", type=int, default=8)
@@ -906,7 +939,8 @@ def spec_from_args(args) -> AotSpec:
     pool = PoolSpec(n=args.pool_size, rank=args.rank,
                     targets=tuple(s for s in targets.split(",") if s), path=args.pool)
     return AotSpec(cfg=cfg, name=name, topology=args.topology, mesh=args.mesh, dtype=args.dtype,
-                   weights=args.weights, pool=pool, routers=routers, batch=args.batch,
+                   weights=args.weights, pack_weights=args.pack_weights, pool=pool,
+                   routers=routers, batch=args.batch,
                    prompt=args.prompt, new=args.new, max_candidates=args.max_candidates)
 
 

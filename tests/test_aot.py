@@ -215,6 +215,27 @@ def test_int8_weights_compile_for_tpu_and_read_int8(tpu_report, tpu_report_int8)
     assert "int8 weights" in aot.format_table(q8)
 
 
+def test_int8_pack_compiles_for_tpu_and_reads_less(tiny_cfg_file, tpu_report_int8):
+    """`--pack-weights int8` (the hilora router's `pack_weights=int8`): the decode step's
+    arguments shrink by the pack's bytes saved, its minimum drops by the int8 slots' share and
+    the estimated HBM traffic by exactly as much (the packed path reads the int8 rows; no float
+    copy is made); no gathers, fits; the other routers' programs are unchanged."""
+    name, cfg = aot.model_config(str(tiny_cfg_file))
+    spec = aot.AotSpec(cfg=cfg, name=name, topology="v5e-8", mesh="2x4", dtype="bfloat16",
+                       weights="int8", pack_weights="int8",
+                       pool=aot.PoolSpec(n=6, rank=4, targets=("q_proj", "v_proj")),
+                       routers=("hilora",), batch=8, prompt=48, new=16)
+    rep, fp = aot.analyze(spec), tpu_report_int8
+    assert rep["pack_weights"] == "int8" and fp["pack_weights"] is None
+    v8, vf = rep["variants"]["hilora"], fp["variants"]["hilora"]
+    assert v8["fits"] is True and v8["decode_step"]["weight_gathers"] == []
+    d8, df = v8["decode_step"], vf["decode_step"]
+    assert d8["memory"]["argument"] < df["memory"]["argument"]
+    saved = df["min_bytes"] - d8["min_bytes"]
+    assert saved > 0 and df["hbm_bytes_est"] - d8["hbm_bytes_est"] == saved
+    assert rep["variants"]["base"]["decode_step"]["bytes"] == fp["variants"]["base"]["decode_step"]["bytes"]
+    assert "int8 LoRA pack" in aot.format_table(rep)
+
 @pytest.fixture(scope="module")
 def llama_pool_dir(tmp_path_factory, tiny_cfg_file):
     """A real pool dir (`lora.io.save_pool`) of two PEFT adapters on a random model of the tiny
@@ -272,8 +293,9 @@ def test_cli_weights_flag_reaches_the_spec(tiny_cfg_file):
 
     p = argparse.ArgumentParser()
     aot.add_aot_args(p)
-    spec = aot.spec_from_args(p.parse_args(["--model", str(tiny_cfg_file), "--weights", "int8"]))
-    assert spec.weights == "int8"
+    spec = aot.spec_from_args(p.parse_args(["--model", str(tiny_cfg_file), "--weights", "int8",
+                                            "--pack-weights", "int8"]))
+    assert spec.weights == "int8" and spec.pack_weights == "int8"
 
 
 def test_collective_parser_flags_weight_gathers():
@@ -316,6 +338,7 @@ def test_local_backend_times_the_compiled_calls(tiny_cfg_file):
     (dict(mesh="3x3"), "mesh 3x3 uses 9 devices"),
     (dict(weights="int4"), "--weights int4: not implemented"),
     (dict(weights="int3"), "--weights 'int3': unknown; choose int8"),
+    (dict(pack_weights="int4"), "--pack-weights 'int4': unknown; choose int8"),
     (dict(routers=("nope",)), "unknown router 'nope'"),
     (dict(pool=aot.PoolSpec(targets=("q_proj", "x_proj"))), r"unknown module\(s\) \['x_proj'\]"),
     (dict(prompt=500, new=64), "exceed the model's max_position_embeddings=512"),

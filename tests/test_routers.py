@@ -325,6 +325,41 @@ def test_pool_fingerprint_sees_every_element(tiny):
     assert pool_fingerprint(pool.subset(pool.names[1:])) != fp  # the active set counts
 
 
+def test_int8_pack_router_option_in_the_model(tiny):
+    """`hilora` with `pack_weights="int8"` (an int8 `RocPack`, a float32 scale per ROC) through
+    the Engine: the same sequence decisions, and the logits of the float pack of the pool whose
+    ROCs are those int8 rows dequantised (the scales fold in exactly); an unknown format is
+    refused before routing."""
+    from hilora_jax.routing.hooks import quantize_rows
+
+    _, model, eng = tiny
+    pool, emb, _ = random_pool(model.config, seed=16)
+    texts = ["task0 q0", "task2 q5", "task4 q1"]
+    ids, mask = padded_batch(np.random.default_rng(1), (7, 4, 9), 9, vocab=64)
+    with pytest.raises(ValueError, match="pack_weights must be one of"):
+        build_router("hilora", pool, options=dict(embedder=emb, pack_weights="int4"))
+
+    def deq(a):
+        q, sc = quantize_rows(a)
+        return q.astype(jnp.float32) * sc[..., None]
+
+    pool_deq = pool._replace(pool.arrays.replace(A={m: deq(a) for m, a in pool.arrays.A.items()},
+                                                 B={m: deq(b) for m, b in pool.arrays.B.items()}))
+    hooks = {"int8": build_router("hilora", pool, options=dict(
+                 embedder=emb, strategy="packed", pack_weights="int8")).route(texts).hook}
+    for name, p in (("float", pool), ("dequantized", pool_deq)):
+        hooks[name] = build_router("hilora", p, options=dict(embedder=emb, strategy="packed")
+                                   ).route(texts).hook
+    assert hooks["int8"].pack.weights == "int8" and hooks["float"].pack.weights is None
+    for f in ("cand_idx", "cand_valid", "n_rocs", "kappa"):
+        np.testing.assert_array_equal(np.asarray(getattr(hooks["int8"], f)),
+                                      np.asarray(getattr(hooks["float"], f)))
+    base = np.asarray(eng.forward(ids, mask))
+    out = {k: np.asarray(eng.forward(ids, mask, lora=h)) for k, h in hooks.items()}
+    effect = np.abs(out["float"] - base).max()
+    assert effect > 1e-3 and np.abs(out["int8"] - out["float"]).max() > 0
+    np.testing.assert_allclose(out["int8"], out["dequantized"], rtol=0, atol=1e-5 * effect)
+
 def test_packed_and_auto_strategies_equal_dense_in_the_model(tiny):
     """`packed` (valid ROCs packed by rank, one response matmul per shared input) and `auto`
     give the dense reference's logits, routing trace and greedy tokens through the Engine

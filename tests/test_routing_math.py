@@ -535,3 +535,58 @@ def test_packed_needs_pack_and_auto_choice():
     costs = {s: token_cost(s, b=8, t=1, c=8, a=512, r=8, p=512 * 8, d=576, e=576)
              for s in ("dense", "gathered", "packed")}
     assert min(costs, key=costs.get) == "gathered"  # huge pool, few candidates
+
+
+def test_int8_pack_equals_the_dequantized_pool_and_bounds_each_weight():
+    """`pack_rocs(arrays, "int8")`: int8 rows with a float32 scale per ROC, every weight within
+    scale/2 of the float pack's; the packed token stage over it gives the gates and deltas of the
+    float64 reference run on the pool whose ROCs are those dequantised rows (so the scales are
+    folded in exactly: responses times scale_a, coefficients times scale_b), incl. the mixed
+    pool's exact |u| ties (a ROC and its negation quantise to negated rows)."""
+    from hilora_jax.routing.hooks import HiLoRAHook, pack_rocs, quantize_rows
+
+    rng = np.random.default_rng(41)
+    arrays, shapes = _mixed_pool(rng)
+    arrays = arrays.replace(A={m: a * (1 + rng.random(a.shape[:3] + (1,), np.float32))
+                               for m, a in arrays.A.items()})  # not integer multiples of a scale
+    fp, q8 = pack_rocs(arrays), pack_rocs(arrays, "int8")
+    assert fp.weights is None and q8.weights == "int8" and q8 is pack_rocs(arrays, "int8")
+    for rows, qrows, scales in ((fp.A, q8.A, q8.A_scale), (fp.B, q8.B, q8.B_scale)):
+        assert rows.keys() == qrows.keys() == scales.keys()
+        for k in rows:
+            for a, q, s in zip(rows[k], qrows[k], scales[k], strict=True):
+                assert q.dtype == jnp.int8 and s.dtype == jnp.float32 and s.shape == a.shape[:1]
+                err = np.abs(np.asarray(q, np.float32) * np.asarray(s)[:, None] - np.asarray(a))
+                assert np.all(err <= np.asarray(s)[:, None] / 2 * (1 + 1e-5)), k  # fp32 rounding
+    with pytest.raises(ValueError, match="pack weights 'int4'"):
+        pack_rocs(arrays, "int4")
+
+    def deq(a):  # the same per-ROC quantisation of the rank-padded pool arrays, dequantised
+        q, s = quantize_rows(a)
+        return q.astype(jnp.float32) * s[..., None]
+
+    arrays_deq = arrays.replace(A={m: deq(a) for m, a in arrays.A.items()},
+                                B={m: deq(b) for m, b in arrays.B.items()})
+    cand = np.array([[1, 3, 4, 5, 0, 6], [5, 2, 1, 0, 0, 0], [3, 6, 5, 4, 1, 0]], np.int32)
+    valid = np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
+    n_rocs = np.minimum(np.where(valid, rng.integers(1, 10, cand.shape), 0),
+                        np.asarray(arrays.ranks)[cand]) * valid
+    kap = np.asarray(kappa(n_rocs, "sqrt"))
+    hook = HiLoRAHook(arrays, jnp.asarray(cand), jnp.asarray(valid), jnp.asarray(n_rocs),
+                      jnp.asarray(kap)).prepared("packed", pack_weights="int8")
+    assert hook.pack is q8
+    x = rng.integers(-3, 4, (3, 4, shapes["q_proj"][0])).astype(np.float32)
+    for layer in range(2):
+        got = jax.jit(lambda h, x, layer=layer: h.deltas(layer, ("q_proj", "v_proj"), x))(hook, x)
+        for m, (delta, aux) in zip(("q_proj", "v_proj"), got, strict=True):
+            want = _reference_token_stage(arrays_deq, layer, m, x.astype(np.float64), cand, valid,
+                                          n_rocs, kap)
+            np.testing.assert_array_equal(np.asarray(aux["fired"]), want[1], err_msg=m)
+            np.testing.assert_allclose(np.asarray(delta), want[0], rtol=1e-5, atol=1e-4,
+                                       err_msg=m)
+    # auto weighs an int8 pack's reads at a quarter of a float32 pool's
+    from hilora_jax.routing.hooks import token_cost
+
+    kw = dict(b=8, t=1, c=8, a=512, r=8, p=512 * 8, d=576, e=576)
+    assert token_cost("packed", **kw, pack_read=0.25) < token_cost("packed", **kw)
+

@@ -72,6 +72,10 @@ def test_flan_t5_large_preset_and_bad_targets():
     spec = aot.AotSpec(cfg=cfg, name=name, mesh="1x3", pool=aot.PoolSpec(n=33, targets=("q",)))
     with pytest.raises(aot.AotError, match="mesh 1x3 uses 3 devices"):
         aot.analyze(spec)
+    for flag, kw in (("--weights", dict(weights="int8")), ("--pack-weights", dict(pack_weights="int8"))):
+        spec = aot.AotSpec(cfg=cfg, name=name, pool=aot.PoolSpec(n=33, targets=("q",)), **kw)
+        with pytest.raises(aot.AotError, match=f"^{flag} int8: Llama-family models only"):
+            aot.analyze(spec)
 
 
 def test_step_functions_reproduce_generate(tmp_path):

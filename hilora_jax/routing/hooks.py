@@ -67,6 +67,12 @@ class RocPack:
     `block_offset + k * r + j`, where r is the adapter's largest rank of m over layers (layers
     where it has fewer ROCs are masked by `valid`). Adapters that never adapt m are left out.
     Only `arrays.active` is read at run time, so one pack serves every protocol view of the pool.
+
+    int8 pack (`pack_rocs(arrays, weights="int8")`): `A` and `B` hold int8 ROCs with a float32
+    scale per ROC, `A_scale[key][l] [P_key]` and `B_scale[m][l] [P_m]` (symmetric, `max |row| /
+    127`); the responses are `(x . q_a) * scale_a` and the B side takes `scale_b` into each ROC's
+    coefficient, so the dequantised rows are never materialised and a decode step reads one byte
+    per ROC weight. `None` (the default): the rows in the pool's dtype.
     """
 
     A: dict
@@ -75,6 +81,13 @@ class RocPack:
     valid: dict
     groups: tuple = struct.field(pytree_node=False, default=())
     inputs: tuple = struct.field(pytree_node=False, default=())
+    A_scale: dict | None = None
+    B_scale: dict | None = None
+
+    @property
+    def weights(self) -> str | None:
+        """`"int8"` for an int8 pack, else None (the pool's dtype)."""
+        return None if self.A_scale is None else "int8"
 
     def module_groups(self, name: str) -> tuple:
         for m, g in self.groups:
@@ -94,6 +107,20 @@ class RocPack:
         key, members = self.module_input(name)
         _, off, p = next(mm for mm in members if mm[0] == name)
         return self.A[key][layer][off:off + p]
+
+
+PACK_WEIGHTS = ("int8",)  # pack formats besides the pool's dtype (None)
+
+
+def quantize_rows(a: Array) -> tuple[Array, Array]:
+    """Symmetric int8 per row of `a [..., P, D]`: `(q int8 [..., P, D], scale float32 [..., P])`
+    with `scale = max |row| / 127` (1 for an all-zero row), `q = round(a / scale)`; each entry is
+    reconstructed within `scale / 2`."""
+    a32 = jnp.asarray(a, jnp.float32)
+    amax = jnp.max(jnp.abs(a32), axis=-1)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    q = jnp.clip(jnp.round(a32 / scale[..., None]), -127, 127).astype(jnp.int8)
+    return q, scale
 
 
 def input_layout(rocs: dict[str, int], modules) -> tuple:
@@ -117,17 +144,20 @@ def input_layout(rocs: dict[str, int], modules) -> tuple:
 _PACK_CACHE: dict = {}
 
 
-def pack_rocs(arrays: PoolArrays) -> RocPack:
-    """Build (on the host, from concrete pool arrays) the `RocPack` of `arrays`.
+def pack_rocs(arrays: PoolArrays, weights: str | None = None) -> RocPack:
+    """Build (on the host, from concrete pool arrays) the `RocPack` of `arrays`; `weights="int8"`:
+    its ROCs in int8 with a scale per ROC (`RocPack`).
 
-    Cached per pool (the same A/B/scale/mask array objects give the same pack), so routing many
-    batches packs once; the packed arrays are gathered on the pool's devices.
+    Cached per pool and format (the same A/B/scale/mask array objects give the same pack), so
+    routing many batches packs once; the packed arrays are gathered on the pool's devices.
     """
+    if weights not in (None, *PACK_WEIGHTS):
+        raise ValueError(f"pack weights {weights!r}: unknown; choose from {PACK_WEIGHTS} or None")
     leaves = [d[m] for d in (arrays.A, arrays.B, arrays.scale, arrays.mask) for m in sorted(d)]
     if any(isinstance(v, jax.core.Tracer) for v in leaves):
         raise ValueError("pack_rocs needs concrete pool arrays (call it outside jax.jit, e.g. "
                          "HiLoRAHook.prepared() on the host)")
-    key = tuple(id(v) for v in leaves)
+    key = (weights, *(id(v) for v in leaves))
     hit = _PACK_CACHE.get(key)
     if hit is not None and all(a is b for a, b in zip(hit[0], leaves, strict=True)):
         return hit[1]
@@ -155,11 +185,27 @@ def pack_rocs(arrays: PoolArrays) -> RocPack:
         a_cat = (jnp.concatenate([A_m[mm] for mm, _, _ in members], axis=1) if len(members) > 1
                  else A_m[first])  # L P_key D
         A[first] = [a_cat[li] for li in range(a_cat.shape[0])]
-    pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs)
+    a_scale = b_scale = None
+    if weights == "int8":
+        A, a_scale = _quantize_layers(A)
+        B, b_scale = _quantize_layers(B)
+    pack = RocPack(A=A, B=B, w=W, valid=V, groups=tuple(groups), inputs=inputs,
+                   A_scale=a_scale, B_scale=b_scale)
     if len(_PACK_CACHE) >= 4:
         _PACK_CACHE.pop(next(iter(_PACK_CACHE)))
     _PACK_CACHE[key] = (leaves, pack)
     return pack
+
+
+def _quantize_layers(rows: dict) -> tuple[dict, dict]:
+    q, sc = {}, {}
+    for k, layers in rows.items():
+        pairs = [quantize_rows(a) for a in layers]
+        # keep each array's sharding (a replicated pack stays replicated, a sharded one sharded)
+        q[k] = [jax.device_put(qa, a.sharding) if hasattr(a, "sharding") else qa
+                for (qa, _), a in zip(pairs, layers, strict=True)]
+        sc[k] = [s for _, s in pairs]
+    return q, sc
 
 
 @jax.jit
@@ -177,17 +223,18 @@ BATCHED_MATMUL_COST = {"cpu": 3.0}
 
 
 def token_cost(strategy: str, *, b: int, t: int, c: int, a: int, r: int, p: int,
-               d: int, e: int, backend: str | None = None) -> float:
+               d: int, e: int, backend: str | None = None, pack_read: float = 1.0) -> float:
     """Static cost model of one HiLoRA module call (multiply-adds + READ_COST x weights read).
 
     b batch, t tokens, c candidate slots, a pool adapters, r padded rank, p packed ROCs, d/e the
     module's in/out dims, backend (default `jax.default_backend()`). `gathered` reads B x C x R
     ROC rows (one copy per row, gathered then read) in per-row batched matmuls, `dense` A x R
-    rows once, `packed` P rows once.
+    rows once, `packed` P rows once (`pack_read`: bytes per pack weight relative to the pool's,
+    0.5 for an int8 pack of a bf16 pool).
     """
     backend = jax.default_backend() if backend is None else backend
     rows = {"gathered": c * r, "dense": a * r, "packed": p}[strategy]
-    reads = {"gathered": 2 * b * c * r, "dense": a * r, "packed": p}[strategy]
+    reads = {"gathered": 2 * b * c * r, "dense": a * r, "packed": p * pack_read}[strategy]
     flop = BATCHED_MATMUL_COST.get(backend, 1.0) if strategy == "gathered" else 1.0
     return float(flop * b * t * rows * (d + e) + READ_COST * reads * (d + e))
 
@@ -217,13 +264,14 @@ class HiLoRAHook(LoraHook):
     # compile target's, e.g. "tpu" on a CPU host)
     backend: str | None = struct.field(pytree_node=False, default=None)
 
-    def prepared(self, strategy: str | None = None) -> HiLoRAHook:
+    def prepared(self, strategy: str | None = None, pack_weights: str | None = None) -> HiLoRAHook:
         """This hook with its pool's `RocPack` attached (host side; cached per pool) and,
-        optionally, another strategy. `packed` and `auto` use the pack; the others ignore it."""
+        optionally, another strategy. `packed` and `auto` use the pack; the others ignore it.
+        `pack_weights="int8"`: an int8 pack (`RocPack`); an attached pack is kept as it is."""
         strategy = self.strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-        pack = self.pack if self.pack is not None else pack_rocs(self.arrays)
+        pack = self.pack if self.pack is not None else pack_rocs(self.arrays, pack_weights)
         h = self.replace(pack=pack, strategy=strategy, packed_args=None)
         if strategy not in ("packed", "auto"):
             return h
@@ -263,8 +311,11 @@ class HiLoRAHook(LoraHook):
         c = self.cand_idx.shape[1]
         p = self.pack.B[name][0].shape[0] if self.pack is not None else None
         options = ("dense", "gathered") + (("packed",) if p is not None else ())
+        pack_read = 1.0
+        if self.pack is not None and self.pack.weights == "int8":
+            pack_read = 1.0 / jnp.dtype(self.arrays.A[name].dtype).itemsize
         costs = {s: token_cost(s, b=b, t=t, c=c, a=a, r=r, p=p or 0, d=d, e=e,
-                               backend=self.backend) for s in options}
+                               backend=self.backend, pack_read=pack_read) for s in options}
         return min(options, key=lambda s: (costs[s], s != "packed"))
 
     def deltas(self, layer: int, names, x: Float[Array, "B T D"]):
@@ -323,7 +374,10 @@ class HiLoRAHook(LoraHook):
         pk = self.pack
         key, members = pk.module_input(name)
         if key not in shared:
-            shared[key] = jnp.einsum("BTD,PD->BTP", x, pk.A[key][layer].astype(x.dtype))  # B T P_key
+            u = jnp.einsum("BTD,PD->BTP", x, pk.A[key][layer].astype(x.dtype))  # B T P_key
+            if pk.A_scale is not None:
+                u = u * pk.A_scale[key][layer].astype(x.dtype)
+            shared[key] = u
         _, off, p = next(mm for mm in members if mm[0] == name)
         return self._packed_module(layer, name, shared[key][..., off:off + p], x.dtype)
 
@@ -353,6 +407,8 @@ class HiLoRAHook(LoraHook):
             koff += k
         if coefs:
             coef = jnp.concatenate(coefs, -1) if len(coefs) > 1 else coefs[0]
+            if pk.B_scale is not None:
+                coef = coef * pk.B_scale[name][layer].astype(coef.dtype)
             delta = jnp.einsum("BTP,PE->BTE", coef, pk.B[name][layer].astype(dtype))
             fired_ad = jnp.zeros((b, t, num_a), u.dtype).at[..., np.asarray(order)].set(
                 jnp.concatenate(fired_g, -1))

@@ -36,6 +36,7 @@ import numpy as np
 from hilora_jax.lora.pool import GatedHook, LoraPool
 from hilora_jax.routing import gaussian as gs
 from hilora_jax.routing.hooks import (
+    PACK_WEIGHTS,
     STRATEGIES,
     ArrowHook,
     FusionHook,
@@ -365,8 +366,13 @@ class HiLoRARouter(_EmbeddingRouter):
                  margin: float | None = None, full_at: float | None = None,
                  allocation: str | None = None, seed: int = 0, estimator: str = "ledoit_wolf",
                  strategy: str = "auto", min_budget: int = 1, pca_dim: int | None = None,
-                 trim: bool = True, embedder=None, **options):
+                 trim: bool = True, pack_weights: str | None = None, embedder=None, **options):
         super().__init__(pool, embedder=embedder, **options)
+        if pack_weights in ("none", ""):
+            pack_weights = None
+        if pack_weights not in (None, *PACK_WEIGHTS):
+            raise ValueError(f"pack_weights must be one of {PACK_WEIGHTS} or None, got "
+                             f"{pack_weights!r}")
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         p = dict(PRESETS[preset])
@@ -399,6 +405,7 @@ class HiLoRARouter(_EmbeddingRouter):
         self.preset, self.estimator, self.pca_dim = preset, estimator, pca_dim
         self.seed, self.strategy, self.min_budget = int(seed), strategy, int(min_budget)
         self.trim = bool(trim)
+        self.pack_weights = pack_weights
         m_min = min(len(self.sample_embeddings[n]) for n in pool.names)
         # calibration is needed by the calibrated rule; for the paper rule it is a diagnostic
         self.calibrate = self.params["rule"] == "calibrated" or m_min >= 3
@@ -444,7 +451,8 @@ class HiLoRARouter(_EmbeddingRouter):
         hook = HiLoRAHook(arr, dec.cand_idx[:, :c], dec.cand_valid[:, :c], dec.n_rocs[:, :c], kap,
                           strategy=self.strategy)
         if self.strategy in ("packed", "auto"):
-            hook = hook.prepared()  # the pool's packed ROCs (cached) + decisions folded per ROC
+            # the pool's packed ROCs (cached) + decisions folded per ROC
+            hook = hook.prepared(pack_weights=self.pack_weights)
         info.update(router=self.name, scores=np.asarray(scores), kappa=np.asarray(kap),
                     rule=self.params["rule"])
         if cal is not None:

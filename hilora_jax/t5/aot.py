@@ -107,6 +107,9 @@ def analyze(spec: aot.AotSpec, *, log=None, hlo_dir: str | None = None) -> dict:
     cfg = spec.cfg
     if spec.dtype not in ("bfloat16", "float32"):
         raise aot.AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
+    for flag, v in (("--weights", spec.weights), ("--pack-weights", spec.pack_weights)):
+        if v not in (None, "none", "bf16", "bfloat16", "float32", "fp32"):
+            raise aot.AotError(f"{flag} {v}: Llama-family models only (not T5)")
     for r in spec.routers:
         if r not in aot.ROUTERS:
             raise aot.AotError(f"unknown router {r!r}; choose from {', '.join(aot.ROUTERS)} or all")
