@@ -177,9 +177,10 @@ def select(args, prog: str):
 
 
 def evaluate_arm(arm: str, model, pool, tok, routers, sel, evals: Path, batch_size: int,
-                 config: dict, results: dict, timing: dict, resumed: dict) -> None:
-    """Every router of `routers` on `sel` (`seen`) with `model` + `pool`, into `results[(arm,
-    router)]` (per-item records cached under `evals/<arm>_<router>.json`)."""
+                 config: dict, results: dict, timing: dict, resumed: dict,
+                 router_options: dict | None = None) -> None:
+    """Every router of `routers` on `sel` (`seen`) with `model` + `pool` (and `router_options`),
+    into `results[(arm, router)]` (per-item records cached under `evals/<arm>_<router>.json`)."""
     from hilora_jax.eval.runner import PrefixScorer, evaluate, first_adapted_layer
     from hilora_jax.inference import Engine
     from hilora_jax.routing import build_router
@@ -187,7 +188,7 @@ def evaluate_arm(arm: str, model, pool, tok, routers, sel, evals: Path, batch_si
     eng = Engine(model)
     scorer = PrefixScorer(eng, first_adapted_layer(pool))
     for name in routers:
-        router = build_router(name, pool, engine=eng, tokenizer=tok)
+        router = build_router(name, pool, options=router_options, engine=eng, tokenizer=tok)
         t0 = time.perf_counter()
         r = evaluate(eng, tok, pool, router, sel, protocol="seen", scorer=scorer,
                      batch_size=batch_size, progress=False, out=evals / f"{arm}_{name}.json",

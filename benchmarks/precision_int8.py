@@ -14,6 +14,11 @@ per-choice log-prob drift.
 
   python benchmarks/precision_int8.py [--tasks a,b] [--items N] [--routers oracle,hilora]
 Outputs: benchmarks/results/precision_int8.{json,md} (`--out`).
+
+`--pack` adds a third arm, `int8pack`: the int8 model with the hilora router's packed ROCs in int8
+too (`pack_weights="int8"`, a float32 scale per ROC; `hilora aot --pack-weights int8`), compared
+with `int8` (the pack's quantisation alone) and with `fp32`; only routers that read the pack
+(`hilora`) are run. Outputs: results/precision_int8_pack.{json,md}.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import common  # noqa: E402
 from precision import REPO, compare, evaluate_arm, select, write_report  # noqa: E402
 
 ARMS = ("fp32", "int8")
+PACK_ARM = "int8pack"
 
 
 def run(args) -> int:
@@ -40,18 +46,24 @@ def run(args) -> int:
     from hilora_jax import load_model, load_pool
 
     pool_dir, tok, names, tasks, routers, sel = select(args, "precision_int8")
+    if args.pack and routers != ["hilora"]:
+        raise SystemExit("precision_int8: --pack compares the hilora router only (--routers hilora)")
     evals = Path(args.work) / "eval_int8"
     results: dict = {}
     timing: dict = {}
     weight_bytes: dict = {}
-    for arm in ARMS:
+    for arm in ARMS + ((PACK_ARM,) if args.pack else ()):
         model = load_model("smollm2", dtype=jnp.float32, progress=False,
-                           weights="int8" if arm == "int8" else None)
+                           weights=None if arm == "fp32" else "int8")
         weight_bytes[arm] = int(sum(v.nbytes for _, v in nnx.to_flat_state(nnx.state(model))))
         pool = load_pool(pool_dir, model=model, dtype=jnp.float32, progress=False)
+        opts = {"pack_weights": "int8"} if arm == PACK_ARM else None
         evaluate_arm(arm, model, pool, tok, routers, sel, evals, args.batch_size,
-                     {"weights": arm, "pool_dir": str(pool_dir)}, results, timing, {})
+                     {"weights": arm, "pool_dir": str(pool_dir)}, results, timing, {},
+                     router_options=opts)
         del model, pool
+    if args.pack:
+        return report_pack(args, results, routers, tasks, evals, names, sel, timing, t_start)
 
     table, out_rows, drift, drift_md = compare(results, "fp32", "int8", routers, tasks, evals)
     cmd = common.command_line()
@@ -78,6 +90,35 @@ def run(args) -> int:
                          "param_bytes": weight_bytes}, t_start)
 
 
+def report_pack(args, results, routers, tasks, evals, names, sel, timing, t_start) -> int:
+    """The `--pack` report: int8pack vs int8 and vs fp32 (paired), log-prob drift of each."""
+    md_parts, rows, drifts = [], {}, {}
+    for a in ("int8", "fp32"):
+        table, out_rows, drift, drift_md = compare(results, a, PACK_ARM, routers, tasks, evals)
+        rows[a], drifts[a] = out_rows, drift
+        md_parts.append(f"### int8pack vs {a}\n\n" + common.markdown_table(
+            ["router", "task", "items", f"acc {a}", "acc int8pack", f"int8pack - {a}",
+             "SE (paired)", "items gained/lost"], table)
+            + f"\n\nSummed choice log-probs, int8pack vs {a}:\n\n{drift_md}\n")
+    machine = common.machine_info()
+    subset = f"tasks {tasks}" + (f", first {args.items} test items per task" if args.items
+                                 else ", all 50 test items")
+    md = (f"`{common.command_line()}`\n\nSmolLM2-135M-Instruct, pool {sorted(names)} (r=8 q/v, "
+          f"`benchmarks/precision.py prepare`), `seen` protocol, test split: {subset} "
+          f"({len(sel)} items), router hilora. Arms: fp32; int8 (weight-only int8 base kernels, "
+          f"LoRA pool float32); int8pack (int8 base kernels and the hilora router's packed ROCs "
+          f"in int8 with a float32 scale per ROC, `pack_weights=int8`). Paired difference per "
+          f"item, SE = sd(d)/sqrt(n). {machine['cpu_model']}, {machine['usable_cores']} cores; "
+          f"eval seconds {({k: round(v) for k, v in timing.items()})}.\n\n"
+          + "\n".join(md_parts))
+    if args.out is None:
+        args.out = str(common.RESULTS_DIR / "precision_int8_pack.json")
+    return write_report("precision_int8_pack", args, md, results, ARMS + (PACK_ARM,), routers,
+                        tasks, rows, drifts, {"subset": subset, "items": len(sel),
+                                              "pool": sorted(names), "machine": machine,
+                                              "eval_s": timing}, t_start)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +129,7 @@ def main(argv=None) -> int:
     p.add_argument("--routers", default="oracle,hilora")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="JSON path (default results/precision_int8.json)")
+    p.add_argument("--pack", action="store_true", help="add the int8pack arm (hilora only)")
     args = p.parse_args(argv)
     if args.items < 0:
         p.error("--items must be >= 0")

@@ -5,7 +5,9 @@ becomes an `Int8Linear`: `kernel` int8 `[in, out]` and `scale` float32 `[out]`, 
 output channel (`scale_j = max_i |W_ij| / 127`, `q = round(W / scale)`, so every weight is
 reconstructed within `scale_j / 2`). The matmul dequantises inside: `(x @ q.astype(x.dtype)) *
 scale.astype(x.dtype)`, in the model (activation) dtype; XLA fuses the convert into the dot, so a
-decode step reads the int8 bytes from memory. Biases, norms and LoRA pools stay in the model dtype.
+decode step reads the int8 bytes from memory. Biases, norms and LoRA pools stay in the model dtype;
+the HiLoRA router can keep the ROCs its token stage reads every step (its `RocPack`) in int8 as well,
+with a scale per ROC (`HiLoRARouter(pack_weights="int8")`, `routing.hooks.pack_rocs`).
 
 Embeddings stay in the model dtype: an embedding lookup reads only the `B x T` rows it gathers,
 so quantising the table saves memory but no bandwidth per token, and a tied table also serves as
