@@ -109,6 +109,10 @@ def check_router(name: str, options: dict) -> None:
         have = ", ".join(sorted(allowed)) if allowed else "none"
         raise UsageError(f"router {name!r} has no option {', '.join(map(repr, bad))} "
                          f"(its options: {have})")
+    pw = options.get("pack_weights")
+    if pw is not None and pw not in ("int8", "none", ""):
+        raise UsageError(f"--router-option pack_weights={pw!r}: unknown; choose int8 (or none "
+                         "for the pool's dtype)")
     emb = options.get("embedder")
     if emb and emb != "minilm" and not emb.startswith("llm"):  # a checkpoint dir or a hub id
         from hilora_jax.io.loading import looks_like_hub_id

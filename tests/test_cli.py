@@ -336,6 +336,8 @@ ERRORS = {
     "router-option-bad-value": ([*GEN, "--pool", POOL, "--router-option", "kappa=bogus",
                                  "--router-option", "embedder=llm"],
                                 ["router 'hilora'", "kappa", "'bogus'"], None, {}),
+    "router-option-bad-pack": ([*EV, "--out", "out.json", "--router-option", "pack_weights=int4"],
+                               ["pack_weights='int4'", "choose int8"], "out.json", {}),
     "router-needs-samples": ([*GEN, "--pool", "src/adapters", "--router", "retrieval"],
                              ["'retrieval'", "samples", "src/adapters"], None, {}),
     "embedder-path-missing": ([*GEN, "--pool", POOL, "--router-option", "embedder=src/minilm"],
