@@ -355,6 +355,8 @@ class HiLoRARouter(_EmbeddingRouter):
     for ``calibrated``; for ``paper`` when every adapter has >= 3 samples), ``cal_scores``.
     With ``estimator="pca"`` the basis is fitted on the active adapters only (one bank per
     active set, cached), so a protocol's held-out adapters do not shape it.
+    ``pack_weights="int8"`` keeps the packed ROCs (``packed`` / ``auto``) in int8 with a float32
+    scale per ROC (``routing.hooks.RocPack``).
     """
 
     name = "hilora"
