@@ -15,6 +15,10 @@ per-choice log-prob drift.
   python benchmarks/precision_int8.py [--tasks a,b] [--items N] [--routers oracle,hilora]
 Outputs: benchmarks/results/precision_int8.{json,md} (`--out`).
 
+The fp32 arm is `precision.py`'s `float32` arm (same configuration, same per-item record files
+under `<work>/eval`), so after `precision.py run` on the same items its records are resumed, not
+recomputed; the int8 arms' records sit beside them.
+
 `--pack` adds a third arm, `int8pack`: the int8 model with the hilora router's packed ROCs in int8
 too (`pack_weights="int8"`, a float32 scale per ROC; `hilora aot --pack-weights int8`), compared
 with `int8` (the pack's quantisation alone) and with `fp32`; only routers that read the pack
@@ -34,7 +38,7 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 from precision import REPO, compare, evaluate_arm, select, write_report  # noqa: E402
 
-ARMS = ("fp32", "int8")
+ARMS = ("float32", "int8")  # "float32": precision.py's arm
 PACK_ARM = "int8pack"
 
 
@@ -48,52 +52,64 @@ def run(args) -> int:
     pool_dir, tok, names, tasks, routers, sel = select(args, "precision_int8")
     if args.pack and routers != ["hilora"]:
         raise SystemExit("precision_int8: --pack compares the hilora router only (--routers hilora)")
-    evals = Path(args.work) / "eval_int8"
+    evals = Path(args.work) / "eval"
     results: dict = {}
     timing: dict = {}
     weight_bytes: dict = {}
+    resumed: dict = {}
     for arm in ARMS + ((PACK_ARM,) if args.pack else ()):
         model = load_model("smollm2", dtype=jnp.float32, progress=False,
-                           weights=None if arm == "fp32" else "int8")
+                           weights=None if arm == "float32" else "int8")
         weight_bytes[arm] = int(sum(v.nbytes for _, v in nnx.to_flat_state(nnx.state(model))))
         pool = load_pool(pool_dir, model=model, dtype=jnp.float32, progress=False)
         opts = {"pack_weights": "int8"} if arm == PACK_ARM else None
-        evaluate_arm(arm, model, pool, tok, routers, sel, evals, args.batch_size,
-                     {"weights": arm, "pool_dir": str(pool_dir)}, results, timing, {},
-                     router_options=opts)
+        config = ({"dtype": "float32", "pool_dir": str(pool_dir)} if arm == "float32" else
+                  {"weights": arm, "pool_dir": str(pool_dir)})  # float32: precision.py's config
+        evaluate_arm(arm, model, pool, tok, routers, sel, evals, args.batch_size, config, results,
+                     timing, resumed, router_options=opts)
         del model, pool
     if args.pack:
-        return report_pack(args, results, routers, tasks, evals, names, sel, timing, t_start)
+        return report_pack(args, results, routers, tasks, evals, names, sel, timing, resumed,
+                           t_start)
 
-    table, out_rows, drift, drift_md = compare(results, "fp32", "int8", routers, tasks, evals)
-    cmd = common.command_line()
+    table, out_rows, drift, drift_md = compare(results, "float32", "int8", routers, tasks, evals)
     machine = common.machine_info()
     md_table = common.markdown_table(
         ["router", "task", "items", "acc fp32", "acc int8", "int8 - fp32", "SE (paired)",
          "items gained/lost"], table)
-    subset = f"tasks {tasks}" + (f", first {args.items} test items per task" if args.items
-                                 else ", all 50 test items")
-    md = (f"`{cmd}`\n\nSmolLM2-135M-Instruct, pool {sorted(names)} (r=8 q/v, "
-          f"`benchmarks/precision.py prepare`), `seen` protocol, test split: {subset} "
-          f"({len(sel)} items). Model in float32 vs weight-only int8 base kernels "
+    subset, head = header(args, names, tasks, sel)
+    md = (f"{head}. Model in float32 vs weight-only int8 base kernels "
           f"(per-output-channel scales; embeddings, norms, pool and activations float32). Model "
-          f"parameter bytes fp32 {weight_bytes['fp32'] / 2**20:.1f} MiB, int8 "
+          f"parameter bytes fp32 {weight_bytes['float32'] / 2**20:.1f} MiB, int8 "
           f"{weight_bytes['int8'] / 2**20:.1f} MiB (the tied 49152x576 embedding stays fp32). "
           f"Paired difference d = correct(int8) - correct(fp32) per item; SE = sd(d)/sqrt(n). "
           f"{machine['cpu_model']}, {machine['usable_cores']} cores, jax "
           f"{machine['versions'].get('jax')}; eval seconds "
-          f"{({k: round(v) for k, v in timing.items()})}.\n\n{md_table}\n\n"
+          f"{({k: round(v) for k, v in timing.items()})} (examples resumed from cached per-item "
+          f"records: {resumed}).\n\n{md_table}\n\n"
           f"Summed choice log-probs, int8 vs fp32 (per item, all choices):\n\n{drift_md}\n")
     return write_report("precision_int8", args, md, results, ARMS, routers, tasks, out_rows, drift,
                         {"subset": subset, "items": len(sel), "pool_dir": str(pool_dir),
                          "pool": sorted(names), "machine": machine, "eval_s": timing,
-                         "param_bytes": weight_bytes}, t_start)
+                         "resumed_examples": resumed, "param_bytes": weight_bytes}, t_start)
 
 
-def report_pack(args, results, routers, tasks, evals, names, sel, timing, t_start) -> int:
+def header(args, names, tasks, sel) -> tuple[str, str]:
+    """(the test-subset phrase, the report's opening: command line, model, pool, protocol,
+    items), shared by both reports."""
+    subset = ("all pool tasks" if len(tasks) == len(names) else f"tasks {tasks}") + (
+        f", first {args.items} test items per task" if args.items else ", all 50 test items")
+    head = (f"`{common.command_line()}`\n\nSmolLM2-135M-Instruct, pool {sorted(names)} (r=8 q/v, "
+            f"`benchmarks/precision.py prepare`), `seen` protocol, test split: {subset} "
+            f"({len(sel)} items)")
+    return subset, head
+
+
+def report_pack(args, results, routers, tasks, evals, names, sel, timing, resumed,
+                t_start) -> int:
     """The `--pack` report: int8pack vs int8 and vs fp32 (paired), log-prob drift of each."""
     md_parts, rows, drifts = [], {}, {}
-    for a in ("int8", "fp32"):
+    for a in ("int8", "float32"):
         table, out_rows, drift, drift_md = compare(results, a, PACK_ARM, routers, tasks, evals)
         rows[a], drifts[a] = out_rows, drift
         md_parts.append(f"### int8pack vs {a}\n\n" + common.markdown_table(
@@ -101,22 +117,20 @@ def report_pack(args, results, routers, tasks, evals, names, sel, timing, t_star
              "SE (paired)", "items gained/lost"], table)
             + f"\n\nSummed choice log-probs, int8pack vs {a}:\n\n{drift_md}\n")
     machine = common.machine_info()
-    subset = f"tasks {tasks}" + (f", first {args.items} test items per task" if args.items
-                                 else ", all 50 test items")
-    md = (f"`{common.command_line()}`\n\nSmolLM2-135M-Instruct, pool {sorted(names)} (r=8 q/v, "
-          f"`benchmarks/precision.py prepare`), `seen` protocol, test split: {subset} "
-          f"({len(sel)} items), router hilora. Arms: fp32; int8 (weight-only int8 base kernels, "
+    subset, head = header(args, names, tasks, sel)
+    md = (f"{head}, router hilora. Arms: float32; int8 (weight-only int8 base kernels, "
           f"LoRA pool float32); int8pack (int8 base kernels and the hilora router's packed ROCs "
           f"in int8 with a float32 scale per ROC, `pack_weights=int8`). Paired difference per "
           f"item, SE = sd(d)/sqrt(n). {machine['cpu_model']}, {machine['usable_cores']} cores; "
-          f"eval seconds {({k: round(v) for k, v in timing.items()})}.\n\n"
+          f"eval seconds {({k: round(v) for k, v in timing.items()})} (resumed: {resumed}).\n\n"
           + "\n".join(md_parts))
     if args.out is None:
         args.out = str(common.RESULTS_DIR / "precision_int8_pack.json")
     return write_report("precision_int8_pack", args, md, results, ARMS + (PACK_ARM,), routers,
                         tasks, rows, drifts, {"subset": subset, "items": len(sel),
                                               "pool": sorted(names), "machine": machine,
-                                              "eval_s": timing}, t_start)
+                                              "eval_s": timing, "resumed_examples": resumed},
+                        t_start)
 
 
 def main(argv=None) -> int:

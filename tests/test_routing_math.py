@@ -584,9 +584,21 @@ def test_int8_pack_equals_the_dequantized_pool_and_bounds_each_weight():
             np.testing.assert_array_equal(np.asarray(aux["fired"]), want[1], err_msg=m)
             np.testing.assert_allclose(np.asarray(delta), want[0], rtol=1e-5, atol=1e-4,
                                        err_msg=m)
-    # auto weighs an int8 pack's reads at a quarter of a float32 pool's
-    from hilora_jax.routing.hooks import token_cost
-
-    kw = dict(b=8, t=1, c=8, a=512, r=8, p=512 * 8, d=576, e=576)
-    assert token_cost("packed", **kw, pack_read=0.25) < token_cost("packed", **kw)
+    # auto weighs an int8 pack's reads at a quarter of a float32 pool's: on a pool large enough
+    # that small decode batches gather (the same adapters 12 times), over batches 1..128 it picks
+    # the packed path wherever it does with the float pack, and at some batches only then
+    k = 12
+    big = arrays.replace(A={m: jnp.tile(v, (1, k, 1, 1)) for m, v in arrays.A.items()},
+                         B={m: jnp.tile(v, (1, k, 1, 1)) for m, v in arrays.B.items()},
+                         scale={m: jnp.tile(v, (1, k, 1)) for m, v in arrays.scale.items()},
+                         mask={m: jnp.tile(v, (1, k, 1)) for m, v in arrays.mask.items()},
+                         ranks=jnp.tile(arrays.ranks, k), active=jnp.tile(arrays.active, k))
+    decisions = (jnp.asarray(cand), jnp.asarray(valid), jnp.asarray(n_rocs), jnp.asarray(kap))
+    d_in = shapes["q_proj"][0]
+    picks = {w: [HiLoRAHook(big, *decisions).prepared("auto", pack_weights=w)
+                 .choose("q_proj", (b, 1, d_in)) == "packed" for b in range(1, 129)]
+             for w in (None, "int8")}
+    assert not picks[None][0] and picks[None][-1], picks  # both strategies occur
+    assert all(q or not f for f, q in zip(picks[None], picks["int8"], strict=True))
+    assert sum(picks["int8"]) > sum(picks[None]), picks
 

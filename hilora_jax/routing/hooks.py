@@ -202,8 +202,7 @@ def _quantize_layers(rows: dict) -> tuple[dict, dict]:
     for k, layers in rows.items():
         pairs = [quantize_rows(a) for a in layers]
         # keep each array's sharding (a replicated pack stays replicated, a sharded one sharded)
-        q[k] = [jax.device_put(qa, a.sharding) if hasattr(a, "sharding") else qa
-                for (qa, _), a in zip(pairs, layers, strict=True)]
+        q[k] = [jax.device_put(qa, a.sharding) for (qa, _), a in zip(pairs, layers, strict=True)]
         sc[k] = [s for _, s in pairs]
     return q, sc
 
