@@ -1,5 +1,5 @@
 """The README's accelerator table from `hilora aot`: Llama-2-7B + 50 r=8 q/v LoRAs, bf16 (and
-weight-only int8 base kernels, `:int8` entries), 2048-token
+weight-only int8 / int4 base kernels, `:int8` / `:int4` entries), 2048-token
 prompts (+128 new tokens: 2176 cache slots), on TPU v5e-1 / v5e-8 / v6e-8 at batch 1 / 8 / 32.
 
 Every cell comes from compiling `Engine`'s real prefill and decode step for that slice through
@@ -9,6 +9,7 @@ estimates from XLA's cost analysis and the chips' published peaks (see `hilora_j
     python benchmarks/aot_table.py                       # every configuration (resumes)
     python benchmarks/aot_table.py --only v5e-8:8        # one configuration
     python benchmarks/aot_table.py --only v5e-1:1:int8   # the same with int8 base weights
+    python benchmarks/aot_table.py --only v5e-1:8:int4   # 4-bit base weights
     python benchmarks/aot_table.py --only v5e-8:8:int8:pack8 --keep base   # + hilora's int8 pack
     python benchmarks/aot_table.py --before v5e-8:32     # + the prefill with unchunked attention
     python benchmarks/aot_table.py --redo --keep-prefill base hilora   # decode steps only
@@ -73,7 +74,7 @@ def _ms(x):
 
 
 def _w(rep) -> str:
-    w = "int8" if rep.get("weights") == "int8" else "bf16"
+    w = rep["weights"] if rep.get("weights") in ("int8", "int4") else "bf16"
     return w + (" + int8 pack" if rep.get("pack_weights") == "int8" else "")
 
 
@@ -119,7 +120,8 @@ def render(results: dict) -> str:
          "weight/pool all-gathers"], rows)
     lines = [
         f"# `hilora aot`: {MODEL} + {N} r={RANK} {'/'.join(TARGETS)} LoRAs, bf16 (int8: weight-only "
-        f"int8 base kernels, bf16 activations and LoRAs; + int8 pack: also the hilora router's "
+        f"int8 base kernels, bf16 activations and LoRAs; int4: 4-bit base kernels with a float16 "
+        f"scale and min per 32 inputs; + int8 pack: also the hilora router's "
         f"packed ROCs in int8, `pack_weights=int8`), prompt {PROMPT} + "
         f"{NEW} new tokens",
         "",
@@ -245,8 +247,8 @@ def main(argv=None) -> int:
             print(f"{section} {key}: already done")
             continue
         topo, batch, *w = key.split(":")
-        if w not in ([], ["int8"], ["pack8"], ["int8", "pack8"]):
-            raise SystemExit(f"{key}: expected slice:batch[:int8][:pack8]")
+        if w not in ([], ["int8"], ["int4"], ["pack8"], ["int8", "pack8"], ["int4", "pack8"]):
+            raise SystemExit(f"{key}: expected slice:batch[:int8|:int4][:pack8]")
         pack = "int8" if "pack8" in w else None
         w = [x for x in w if x != "pack8"]
         print(f"== {section} {key}", flush=True)

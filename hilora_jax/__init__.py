@@ -2,7 +2,7 @@
 
 Front doors:
   load_model(src, dtype=..., mesh=...)    HF dir, hub id, .gguf, converted dir, or "smollm2";
-                                          weights="int8": weight-only int8 base kernels
+                                          weights="int8" / "int4": weight-only base kernels
   load_tokenizer(src)
   load_pool(manifest_or_dir, model=...)   PEFT adapters -> stacked LoRA pool
   save_model(model, out, tokenizer=...)   converted (orbax) model dir; save_pool(pool, out)

@@ -385,15 +385,16 @@ def abstract_hook(router: str, arrays, batch: int, mesh: Mesh, max_candidates: i
 def abstract_params(cfg: ModelConfig, dtype, mesh: Mesh, weights: str | None = None):
     """Graph definition and state of the model with `ShapeDtypeStruct` leaves on their shardings.
 
-    `weights="int8"`: the base kernels are int8 with float32 per-output-channel scales
-    (`hilora_jax.model.quant.quantize_model`, traced abstractly), each on its rules-table sharding
-    (a scale takes its kernel's output axis)."""
+    `weights="int8"`: the base kernels are int8 with float32 per-output-channel scales; `"int4"`:
+    4-bit codes with float16 scale and min per 32 inputs (`hilora_jax.model.quant.quantize_model`,
+    traced abstractly), each on its rules-table sharding (a scale takes its kernel's output axis,
+    int4's groups its input axis)."""
     from hilora_jax.io.hf import _path_str, abstract_model
 
-    if weights == "int8":
-        from hilora_jax.model.quant import abstract_int8_model
+    if weights in ("int8", "int4"):
+        from hilora_jax.model.quant import abstract_quantized_model
 
-        graphdef, state, _ = abstract_int8_model(cfg, dtype)
+        graphdef, state, _ = abstract_quantized_model(cfg, dtype, weights)
     else:
         graphdef, state, _ = abstract_model(cfg, dtype)
     for path, var in nnx.to_flat_state(state):
@@ -414,14 +415,20 @@ _COLL = re.compile(r"=\s*(?P<type>\([^=]*?\)|[a-z0-9]+\[[0-9,]*\][^ ]*)\s+"
 _SHAPE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 
 
+def _itemsize(dtype) -> float:
+    """Bytes per element in accelerator memory (4-bit types: two per byte, as TPU/GPU pack them)."""
+    dt = jnp.dtype(dtype)
+    return 0.5 if dt in (jnp.dtype(jnp.int4), jnp.dtype(jnp.uint4)) else dt.itemsize
+
+
 def _nbytes(a) -> int:
-    return int(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize)
+    return int(math.prod(a.shape) * _itemsize(a.dtype))
 
 
 def _device_bytes(a) -> int:
     """Bytes of one device's shard of an abstract array with a sharding."""
     shape = a.sharding.shard_shape(a.shape) if a.sharding is not None else a.shape
-    return int(math.prod(shape) * jnp.dtype(a.dtype).itemsize)
+    return int(math.prod(shape) * _itemsize(a.dtype))
 
 
 def _shapes(type_str: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -609,11 +616,9 @@ class AotSpec:
 
 def check_spec(spec: AotSpec) -> None:
     """Input errors, before any compilation (each one line naming the bad value)."""
-    if spec.weights not in (None, "none", "bf16", "bfloat16", "float32", "fp32", "int8"):
-        if spec.weights == "int4":
-            raise AotError("--weights int4: not implemented (weight-only int8 only)")
-        raise AotError(f"--weights {spec.weights!r}: unknown; choose int8 (or omit it for "
-                       "--dtype weights)")
+    if spec.weights not in (None, "none", "bf16", "bfloat16", "float32", "fp32", "int8", "int4"):
+        raise AotError(f"--weights {spec.weights!r}: unknown; choose int8 or int4 (or omit it "
+                       "for --dtype weights)")
     if spec.dtype not in ("bfloat16", "float32"):
         raise AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
     if spec.pack_weights not in (None, "none", "int8"):
@@ -715,7 +720,7 @@ def analyze(spec: AotSpec, *, log=None, hlo_dir: str | None = None,
     mesh = Mesh(np.asarray(devices).reshape(data, model_ax), (shd.DATA, shd.MODEL))
     routers = ["base", *[r for r in spec.routers if r != "base"]]
 
-    weights = "int8" if spec.weights == "int8" else None
+    weights = spec.weights if spec.weights in ("int8", "int4") else None
     pack_weights = "int8" if spec.pack_weights == "int8" else None
     graphdef, state = abstract_params(cfg, dtype, mesh, weights)
     pool_arrays, pool_desc = abstract_pool(spec.pool, cfg, dtype, mesh)
@@ -867,7 +872,8 @@ def _ms(x) -> str:
 
 def format_table(rep: dict) -> str:
     lines = [
-        f"{rep['model']} {rep['dtype']}{' int8 weights' if rep.get('weights') == 'int8' else ''}"
+        f"{rep['model']} {rep['dtype']}"
+        f"{' ' + rep['weights'] + ' weights' if rep.get('weights') in ('int8', 'int4') else ''}"
         f"{' int8 LoRA pack' if rep.get('pack_weights') == 'int8' else ''}"
         f" on {rep['topology']} ({rep['devices']} devices, mesh "
         f"{rep['mesh']['data']}x{rep['mesh']['model']}), batch {rep['batch']}, prompt "
@@ -914,7 +920,8 @@ def add_aot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None, help="DATAxMODEL (default 1xN)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels with "
-                   "per-channel scales (activations, embeddings and the pool in --dtype)")
+                   "per-channel scales; int4: 4-bit codes with a float16 scale and min per 32 "
+                   "inputs (activations, embeddings and the pool in --dtype)")
     p.add_argument("--pack-weights", default=None,
                    help="int8: the hilora router's packed ROCs in int8 with a scale per ROC "
                         "(router option pack_weights=int8); default: the pool's dtype")

@@ -387,7 +387,7 @@ def cmd_eval(args) -> int:
         mesh = shd.make_mesh(d, m, devices=jax.local_devices())
     if is_t5_dir(args.model):  # encoder-decoder: the choice is the decoder target
         if args.weights:
-            raise UsageError("--weights int8: Llama-family models only (not T5)")
+            raise UsageError(f"--weights {args.weights}: Llama-family models only (not T5)")
         from hilora_jax.t5 import T5Engine, load_t5
 
         model = load_t5(args.model, dtype=args.dtype, mesh=mesh)
@@ -469,8 +469,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    g.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels "
-                    "(activations in --dtype)")
+    g.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels; "
+                    "int4: 4-bit kernels, a scale and min per 32 inputs (activations in --dtype)")
     g.add_argument("--no-chat-template", action="store_true")
 
     cp = add("convert-pool", cmd_convert_pool,
@@ -499,8 +499,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=16)
     ev.add_argument("--max-len", type=int, default=256)
     ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ev.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels "
-                    "(activations in --dtype)")
+    ev.add_argument("--weights", default=None, help="int8: weight-only int8 base kernels; "
+                    "int4: 4-bit kernels, a scale and min per 32 inputs (activations in --dtype)")
     ev.add_argument("--mesh", default=None, help="DATAxMODEL over this process's devices, e.g. 2x4")
     ev.add_argument("--no-resume", action="store_true")
     ev.add_argument("--multihost", action="store_true",

@@ -50,3 +50,26 @@ def test_demo_answers_paris(real):
                                  stop_tokens=list(model.config.eos_token_id) + [tok.eos_token_id])
     text = tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
     assert "Paris" in text, text
+
+
+def test_int4_keeps_the_gguf_q4_1_weights_exactly(real):
+    """The GGUF stores every projection as Q4_1 (32-weight blocks, float16 scale and min):
+    `weights="int4"` holds each of the 210 kernels in that very grid (dequantised, equal to the
+    float load bit for bit) at 5 bits per weight, and the int4 model still answers the demo."""
+    from hilora_jax.model.quant import Int4Linear, linear_paths
+
+    path, model, tok = real
+    q4 = load_model(path, progress=False, weights="int4")
+    qlin = {p: getattr(parent, a) for p, parent, a in linear_paths(q4)}
+    assert len(qlin) == 210
+    for p, parent, a in linear_paths(model):
+        assert isinstance(qlin[p], Int4Linear), p
+        np.testing.assert_array_equal(np.asarray(qlin[p].dequantized()),
+                                      np.asarray(getattr(parent, a).kernel[...]), err_msg=p)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, tokenize=True)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    out = Engine(q4).generate([list(ids)], max_new_tokens=24, pad_id=tok.pad_token_id or 0,
+                              stop_tokens=list(q4.config.eos_token_id) + [tok.eos_token_id])
+    assert "Paris" in tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)

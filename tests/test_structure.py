@@ -46,8 +46,14 @@ def test_projection_table_is_the_one_source():
         assert lora_axes(m, "A")[-1] == i and lora_axes(m, "B")[-1] == o
         # weight-only int8: the per-output-channel scale follows the kernel's output axis
         assert param_logical_axes(f"model.layers.1.{projection(m).block}.{m}.scale", 1) == (o,)
-    # kernel, bias and int8 scale per projection; embedding, norms, lm_head kernel and scale
-    assert len(PARAM_AXES) == 3 * len(LLAMA) + 4
+        # int4: the groups follow the kernel's input axis, the channels its output axis
+        assert param_logical_axes(f"model.layers.1.{projection(m).block}.{m}.kernel4", 3) == (
+            i, None, o)
+        for pair in ("group_scale", "group_min"):
+            assert param_logical_axes(f"model.layers.2.{projection(m).block}.{m}.{pair}", 2) == (i, o)
+    # kernel, bias, int8 scale, int4 codes and pairs per projection; embedding, norms, lm_head
+    # kernel, scale, codes and pairs
+    assert len(PARAM_AXES) == 5 * len(LLAMA) + 6
     groups = shared_input_groups()
     assert groups[:2] == (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
     # then T5's (model.projections.T5): self-attention q/k/v, cross-attention k/v, wi*

@@ -38,21 +38,32 @@ def flat_params(model: CausalLM) -> dict[str, jax.Array]:
     return {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
 
 
+# 4-bit arrays (int4 kernels, `hilora_jax.model.quant`) are stored one code per byte: orbax /
+# tensorstore have no 4-bit type
+_STORED_AS = {jnp.dtype(jnp.uint4): jnp.dtype(jnp.uint8), jnp.dtype(jnp.int4): jnp.dtype(jnp.int8)}
+
+
 def save_arrays(path: Path, arrays: dict[str, jax.Array]) -> None:
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(Path(path).absolute(), arrays)
+    ckptr.save(Path(path).absolute(),
+               {k: v.astype(_STORED_AS[v.dtype]) if v.dtype in _STORED_AS else v
+                for k, v in arrays.items()})
     ckptr.wait_until_finished()
 
 
 def restore_arrays(path: Path, abstract: dict[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     ckptr = ocp.StandardCheckpointer()
-    return ckptr.restore(Path(path).absolute(), abstract)
+    stored = {k: jax.ShapeDtypeStruct(v.shape, _STORED_AS[v.dtype], sharding=v.sharding)
+              if v.dtype in _STORED_AS else v for k, v in abstract.items()}
+    out = ckptr.restore(Path(path).absolute(), stored)
+    return {k: out[k].astype(abstract[k].dtype) if abstract[k].dtype in _STORED_AS else out[k]
+            for k in out}
 
 
 def save_model(model: CausalLM, out: str | os.PathLike, *, tokenizer=None, source: str = "",
                overwrite: bool = False) -> Path:
     """Write a converted model directory atomically."""
-    from hilora_jax.model.quant import is_quantized
+    from hilora_jax.model.quant import model_weights
 
     out = Path(out).absolute()
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -61,7 +72,7 @@ def save_model(model: CausalLM, out: str | os.PathLike, *, tokenizer=None, sourc
             "format_version": FORMAT_VERSION,
             "config": model.config.to_dict(),
             "dtype": str(jnp.dtype(model.dtype)),
-            "weights": "int8" if is_quantized(model) else None,  # hilora_jax.model.quant
+            "weights": model_weights(model),  # "int8" / "int4": hilora_jax.model.quant
             "source": source,
         }
         (tmp / "hilora_model.json").write_text(json.dumps(meta, indent=2))
@@ -85,10 +96,11 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
     meta = read_meta(path)
     cfg = ModelConfig.from_dict(meta["config"])
     stored = jnp.dtype(meta["dtype"])
-    if meta.get("weights") == "int8":  # int8 kernels + f32 scales (hilora_jax.model.quant)
-        from hilora_jax.model.quant import abstract_int8_model
+    if meta.get("weights"):  # int8 / int4 kernels + their scales (hilora_jax.model.quant)
+        from hilora_jax.model.quant import abstract_quantized_model, check_weights
 
-        graphdef, state, flat = abstract_int8_model(cfg, stored)
+        graphdef, state, flat = abstract_quantized_model(cfg, stored,
+                                                         check_weights(meta["weights"]))
     else:
         graphdef, state, flat = abstract_model(cfg, stored)
     abstract = {}
@@ -103,7 +115,7 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
     for p, var in nnx.to_flat_state(state):
         a = arrays[_path_str(p)]
         if dtype is not None and jnp.dtype(dtype) != stored and a.dtype == stored \
-                and not _path_str(p).endswith(".scale"):  # int8 kernels and scales keep theirs
+                and not _path_str(p).endswith(".scale"):  # quantised kernels, scales keep theirs
             a = a.astype(dtype)
         var.set_value(a)
     model = nnx.merge(graphdef, state)

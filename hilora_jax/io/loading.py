@@ -94,8 +94,8 @@ def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None =
     """Load a Llama-family model from any supported source (see module docstring).
 
     With `mesh`, every parameter is placed straight onto its `NamedSharding` from the rules table.
-    `weights="int8"`: weight-only int8 base kernels (`hilora_jax.model.quant`), activations, norms
-    and embeddings in `dtype`. The returned module has `.config` (`ModelConfig`).
+    `weights="int8"` / `"int4"`: weight-only int8 / 4-bit base kernels (`hilora_jax.model.quant`),
+    activations, norms and embeddings in `dtype`. The returned module has `.config` (`ModelConfig`).
     """
     from hilora_jax.model.quant import check_weights, quantize_model
 

@@ -168,14 +168,14 @@ def merge_into(model, pool: LoraPool | PoolArrays, weights: Sequence[float] | Ar
 
     `weights [A]`; the input model is left unchanged (kernels are `[in, out]`).
     """
-    from hilora_jax.model.quant import is_quantized
+    from hilora_jax.model.quant import model_weights
 
     arrays = pool.arrays if isinstance(pool, LoraPool) else pool
     weights = jnp.asarray(weights)
     if weights.shape != (arrays.num_adapters,):
         raise ValueError(f"weights must have shape ({arrays.num_adapters},), got {weights.shape}")
-    if is_quantized(model):
-        raise ValueError("merge_into: the model has int8 kernels (weights='int8'); merge into a "
+    if (q := model_weights(model)) is not None:
+        raise ValueError(f"merge_into: the model has {q} kernels (weights={q!r}); merge into a "
                          "model loaded in a float dtype")
     new = nnx.clone(model)
     for m in arrays.modules:

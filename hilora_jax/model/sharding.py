@@ -51,9 +51,14 @@ PARAM_AXES: list[tuple[str, tuple[str, ...]]] = [
     *[(rf"{p.name}\.bias$", (p.out_axis,)) for p in LLAMA],
     # weight-only int8 (`hilora_jax.model.quant`): the per-output-channel scale follows the output
     *[(rf"{p.name}\.scale$", (p.out_axis,)) for p in LLAMA],
+    # weight-only int4: codes [in / 32, 32, out] and float16 pairs [in / 32, out] per group
+    *[(rf"{p.name}\.kernel4$", (p.in_axis, None, p.out_axis)) for p in LLAMA],
+    *[(rf"{p.name}\.group_(scale|min)$", (p.in_axis, p.out_axis)) for p in LLAMA],
     (r"(norm|layernorm)\.weight$", ("norm",)),
     (r"lm_head\.kernel$", ("embed", "vocab")),
     (r"lm_head\.scale$", ("vocab",)),
+    (r"lm_head\.kernel4$", ("embed", None, "vocab")),
+    (r"lm_head\.group_(scale|min)$", ("embed", "vocab")),
 ]
 
 ACT_AXES = {
