@@ -476,21 +476,34 @@ def _hbm(type_str: str) -> int:
     return sum(n for n, alt in _arrays(type_str) if not alt)
 
 
-def hbm_traffic(hlo: str) -> tuple[int, dict[str, int]]:
+def loop_body(hlo: str) -> str | None:
+    """The name of the body computation of the first `while` in a compiled program's HLO."""
+    m = re.search(r"while\([^\n]*body=%([\w.\-]+)", hlo)
+    return m.group(1) if m else None
+
+
+def hbm_traffic(hlo: str, computation: str | None = None) -> tuple[int, dict[str, int]]:
     """Estimated HBM bytes one run of a compiled TPU program moves, from its HLO: every kernel of
     the entry computation reads its HBM-resident operands and writes its HBM-resident results;
     in-place updates (aliased operands, e.g. the KV cache write) count only their update; gathers
     and dynamic slices count at most their result per operand; prefetches and evictions between
     HBM and on-chip memory (`copy-start` / `slice-start`) count once. XLA's own "bytes accessed"
     also counts on-chip reads and writes of those copies, so it overstates HBM traffic on TPU.
-    Ops inside loops are counted once (the programs here have none). Returns (bytes, by kind)."""
+    Ops inside loops are counted once (the programs here have none). `computation`: count that
+    computation instead of the entry (e.g. a while loop's body, `loop_body`: one iteration).
+    Returns (bytes, by kind)."""
     comps = {m.group(1): m.group(2) for m in
              re.finditer(r"^%(\S+) .*?\{\n(.*?)^\}", hlo, re.S | re.M)}
-    start = hlo.find("\nENTRY")
-    if start < 0:
-        return 0, {}
-    entry = hlo[start:]
-    entry = entry[: entry.find("\n}") if "\n}" in entry else len(entry)]
+    if computation is not None:
+        if computation not in comps:
+            return 0, {}
+        entry = "\n" + comps[computation]
+    else:
+        start = hlo.find("\nENTRY")
+        if start < 0:
+            return 0, {}
+        entry = hlo[start:]
+        entry = entry[: entry.find("\n}") if "\n}" in entry else len(entry)]
     types: dict[str, str] = {}
     total, parts = 0, {}
     for line in entry.splitlines()[1:]:
@@ -619,6 +632,13 @@ def check_spec(spec: AotSpec) -> None:
     if spec.weights not in (None, "none", "bf16", "bfloat16", "float32", "fp32", "int8", "int4"):
         raise AotError(f"--weights {spec.weights!r}: unknown; choose int8 or int4 (or omit it "
                        "for --dtype weights)")
+    if spec.weights == "int4" and not isinstance(spec.cfg, T5Config):
+        from hilora_jax.model.quant import WeightsError, check_int4_config
+
+        try:
+            check_int4_config(spec.cfg)
+        except WeightsError as e:
+            raise AotError(f"--weights int4: {str(e).split(': ', 1)[1]}") from None
     if spec.dtype not in ("bfloat16", "float32"):
         raise AotError(f"--dtype {spec.dtype!r}: choose bfloat16 or float32")
     if spec.pack_weights not in (None, "none", "int8"):

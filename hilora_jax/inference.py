@@ -220,27 +220,38 @@ def _jit_step(fn, options: tuple):
                    compiler_options=dict(options) or None)
 
 
+def decode_options(platform: str) -> tuple:
+    """`DECODE_STEP_OPTIONS[platform]` as a sorted tuple (empty once the compiler refused one)."""
+    opts = {} if platform in _REJECTED_OPTIONS else DECODE_STEP_OPTIONS.get(platform, {})
+    return tuple(sorted(opts.items()))
+
+
 def step_jit(fn, platform: str):
     """A decode step `fn(graphdef, state, tok, cache, lora, *, mesh)` jitted for `platform`
     (graphdef and mesh static, the cache donated, `DECODE_STEP_OPTIONS[platform]`); one jitted
     function per set of options."""
-    opts = {} if platform in _REJECTED_OPTIONS else DECODE_STEP_OPTIONS.get(platform, {})
-    return _jit_step(fn, tuple(sorted(opts.items())))
+    return _jit_step(fn, decode_options(platform))
 
 
-def run_step(fn, platform: str, *args, **kw):
-    """`step_jit(fn, platform)(*args, **kw)`. A compiler that does not know one of the options
-    (another libtpu version) compiles the step with its defaults instead, with one warning."""
+def call_with_options(get_fn, platform: str, *args, **kw):
+    """`get_fn()(*args, **kw)`, `get_fn` returning the program jitted with `decode_options
+    (platform)`. A compiler that does not know one of the options (another libtpu version)
+    compiles it with its defaults instead (`get_fn` is called again), with one warning."""
     try:
-        return step_jit(fn, platform)(*args, **kw)
+        return get_fn()(*args, **kw)
     except jax.errors.JaxRuntimeError as e:
         if "No such compile option" not in str(e) or platform in _REJECTED_OPTIONS:
             raise
-        warnings.warn(f"hilora: the {platform} compiler refused the decode-step options "
+        warnings.warn(f"hilora: the {platform} compiler refused the decode options "
                       f"{DECODE_STEP_OPTIONS.get(platform)} ({str(e).strip()[:200]}); compiling "
-                      "the decode step with its defaults", RuntimeWarning, stacklevel=3)
+                      "with its defaults", RuntimeWarning, stacklevel=3)
         _REJECTED_OPTIONS.add(platform)
-        return step_jit(fn, platform)(*args, **kw)
+        return get_fn()(*args, **kw)
+
+
+def run_step(fn, platform: str, *args, **kw):
+    """`step_jit(fn, platform)(*args, **kw)`, falling back as `call_with_options` does."""
+    return call_with_options(lambda: step_jit(fn, platform), platform, *args, **kw)
 
 
 def platform_of(mesh: Mesh | None) -> str:
@@ -254,6 +265,45 @@ decode_step_jit = step_jit(decode_step, "cpu")  # the step as CPU / GPU compile 
 def decode_step_jit_for(platform: str):
     """The compiled decode step `Engine.decode_step` runs (and `hilora aot` lowers) on `platform`."""
     return step_jit(decode_step, platform)
+
+
+def generate_loop(graphdef, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens, lora,
+                  *, cache_size: int, max_new: int, greedy: bool, mesh: Mesh | None = None):
+    """`Engine.generate`'s program: prefill the prompt into a `cache_size` KV cache, sample the
+    first token, then decode inside one `while_loop` until `max_tokens` or every row stopped
+    (`stop_ids`). Returns `(tokens [B, max_new], lengths [B])`."""
+    b = ids.shape[0]
+    logits, cache = prefill(graphdef, state, ids, mask, lora, cache_size=cache_size,
+                            mesh=mesh)
+    key, sub = jax.random.split(key)
+    tok = _sample(logits, sub, temperature, top_p, greedy)
+    out = jnp.zeros((b, max_new), jnp.int32)
+    done = jnp.zeros((b,), bool)
+    lengths = jnp.zeros((b,), jnp.int32)
+
+    def record(step, tok, out, done, lengths):
+        out = out.at[:, step].set(jnp.where(done, 0, tok))
+        lengths = jnp.where(done, lengths, step + 1)
+        done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
+        return out, done, lengths
+
+    out, done, lengths = record(0, tok, out, done, lengths)
+
+    def cond(carry):
+        step, _, _, _, done, _, _ = carry
+        return (step < max_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        step, tok, cache, out, done, lengths, key = carry
+        logits, cache = decode_step(graphdef, state, tok, cache, lora, mesh=mesh)
+        key, sub = jax.random.split(key)
+        tok = _sample(logits, sub, temperature, top_p, greedy)
+        out, done, lengths = record(step, tok, out, done, lengths)
+        return step + 1, tok, cache, out, done, lengths, key
+
+    carry = (jnp.ones((), jnp.int32), tok, cache, out, done, lengths, key)
+    _, _, _, out, done, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return out, lengths
 
 
 class SplitEngine:
@@ -329,9 +379,23 @@ class Engine(SplitEngine):
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
         self._score = jax.jit(self._score_impl,
                               static_argnames=("tail", "start_layer", "greedy"))
-        self._generate = jax.jit(
-            self._generate_impl, static_argnames=("cache_size", "max_new", "greedy")
-        )
+        self._platform = platform_of(mesh)
+        self._generate_jits: dict = {}  # options -> jitted generation program
+        self._generate = self.generate_jit(self._platform)
+
+    def generate_jit(self, platform: str):
+        """The jitted generation program (prefill + the `while_loop` of decode steps) compiled
+        for `platform` with `decode_options(platform)`: on TPU the loop's steps are memory-bound
+        like `decode_step`'s, and the same options stop XLA from staging each layer's KV cache on
+        chip and writing it back every step (`hilora aot`-style estimate, Llama-2-7B + 50 LoRAs,
+        v5e-8 batch 8, hilora: 3706 -> 2890 MiB of HBM traffic per loop step; the prefill part
+        +0.05%; `benchmarks/generate_loop_aot.py`). One jitted function per set of options."""
+        opts = decode_options(platform)
+        if opts not in self._generate_jits:
+            self._generate_jits[opts] = jax.jit(
+                self._generate_impl, static_argnames=("cache_size", "max_new", "greedy"),
+                compiler_options=dict(opts) or None)
+        return self._generate_jits[opts]
 
     # -- pure functions ------------------------------------------------------------------
     def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,
@@ -365,38 +429,9 @@ class Engine(SplitEngine):
 
     def _generate_impl(self, state, ids, mask, key, temperature, top_p, stop_ids, max_tokens,
                        lora, *, cache_size, max_new, greedy):
-        b = ids.shape[0]
-        logits, cache = prefill(self.graphdef, state, ids, mask, lora, cache_size=cache_size,
-                                mesh=self.mesh)
-        key, sub = jax.random.split(key)
-        tok = _sample(logits, sub, temperature, top_p, greedy)
-        out = jnp.zeros((b, max_new), jnp.int32)
-        done = jnp.zeros((b,), bool)
-        lengths = jnp.zeros((b,), jnp.int32)
-
-        def record(step, tok, out, done, lengths):
-            out = out.at[:, step].set(jnp.where(done, 0, tok))
-            lengths = jnp.where(done, lengths, step + 1)
-            done = done | jnp.any(tok[:, None] == stop_ids[None, :], axis=1)
-            return out, done, lengths
-
-        out, done, lengths = record(0, tok, out, done, lengths)
-
-        def cond(carry):
-            step, _, _, _, done, _, _ = carry
-            return (step < max_tokens) & ~jnp.all(done)
-
-        def body(carry):
-            step, tok, cache, out, done, lengths, key = carry
-            logits, cache = decode_step(self.graphdef, state, tok, cache, lora, mesh=self.mesh)
-            key, sub = jax.random.split(key)
-            tok = _sample(logits, sub, temperature, top_p, greedy)
-            out, done, lengths = record(step, tok, out, done, lengths)
-            return step + 1, tok, cache, out, done, lengths, key
-
-        carry = (jnp.ones((), jnp.int32), tok, cache, out, done, lengths, key)
-        _, _, _, out, done, lengths, _ = jax.lax.while_loop(cond, body, carry)
-        return out, lengths
+        return generate_loop(self.graphdef, state, ids, mask, key, temperature, top_p, stop_ids,
+                             max_tokens, lora, cache_size=cache_size, max_new=max_new,
+                             greedy=greedy, mesh=self.mesh)
 
     # -- public API ----------------------------------------------------------------------
     def prefill(self, ids, mask, *, cache_size: int, lora=None):
@@ -479,7 +514,8 @@ class Engine(SplitEngine):
         ids, mask, t, new_bucket, stop_ids, key, greedy = self._generation_inputs(
             prompts, max_new_tokens=max_new_tokens, temperature=temperature, key=key,
             stop_tokens=stop_tokens, pad_id=pad_id, prompt_bucket=prompt_bucket, side="left")
-        out, lengths = self._generate(
+        out, lengths = call_with_options(
+            lambda: self.generate_jit(self._platform), self._platform,
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p), stop_ids,
             jnp.int32(max_new_tokens), lora, cache_size=t + new_bucket, max_new=new_bucket,
             greedy=greedy)

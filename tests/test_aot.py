@@ -2,6 +2,7 @@
 needed), the report's schema, the CLI entry point, bad input; Engine's step functions and the
 query-chunked attention keep the results."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -367,6 +368,8 @@ def test_local_backend_times_the_compiled_calls(tiny_cfg_file):
     (dict(mesh="1x8"), "does not divide num_key_value_heads=4"),
     (dict(mesh="3x3"), "mesh 3x3 uses 9 devices"),
     (dict(weights="int3"), "--weights 'int3': unknown; choose int8 or int4"),
+    (dict(weights="int4", cfg=dataclasses.replace(aot.PRESETS["smollm2-135m"], hidden_size=600)),
+     "--weights int4: q_proj has 600 inputs, not a multiple of the group size 32"),
     (dict(pack_weights="int4"), "--pack-weights 'int4': unknown; choose int8"),
     (dict(routers=("nope",)), "unknown router 'nope'"),
     (dict(pool=aot.PoolSpec(targets=("q_proj", "x_proj"))), r"unknown module\(s\) \['x_proj'\]"),
@@ -455,24 +458,64 @@ def test_engine_step_functions_reproduce_generate(hf_tiny):
     np.testing.assert_array_equal(np.stack(toks, 1), gen.tokens)
 
 
-def test_decode_step_options_a_compiler_refuses_fall_back(hf_tiny, monkeypatch):
-    """`Engine.decode_step` compiles with the backend's `DECODE_STEP_OPTIONS`; a compiler that
-    does not know one of them (another libtpu version) compiles the step with its defaults
-    instead, with one warning, and gives the same logits."""
+@pytest.mark.parametrize("program", ["decode_step", "generate"])
+def test_decode_options_a_compiler_refuses_fall_back(hf_tiny, monkeypatch, program):
+    """`Engine.decode_step` and `Engine.generate`'s loop compile with the backend's
+    `DECODE_STEP_OPTIONS`; a compiler that does not know one of them (another libtpu version)
+    compiles with its defaults instead, with one warning, and gives the same result."""
     from hilora_jax import inference
     from hilora_jax.inference import bucket_length, pad_batch
 
     _, eng = hf_tiny
     ids, mask = pad_batch([[5, 9, 11], [7, 3]], 16, 0)
     size = 16 + bucket_length(4, 16, 64)
-    ref, _ = eng.decode_step(np.array([4, 6]), eng.prefill(ids, mask, cache_size=size)[1])
+    if program == "decode_step":
+        def run():
+            return eng.decode_step(np.array([4, 6]), eng.prefill(ids, mask, cache_size=size)[1])[0]
+    else:
+        def run():
+            return eng.generate([[5, 9, 11], [7, 3]], max_new_tokens=5, stop_tokens=[-1]).tokens
+    ref = run()
     monkeypatch.setitem(inference.DECODE_STEP_OPTIONS, "cpu", {"xla_no_such_option_here": 1})
     monkeypatch.setattr(inference, "_REJECTED_OPTIONS", set())
-    with pytest.warns(RuntimeWarning, match="refused the decode-step options"):
-        got, _ = eng.decode_step(np.array([4, 6]), eng.prefill(ids, mask, cache_size=size)[1])
+    assert dict(inference.decode_options("cpu")) == {"xla_no_such_option_here": 1}
+    with pytest.warns(RuntimeWarning, match="refused the decode options"):
+        got = run()
     np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
     assert inference._REJECTED_OPTIONS == {"cpu"}
     assert inference.decode_step_jit_for("cpu") is inference.decode_step_jit
+    assert eng.generate_jit("cpu") is eng._generate  # back to the defaults' program
+
+
+def test_generate_loop_compiles_with_the_decode_options_for_tpu(hf_tiny):
+    """`Engine.generate_jit("tpu")`: the generation program (prefill + while_loop of decode
+    steps) as libtpu compiles it for v5e-1 with `DECODE_STEP_OPTIONS["tpu"]` has no
+    cross-program prefetch, and its loop body moves no more HBM bytes per step than the same
+    program with XLA's defaults (`hilora_jax.aot.hbm_traffic` of the while body)."""
+    import jax
+
+    from hilora_jax.aot import hbm_traffic, loop_body, topology_devices
+
+    _, eng = hf_tiny
+    devices, _ = topology_devices("v5e-1")
+    sh = jax.sharding.SingleDeviceSharding(devices[0])
+
+    def sds(a, dtype=None):
+        return jax.ShapeDtypeStruct(np.shape(a), dtype or a.dtype, sharding=sh)
+
+    state = jax.tree.map(sds, eng.state)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (state, sds(np.zeros((4, 32), np.int32)), sds(np.zeros((4, 32), bool)),
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=sh), sds(np.float32(0)),
+            sds(np.float32(1)), sds(np.zeros(1, np.int32)), sds(np.int32(0)), None)
+    kw = dict(cache_size=96, max_new=64, greedy=True)
+    on = eng.generate_jit("tpu").lower(*args, **kw).compile().as_text()
+    off = jax.jit(eng._generate_impl, static_argnames=("cache_size", "max_new", "greedy")).lower(
+        *args, **kw).compile().as_text()
+    assert "cross_program_prefetch" not in on
+    body_on, body_off = loop_body(on), loop_body(off)
+    assert body_on and body_off
+    assert 0 < hbm_traffic(on, computation=body_on)[0] <= hbm_traffic(off, computation=body_off)[0]
 
 
 def test_chunked_attention_matches_transformers(hf_tiny, monkeypatch):

@@ -267,6 +267,11 @@ def test_bad_int4_input_is_one_clear_error(tmp_path):
                                            r"size 32$"):
         quantize_model(fp, "int4")
     assert quant.model_weights(fp) is None  # nothing converted
+    # load_model checks the config before reading any weight (the weights file is gone here)
+    (root / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match=r"^weights='int4': q_proj has 48 inputs, not a "
+                                           r"multiple of the group size 32$"):
+        load_model(root, progress=False, weights="int4")
     with pytest.raises(WeightsError, match="choose one of int8, int4"):
         load_model(root, weights="int5")
 

@@ -97,15 +97,28 @@ def load_model(src: str | os.PathLike, *, dtype=jnp.float32, mesh: Mesh | None =
     `weights="int8"` / `"int4"`: weight-only int8 / 4-bit base kernels (`hilora_jax.model.quant`),
     activations, norms and embeddings in `dtype`. The returned module has `.config` (`ModelConfig`).
     """
-    from hilora_jax.model.quant import check_weights, quantize_model
+    from hilora_jax.model.quant import check_int4_config, check_weights, quantize_model
 
     if check_weights(weights) is None:  # checked before any slow work
         return _load_model(src, dtype=dtype, mesh=mesh, progress=progress)
-    return quantize_model(_load_model(src, dtype=dtype, mesh=mesh, progress=progress), weights)
+    kind, path = resolve_source(src)
+    if weights == "int4" and kind in ("hf", "converted"):  # the config alone, before any weight
+        from hilora_jax.model.config import ModelConfig
+
+        if kind == "hf":
+            cfg = ModelConfig.from_hf_config(path / "config.json", source=str(path))
+        else:
+            from hilora_jax.io.checkpoint import read_meta
+
+            cfg = ModelConfig.from_dict(read_meta(path)["config"])
+        check_int4_config(cfg)
+    return quantize_model(_load_model((kind, path), dtype=dtype, mesh=mesh, progress=progress),
+                          weights)
 
 
 def _load_model(src, *, dtype, mesh, progress) -> CausalLM:
-    kind, path = resolve_source(src)
+    """`src`: a model source, or an already resolved `(kind, path)`."""
+    kind, path = src if isinstance(src, tuple) else resolve_source(src)
     cb = _progress_printer(f"loading {path.name}") if progress else None
     if kind == "converted":
         from hilora_jax.io.checkpoint import restore_model

@@ -130,6 +130,16 @@ class Int8Linear(nnx.Module):
         return dequantize_int8(self.kernel[...], self.scale[...], dtype)
 
 
+def check_int4_config(cfg) -> None:
+    """Refuse (one line) a config whose projections' inputs are not multiples of `GROUP`, before
+    any weight is read."""
+    for p in LLAMA:
+        d = cfg.module_shapes()[p.name][0]
+        if d % GROUP:
+            raise WeightsError(f"weights='int4': {p.name} has {d} inputs, not a multiple of the "
+                               f"group size {GROUP}")
+
+
 def quantize_int4(w: Array, group: int = GROUP) -> tuple[Array, Array, Array]:
     """Asymmetric 4-bit codes of a kernel `[in, out]` per group of `group` input rows (module
     docstring): `(q uint4 [in / group, group, out], scale f16 [G, out], min f16 [G, out])` with
