@@ -19,6 +19,8 @@ The fp32 arm is `precision.py`'s `float32` arm (same configuration, same per-ite
 under `<work>/eval`), so after `precision.py run` on the same items its records are resumed, not
 recomputed; the int8 arms' records sit beside them.
 
+`--int4` adds a weight-only int4 arm (`weights="int4"`), compared with fp32 in its own table.
+
 `--pack` adds a third arm, `int8pack`: the int8 model with the hilora router's packed ROCs in int8
 too (`pack_weights="int8"`, a float32 scale per ROC; `hilora aot --pack-weights int8`), compared
 with `int8` (the pack's quantisation alone) and with `fp32`; only routers that read the pack
@@ -57,9 +59,10 @@ def run(args) -> int:
     timing: dict = {}
     weight_bytes: dict = {}
     resumed: dict = {}
-    for arm in ARMS + ((PACK_ARM,) if args.pack else ()):
+    extra = ((PACK_ARM,) if args.pack else ()) + (("int4",) if args.int4 else ())
+    for arm in ARMS + extra:
         model = load_model("smollm2", dtype=jnp.float32, progress=False,
-                           weights=None if arm == "float32" else "int8")
+                           weights={"float32": None, "int4": "int4"}.get(arm, "int8"))
         weight_bytes[arm] = int(sum(v.nbytes for _, v in nnx.to_flat_state(nnx.state(model))))
         pool = load_pool(pool_dir, model=model, dtype=jnp.float32, progress=False)
         opts = {"pack_weights": "int8"} if arm == PACK_ARM else None
@@ -88,7 +91,22 @@ def run(args) -> int:
           f"{({k: round(v) for k, v in timing.items()})} (examples resumed from cached per-item "
           f"records: {resumed}).\n\n{md_table}\n\n"
           f"Summed choice log-probs, int8 vs fp32 (per item, all choices):\n\n{drift_md}\n")
-    return write_report("precision_int8", args, md, results, ARMS, routers, tasks, out_rows, drift,
+    paired_rows, drifts = out_rows, drift
+    if args.int4:  # int4 (4-bit codes, float16 scale + min per 32 inputs) against the same fp32
+        table4, rows4, drift4, drift_md4 = compare(results, "float32", "int4", routers, tasks,
+                                                   evals)
+        md += (f"\n### int4 vs fp32\n\nModel with weight-only int4 base kernels (parameter bytes "
+               f"{weight_bytes['int4'] / 2**20:.1f} MiB as stored here: XLA:CPU keeps a byte per "
+               f"4-bit code). The GGUF's projections are Q4_1, whose grid int4 keeps exactly, so "
+               f"the weights equal the fp32 model's; differences come from the matmul's rounding "
+               f"order only.\n\n" + common.markdown_table(
+                   ["router", "task", "items", "acc fp32", "acc int4", "int4 - fp32",
+                    "SE (paired)", "items gained/lost"], table4)
+               + f"\n\nSummed choice log-probs, int4 vs fp32:\n\n{drift_md4}\n")
+        paired_rows, drifts = {"int8": out_rows, "int4": rows4}, {"int8": drift, "int4": drift4}
+    return write_report("precision_int8", args, md, results, ARMS + (("int4",) if args.int4
+                                                                      else ()),
+                        routers, tasks, paired_rows, drifts,
                         {"subset": subset, "items": len(sel), "pool_dir": str(pool_dir),
                          "pool": sorted(names), "machine": machine, "eval_s": timing,
                          "resumed_examples": resumed, "param_bytes": weight_bytes}, t_start)
@@ -144,6 +162,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default=None, help="JSON path (default results/precision_int8.json)")
     p.add_argument("--pack", action="store_true", help="add the int8pack arm (hilora only)")
+    p.add_argument("--int4", action="store_true", help="add a weight-only int4 arm (vs fp32)")
     args = p.parse_args(argv)
     if args.items < 0:
         p.error("--items must be >= 0")

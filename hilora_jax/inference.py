@@ -314,11 +314,30 @@ class SplitEngine:
     relative positions and no such field, as T5) and the front of `generate`
     (`_generation_inputs`; `finish_generation` is the back)."""
 
+    _GENERATE_STATIC: tuple[str, ...] = ()  # static keyword arguments of `_generate_impl`
+
     def __init__(self, model, mesh: Mesh | None = None):
         self.config = model.config
         self.mesh = mesh
         self.graphdef, self.state = nnx.split(model)
         self._constrain = shd.make_constrain(mesh)
+        self._platform = platform_of(mesh)
+        self._generate_jits: dict = {}  # options -> jitted generation program
+
+    def generate_jit(self, platform: str):
+        """The jitted generation program (`_generate_impl`: the prompt stage + the `while_loop`
+        of decode steps; `generate_loop` for `Engine`) compiled for `platform` with
+        `decode_options(platform)`: on TPU the loop's steps are memory-bound like `decode_step`'s,
+        and the same options stop XLA from staging each layer's KV cache on chip and writing it
+        back every step (`benchmarks/generate_loop_aot.py`: Llama-2-7B + 50 LoRAs, v5e-8 batch 8,
+        hilora, estimated HBM traffic per loop step 3706 -> 2890 MiB; the prompt stage +0.05%).
+        One jitted function per set of options."""
+        opts = decode_options(platform)
+        if opts not in self._generate_jits:
+            self._generate_jits[opts] = jax.jit(
+                self._generate_impl, static_argnames=self._GENERATE_STATIC,
+                compiler_options=dict(opts) or None)
+        return self._generate_jits[opts]
 
     def _model(self, state):
         return nnx.merge(self.graphdef, state)
@@ -373,29 +392,15 @@ def finish_generation(out, lengths, max_new_tokens: int, pad_id: int) -> Generat
 class Engine(SplitEngine):
     """Split-once, jit-compiled inference over a `CausalLM` (optionally sharded over `mesh`)."""
 
+    _GENERATE_STATIC = ("cache_size", "max_new", "greedy")
+
     def __init__(self, model: CausalLM, mesh: Mesh | None = None):
         super().__init__(model, mesh)
         self._forward = jax.jit(self._forward_impl,
                                 static_argnames=("logits_at", "hidden_layer", "trace"))
         self._score = jax.jit(self._score_impl,
                               static_argnames=("tail", "start_layer", "greedy"))
-        self._platform = platform_of(mesh)
-        self._generate_jits: dict = {}  # options -> jitted generation program
         self._generate = self.generate_jit(self._platform)
-
-    def generate_jit(self, platform: str):
-        """The jitted generation program (prefill + the `while_loop` of decode steps) compiled
-        for `platform` with `decode_options(platform)`: on TPU the loop's steps are memory-bound
-        like `decode_step`'s, and the same options stop XLA from staging each layer's KV cache on
-        chip and writing it back every step (`hilora aot`-style estimate, Llama-2-7B + 50 LoRAs,
-        v5e-8 batch 8, hilora: 3706 -> 2890 MiB of HBM traffic per loop step; the prefill part
-        +0.05%; `benchmarks/generate_loop_aot.py`). One jitted function per set of options."""
-        opts = decode_options(platform)
-        if opts not in self._generate_jits:
-            self._generate_jits[opts] = jax.jit(
-                self._generate_impl, static_argnames=("cache_size", "max_new", "greedy"),
-                compiler_options=dict(opts) or None)
-        return self._generate_jits[opts]
 
     # -- pure functions ------------------------------------------------------------------
     def _forward_impl(self, state, ids, mask, lora, logits_at="all", hidden_layer=None,

@@ -35,6 +35,7 @@ from hilora_jax.inference import (
     SplitEngine,
     _Recorder,
     _sample,
+    call_with_options,
     finish_generation,
     pad_batch,
     step_jit,
@@ -93,12 +94,14 @@ class T5Engine(SplitEngine):
     """Split-once, jit-compiled inference over a `T5ForConditionalGeneration` (the split, `place`
     and length check are `hilora_jax.inference.SplitEngine`'s, shared with `Engine`)."""
 
+    _GENERATE_STATIC = ("max_new", "greedy")
+
     def __init__(self, model: T5ForConditionalGeneration, mesh: Mesh | None = None):
         super().__init__(model, mesh)
         self._forward = jax.jit(self._forward_impl, static_argnames=("trace",))
         self._encode = jax.jit(self._encode_impl)
         self._score = jax.jit(self._score_impl, static_argnames=("greedy",))
-        self._generate = jax.jit(self._generate_impl, static_argnames=("max_new", "greedy"))
+        self._generate = self.generate_jit(self._platform)  # TPU: with the decode options
 
     # -- pure functions ----------------------------------------------------------------------
     def _encode_impl(self, state, ids, mask, lora):
@@ -257,7 +260,8 @@ class T5Engine(SplitEngine):
         ids, mask, _, new_bucket, stop_ids, key, greedy = self._generation_inputs(
             prompts, max_new_tokens=max_new_tokens, temperature=temperature, key=key,
             stop_tokens=stop_tokens, pad_id=pad, prompt_bucket=prompt_bucket, side="right")
-        out, lengths = self._generate(
+        out, lengths = call_with_options(
+            lambda: self.generate_jit(self._platform), self._platform,
             self.state, ids, mask, key, jnp.float32(temperature), jnp.float32(top_p),
             stop_ids, jnp.int32(max_new_tokens), lora, max_new=new_bucket, greedy=greedy)
         return finish_generation(out, lengths, max_new_tokens, pad)
