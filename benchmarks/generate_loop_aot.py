@@ -8,8 +8,8 @@ decisions XLA makes separately. This compiles that very function for a TPU slice
 on this CPU host (Llama-2-7B shapes, 50 r=8 q/v LoRAs, bf16, 2048-token prompt + 128 new tokens,
 mesh 1xN; parameters, pool and decisions abstract, as `hilora aot` builds them) and reads the
 estimated HBM bytes of the loop body (one decode step, `aot.hbm_traffic(hlo, computation=
-aot.loop_body(hlo))`) and of the entry (the prefill and the code around the loop, the loop
-counted once), with the options off and on.
+aot.loop_body(hlo))`) and of the entry (the prefill and the code around the loop; the `while`
+itself counted as one kernel reading and writing its carry), with the options off and on.
 
     python benchmarks/generate_loop_aot.py [--only v5e-8:8:hilora v5e-8:1:hilora ...]
 Outputs: benchmarks/results/generate_loop_aot.{json,md}.
@@ -97,8 +97,9 @@ def render(res: dict) -> str:
         f"# `Engine.generate`'s program on TPU: {MODEL} + {N} r={RANK} {'/'.join(TARGETS)} LoRAs, "
         f"bf16, prompt {PROMPT} + {NEW} new tokens, mesh 1xN", "",
         "Estimated HBM traffic (`hilora_jax.aot.hbm_traffic`, MiB per device) of the while loop's "
-        "body (one decode step) and of the entry (prefill + the code around the loop, the loop "
-        "counted once), compiled by libtpu on a CPU host with XLA's defaults and with "
+        "body (one decode step) and of the entry (prefill + the code around the loop; the "
+        "`while` counted as one kernel reading and writing its carry), compiled by libtpu on a "
+        "CPU host with XLA's defaults and with "
         "`inference.DECODE_STEP_OPTIONS['tpu']` (no cross-program prefetch; no on-chip copy "
         "whose uses read fewer bytes than it moves).", "",
         markdown_table(["slice:batch:router", "loop step, defaults", "loop step, options",

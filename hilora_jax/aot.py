@@ -489,9 +489,9 @@ def hbm_traffic(hlo: str, computation: str | None = None) -> tuple[int, dict[str
     and dynamic slices count at most their result per operand; prefetches and evictions between
     HBM and on-chip memory (`copy-start` / `slice-start`) count once. XLA's own "bytes accessed"
     also counts on-chip reads and writes of those copies, so it overstates HBM traffic on TPU.
-    Ops inside loops are counted once (the programs here have none). `computation`: count that
-    computation instead of the entry (e.g. a while loop's body, `loop_body`: one iteration).
-    Returns (bytes, by kind)."""
+    A `while` is counted like one kernel reading and writing its carry; its body is not
+    descended into: `computation` counts that computation instead of the entry (a while loop's
+    body, `loop_body(hlo)`: one iteration). Returns (bytes, by kind)."""
     comps = {m.group(1): m.group(2) for m in
              re.finditer(r"^%(\S+) .*?\{\n(.*?)^\}", hlo, re.S | re.M)}
     if computation is not None:

@@ -208,7 +208,10 @@ prefill_jit = jax.jit(prefill, static_argnums=(0,), static_argnames=("cache_size
 #   fewer bytes than the copy moves.
 # With both: v5e-8 batch 1 hilora decode 1878 -> 1748 MiB (base 1714 -> 1712), int8 weights
 # 1098 -> 962 MiB (base 928 -> 926); v6e-8 batch 8 3978 -> 2907 MiB (base 2716 -> 2682); v5e-8
-# batch 8 2907 -> 2890 (base 2681 -> 2664). The prompt stage (compute-bound) keeps XLA's defaults.
+# batch 8 2907 -> 2890 (base 2681 -> 2664). The prompt stage (compute-bound, `prefill_jit`) keeps
+# XLA's defaults; `Engine.generate`'s single program (prompt stage + decode loop) gets the options
+# (`SplitEngine.generate_jit`): its loop steps come down to the standalone step's bytes (v5e-8
+# batch 8 hilora 3706 -> 2890 MiB), its prompt stage moves by <= 0.25%.
 DECODE_STEP_OPTIONS = {"tpu": {"xla_max_cross_program_prefetches": 0,
                                "xla_tpu_msa_inefficient_use_to_copy_ratio": 1.0}}
 _REJECTED_OPTIONS: set[str] = set()  # platforms whose compiler refused an option (other versions)
@@ -330,7 +333,8 @@ class SplitEngine:
         `decode_options(platform)`: on TPU the loop's steps are memory-bound like `decode_step`'s,
         and the same options stop XLA from staging each layer's KV cache on chip and writing it
         back every step (`benchmarks/generate_loop_aot.py`: Llama-2-7B + 50 LoRAs, v5e-8 batch 8,
-        hilora, estimated HBM traffic per loop step 3706 -> 2890 MiB; the prompt stage +0.05%).
+        hilora, estimated HBM traffic per loop step 3706 -> 2890 MiB; the prompt stage within
+        0.25%).
         One jitted function per set of options."""
         opts = decode_options(platform)
         if opts not in self._generate_jits:

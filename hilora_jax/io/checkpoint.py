@@ -115,7 +115,8 @@ def restore_model(path: str | os.PathLike, *, dtype=None, mesh: Mesh | None = No
     for p, var in nnx.to_flat_state(state):
         a = arrays[_path_str(p)]
         if dtype is not None and jnp.dtype(dtype) != stored and a.dtype == stored \
-                and not _path_str(p).endswith(".scale"):  # quantised kernels, scales keep theirs
+                and not _path_str(p).endswith((".scale", ".group_scale", ".group_min")):
+            # quantised kernels and their scales keep their dtypes
             a = a.astype(dtype)
         var.set_value(a)
     model = nnx.merge(graphdef, state)
