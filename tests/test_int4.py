@@ -13,6 +13,7 @@ from flax import nnx
 from hf_utils import hf_logits, make_hf_model, padded_batch
 from jax.sharding import PartitionSpec as P
 from routing_utils import random_pool
+from test_int8 import _dequantized_model  # the float model with the quantised kernels' values
 
 from hilora_jax.inference import Engine
 from hilora_jax.io.checkpoint import save_model
@@ -43,15 +44,6 @@ def setup(tmp_path_factory):
     fp = load_model(root, progress=False)
     q4 = load_model(root, progress=False, weights="int4")
     return dict(root=root, hf=hf, fp=fp, q4=q4)
-
-
-def _dequantized_model(fp, q4):
-    """The float model with every base kernel replaced by the int4 model's `q * scale + min`."""
-    deq = nnx.clone(fp)
-    qlin = {p: getattr(parent, a) for p, parent, a in linear_paths(q4)}
-    for path, parent, attr in linear_paths(deq):
-        getattr(parent, attr).kernel.set_value(qlin[path].dequantized(jnp.float32))
-    return deq
 
 
 def _batch(rows: int, seed: int = 0):

@@ -37,7 +37,8 @@ def setup(tmp_path_factory):
 
 
 def _dequantized_model(fp, q8):
-    """The float model with every base kernel replaced by the int8 model's `q * scale`."""
+    """The float model with every base kernel replaced by the quantised model's dequantised one
+    (int8 `q * scale`, int4 `q * scale + min`; also used by `test_int4`)."""
     deq = nnx.clone(fp)
     qlin = {p: getattr(parent, a) for p, parent, a in linear_paths(q8)}
     for path, parent, attr in linear_paths(deq):

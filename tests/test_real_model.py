@@ -40,15 +40,20 @@ def test_logits_match_transformers_gguf_loader(real):
     assert err <= 1e-3, err
 
 
-def test_demo_answers_paris(real):
-    path, model, tok = real
+def _demo_answer(model, tok) -> str:
+    """The model's greedy answer to the demo's chat question."""
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                   add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
     out = Engine(model).generate([list(ids)], max_new_tokens=24, pad_id=tok.pad_token_id or 0,
                                  stop_tokens=list(model.config.eos_token_id) + [tok.eos_token_id])
-    text = tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
+    return tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
+
+
+def test_demo_answers_paris(real):
+    path, model, tok = real
+    text = _demo_answer(model, tok)
     assert "Paris" in text, text
 
 
@@ -66,10 +71,5 @@ def test_int4_keeps_the_gguf_q4_1_weights_exactly(real):
         assert isinstance(qlin[p], Int4Linear), p
         np.testing.assert_array_equal(np.asarray(qlin[p].dequantized()),
                                       np.asarray(getattr(parent, a).kernel[...]), err_msg=p)
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, tokenize=True)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    out = Engine(q4).generate([list(ids)], max_new_tokens=24, pad_id=tok.pad_token_id or 0,
-                              stop_tokens=list(q4.config.eos_token_id) + [tok.eos_token_id])
-    assert "Paris" in tok.decode(out.tokens[0, : out.lengths[0]], skip_special_tokens=True)
+    text = _demo_answer(q4, tok)
+    assert "Paris" in text, text
